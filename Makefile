@@ -1,0 +1,23 @@
+# Set-up is part of every target: a git-ignored .venv at the repository root, reused once built.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch and torchvision as this project's CI machines have them on disk; override for other CUDA builds
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: main test benchmark
+main: $(VENV)/installed
+	$(PY) examples/plain_pytorch.py
+
+test: $(VENV)/installed
+	$(PY) -m pytest
+
+benchmark: $(VENV)/installed
+	$(PY) benchmarks/weight_norm_speed.py
+
+$(VENV)/installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@

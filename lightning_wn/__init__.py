@@ -1,0 +1,45 @@
+"""Weight normalization (Salimans & Kingma, 2016) for PyTorch and PyTorch Lightning.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> import lightning_wn as wn
+    >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 30 * 30, 10))
+    >>> wn.apply_weight_norm(model)
+    ['0', '3']
+    >>> report = wn.data_dependent_init(model, torch.randn(64, 3, 32, 32))
+    >>> sorted(report.modules)
+    ['0', '3']
+"""
+
+from lightning_wn.init import InitReport, ModuleInit, data_dependent_init
+from lightning_wn.mean_only_bn import MeanOnlyBatchNorm
+from lightning_wn.weight_norm import (
+    DEFAULT_LAYERS,
+    SUPPORTED_LAYERS,
+    WeightNorm,
+    apply_weight_norm,
+    is_weight_normalized,
+    limit_direction_norm,
+    remove_weight_norm,
+    weight_norm,
+    weight_normalized_modules,
+    weight_norms,
+)
+
+__all__ = [
+    "DEFAULT_LAYERS",
+    "SUPPORTED_LAYERS",
+    "InitReport",
+    "MeanOnlyBatchNorm",
+    "ModuleInit",
+    "WeightNorm",
+    "apply_weight_norm",
+    "data_dependent_init",
+    "is_weight_normalized",
+    "limit_direction_norm",
+    "remove_weight_norm",
+    "weight_norm",
+    "weight_normalized_modules",
+    "weight_norms",
+]

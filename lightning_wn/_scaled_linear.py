@@ -1,0 +1,54 @@
+"""The paper's fast path for a weight-normalized ``Linear``: scale the output, not the weight.
+
+``y = (x @ v.T) * (g / ||v||) + b`` never materializes ``w``. When the batch has fewer rows
+than the layer has inputs, the extra work on the (rows x out) output is smaller than the extra
+work on the (out x in) weight, and the backward folds the norm's gradient into the matmul's
+gradient in place instead of adding two weight-sized tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class ScaledLinear(torch.autograd.Function):
+    """``y = (x @ v.T) * g / ||v|| + b`` with ``||v||`` taken over each row of ``v``.
+
+    Example:
+        >>> x, v, g = torch.randn(3, 4), torch.randn(2, 4), torch.rand(2, 1)
+        >>> w = g * v / v.norm(dim=1, keepdim=True)
+        >>> torch.allclose(ScaledLinear.apply(x, v, g, None), x @ w.T, atol=1e-6)
+        True
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, v: Tensor, g: Tensor, bias: Tensor | None) -> Tensor:
+        norm = torch.linalg.vector_norm(v, dim=1)
+        scale = g.reshape(-1) / norm
+        unscaled = F.linear(x, v)
+        out = unscaled * scale if bias is None else torch.addcmul(bias, unscaled, scale)
+        ctx.save_for_backward(x, v, scale, norm, unscaled)
+        ctx.g_shape = g.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, v, scale, norm, unscaled = ctx.saved_tensors
+        need_x, need_v, need_g, need_bias = ctx.needs_input_grad
+        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_unscaled = grad_rows * scale
+        grad_scale = (grad_rows * unscaled.reshape(grad_rows.shape)).sum(0)
+        grad_x = grad_v = grad_g = grad_bias = None
+        if need_x:
+            grad_x = (grad_unscaled @ v).reshape(x.shape)
+        if need_v:
+            grad_v = grad_unscaled.T @ x.reshape(-1, x.shape[-1])
+            # d(g/||v||)/dv = -scale * v / ||v||^2, added in place: no second weight-sized tensor
+            grad_v.addcmul_(v, (-grad_scale * scale / norm.square()).unsqueeze(1))
+        if need_g:
+            grad_g = (grad_scale / norm).reshape(ctx.g_shape)
+        if need_bias:
+            grad_bias = grad_rows.sum(0)
+        return grad_x, grad_v, grad_g, grad_bias

@@ -1,0 +1,273 @@
+"""The paper's data-dependent initialization, done in one forward pass.
+
+Forward hooks fire in execution order. Each target module, on its first call, measures the
+per-unit mean and standard deviation of its output, rescales its own parameters so that output
+becomes zero-mean with standard deviation ``init_scale``, and hands the normalized output on:
+later layers see already-initialized inputs, exactly as a fresh forward pass would give them.
+Under ``torch.distributed`` the per-unit sums are all-reduced, so every rank sets the same values.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_wn.mean_only_bn import MeanOnlyBatchNorm
+from lightning_wn.weight_norm import DEFAULT_LAYERS, SUPPORTED_LAYERS, is_weight_normalized, weight_norms
+
+_RECURRENT = (nn.RNNBase, nn.RNNCellBase)
+
+
+@dataclass
+class ModuleInit:
+    """What :func:`data_dependent_init` measured on one module's output and what it set."""
+
+    kind: str  # "weight_norm", "plain" (weight rows rescaled) or "mean_only_bn"
+    mean: Tensor  # per-unit mean of the output before init
+    std: Tensor  # per-unit standard deviation of the output before init
+    scale: Tensor  # the factor applied to each unit (1 where left alone)
+    bias_set: bool  # False when the layer has no bias, so its mean could not be removed
+    tiny_units: list[int] = field(default_factory=list)  # units left alone: no variance to normalize
+
+
+@dataclass
+class InitReport:
+    """Per module: the pre-init statistics and what was set; plus what was skipped and why."""
+
+    modules: dict[str, ModuleInit] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"{'module':<32} {'kind':<12} {'units':>5} {'mean range':>21} {'std range':>21} note"]
+        for name, m in self.modules.items():
+            notes = []
+            if m.tiny_units:
+                notes.append(f"{len(m.tiny_units)} units with ~0 std left alone")
+            if not m.bias_set and m.kind != "mean_only_bn":
+                notes.append("no bias: mean kept")
+            lines.append(
+                f"{name:<32} {m.kind:<12} {m.mean.numel():>5} {_range(m.mean):>21} {_range(m.std):>21} "
+                + "; ".join(notes)
+            )
+        lines += [f"{name:<32} skipped: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def data_dependent_init(
+    model: nn.Module,
+    inputs: object,
+    modules: Sequence[str] | None = None,
+    init_scale: float = 1.0,
+    *,
+    min_std: float = 1e-6,
+) -> InitReport:
+    r"""Initialize ``model`` so each target module's output starts zero-mean with std ``init_scale``.
+
+    One forward pass of ``inputs`` (``model(inputs)``, ``model(*inputs)`` for a tuple or list,
+    ``model(**inputs)`` for a dict). Per output unit with pre-init mean :math:`\mu` and standard
+    deviation :math:`\sigma`, and :math:`s` = ``init_scale``:
+
+    * weight-normalized layers: :math:`g \leftarrow g\,s/\sigma`, :math:`b \leftarrow (b - \mu)\,s/\sigma`;
+    * plain layers (the paper notes the method works without weight norm): the unit's weights
+      are multiplied by :math:`s/\sigma` instead of ``g``;
+    * :class:`~lightning_wn.MeanOnlyBatchNorm`: its running mean is set to the batch mean.
+
+    Args:
+        model: the network, in the mode (train/eval) it should be initialized in.
+        inputs: one batch of model inputs; the paper used a few hundred examples.
+        modules: qualified names or glob patterns of the modules to initialize; default every
+            weight-normalized module, or every ``Linear``/``Conv*`` if none is normalized.
+            Recurrent layers are skipped: the method is for networks without recursion.
+        init_scale: the standard deviation each output unit starts with.
+        min_std: units whose output varies less than this on the batch are left alone.
+
+    Returns:
+        An :class:`InitReport`.
+
+    Example:
+        >>> from lightning_wn import weight_norm
+        >>> model = nn.Sequential(weight_norm(nn.Linear(10, 20)), nn.ReLU(), weight_norm(nn.Linear(20, 5)))
+        >>> x = torch.randn(256, 10) * 3 + 1
+        >>> report = data_dependent_init(model, x)
+        >>> out = model(x)
+        >>> bool(out.mean(0).abs().max() < 1e-4), bool((out.std(0, unbiased=False) - 1).abs().max() < 1e-4)
+        (True, True)
+    """
+    if not (init_scale > 0 and math.isfinite(init_scale)):
+        raise ValueError(f"`init_scale` must be a positive number, got {init_scale!r}.")
+    _check_batch(inputs)
+    targets, report = _targets(model, modules)
+    handles = [m.register_forward_hook(_InitHook(name, init_scale, min_std, report)) for name, m in targets.items()]
+    try:
+        if isinstance(inputs, dict):
+            model(**inputs)
+        elif isinstance(inputs, (tuple, list)):
+            model(*inputs)
+        else:
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name in targets:
+        if name not in report.modules:
+            report.skipped[name] = "not called by the forward pass"
+    return report
+
+
+class _InitHook:
+    """Initializes one module on its first call and normalizes that call's output in place."""
+
+    def __init__(self, name: str, init_scale: float, min_std: float, report: InitReport) -> None:
+        self.name, self.init_scale, self.min_std, self.report = name, init_scale, min_std, report
+
+    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if self.name in self.report.modules:  # called again in the same forward: first call counts
+            return
+        if not isinstance(output, Tensor):
+            raise TypeError(f"Module `{self.name}` returned {type(output).__name__}, not a tensor.")
+        if isinstance(module, MeanOnlyBatchNorm):
+            self._init_mean_only_bn(module, args[0], output)
+            return
+        axis = -1 if isinstance(module, nn.Linear) else 1
+        mean, var = _unit_moments(output, axis)
+        std = var.sqrt()
+        tiny = std < self.min_std
+        scale = torch.where(tiny, 1.0, self.init_scale / std)
+        shift = torch.where(tiny, 0.0, mean)
+        if is_weight_normalized(module):
+            kind = "weight_norm"
+            _scale_magnitude(module, scale)
+        else:
+            kind = "plain"
+            _scale_weight_rows(module, scale)
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, Tensor):
+            bias.sub_(shift.to(bias.dtype)).mul_(scale.to(bias.dtype))
+        else:
+            shift = torch.zeros_like(shift)
+        shape = [1] * output.dim()
+        shape[axis] = -1
+        output.sub_(shift.view(shape).to(output.dtype)).mul_(scale.view(shape).to(output.dtype))
+        self.report.modules[self.name] = ModuleInit(
+            kind, mean.cpu(), std.cpu(), scale.cpu(), isinstance(bias, Tensor), tiny.nonzero().flatten().tolist()
+        )
+
+    def _init_mean_only_bn(self, module: MeanOnlyBatchNorm, x: Tensor, output: Tensor) -> None:
+        mean, var = _unit_moments(x, 1)
+        shift = mean.to(module.running_mean.dtype) - module.running_mean
+        module.running_mean.add_(shift)
+        if not module.training:  # eval subtracted the old running mean; a fresh pass uses the new one
+            output.sub_(shift.view(1, -1, *([1] * (output.dim() - 2))).to(output.dtype))
+        self.report.modules[self.name] = ModuleInit(
+            "mean_only_bn", mean.cpu(), var.sqrt().cpu(), torch.ones_like(mean).cpu(), True
+        )
+
+
+def _unit_moments(y: Tensor, axis: int) -> tuple[Tensor, Tensor]:
+    """Per-unit mean and variance along ``axis``, over all ranks, in float64."""
+    axis = axis % y.dim()
+    if y.dtype not in (torch.float32, torch.float64):
+        y = y.float()
+    var, mean = torch.var_mean(y, dim=[d for d in range(y.dim()) if d != axis], correction=0)
+    if not (dist.is_available() and dist.is_initialized()):
+        return mean.double(), var.double()
+    count = torch.full((1,), y.numel() // y.shape[axis], dtype=torch.float64, device=y.device)
+    sums = torch.cat([count, mean.double() * count, (var.double() + mean.double().square()) * count])
+    dist.all_reduce(sums)
+    count, total, total_sq = sums[0], sums[1 : 1 + mean.numel()], sums[1 + mean.numel() :]
+    mean = total / count
+    return mean, (total_sq / count - mean.square()).clamp_min(0.0)
+
+
+def _scale_magnitude(module: nn.Module, scale: Tensor) -> None:
+    normalized = weight_norms(module)
+    if len(normalized) != 1:
+        raise ValueError(f"Data-dependent init needs one normalized weight per layer, got {sorted(normalized)}.")
+    (wn,) = normalized.values()
+    param = wn.magnitude_param
+    scale = scale.reshape(param.shape).to(param.dtype)
+    if wn.log_scale_factor is None:
+        param.mul_(scale)
+    else:
+        param.add_(scale.log() / wn.log_scale_factor)
+
+
+def _scale_weight_rows(module: nn.Module, scale: Tensor) -> None:
+    weight = module.weight
+    ones = [1] * (weight.dim() - 2)
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):  # weight: (in, out / groups, *kernel)
+        groups = module.groups
+        grouped = weight.view(groups, weight.shape[0] // groups, *weight.shape[1:])
+        grouped.mul_(scale.view(groups, 1, -1, *ones).to(weight.dtype))
+    else:
+        weight.mul_(scale.view(-1, 1, *ones).to(weight.dtype))
+
+
+def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str, nn.Module], InitReport]:
+    report = InitReport()
+    named = dict(model.named_modules())
+    if patterns is None:
+        chosen = [name for name, m in named.items() if is_weight_normalized(m)]
+        if not chosen:
+            chosen = [name for name, m in named.items() if isinstance(m, (*DEFAULT_LAYERS, *_RECURRENT))]
+    else:
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        chosen = []
+        for pattern in patterns:
+            matched = [name for name, m in named.items() if fnmatch.fnmatchcase(name, pattern)]
+            if not matched:
+                raise ValueError(f"`modules` pattern {pattern!r} matches no module of {type(model).__name__}.")
+            chosen += [name for name in matched if name not in chosen]
+    targets = {}
+    for name in chosen:
+        module = named[name]
+        if isinstance(module, _RECURRENT):
+            report.skipped[name] = "recurrent: the data-dependent init is for networks without recursion"
+        elif not isinstance(module, SUPPORTED_LAYERS):
+            raise ValueError(
+                f"Module `{name}` ({type(module).__name__}) is not a layer data-dependent init can "
+                "rescale; name Linear, Conv* or ConvTranspose* layers in `modules`."
+            )
+        else:
+            targets[name] = module
+    if not targets:
+        raise ValueError(
+            f"No module of {type(model).__name__} to initialize: it has no weight-normalized, "
+            "Linear or Conv* layer matching `modules` (recurrent layers are skipped)."
+        )
+    targets.update({name: m for name, m in named.items() if isinstance(m, MeanOnlyBatchNorm)})
+    return targets, report
+
+
+def _check_batch(inputs: object) -> None:
+    tensors = list(_tensors(inputs))
+    if not tensors:
+        raise TypeError(f"`inputs` holds no tensor (got {type(inputs).__name__}); pass a batch of model inputs.")
+    for tensor in tensors:
+        if tensor.dim() and tensor.shape[0] == 0:
+            raise ValueError(f"`inputs` is an empty batch (a tensor of shape {tuple(tensor.shape)}).")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError("`inputs` contains NaN or infinite values; the init statistics would be NaN.")
+
+
+def _tensors(inputs: object) -> Iterator[Tensor]:
+    if isinstance(inputs, Tensor):
+        yield inputs
+    elif isinstance(inputs, dict):
+        for value in inputs.values():
+            yield from _tensors(value)
+    elif isinstance(inputs, (tuple, list)):
+        for value in inputs:
+            yield from _tensors(value)
+
+
+def _range(values: Tensor) -> str:
+    return f"[{values.min().item():+.3g}, {values.max().item():+.3g}]" if values.numel() else "-"

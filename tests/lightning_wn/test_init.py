@@ -1,0 +1,229 @@
+"""data_dependent_init: after it, every target's output is standardized on the init batch."""
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from lightning_wn import MeanOnlyBatchNorm, apply_weight_norm, data_dependent_init, weight_norm
+
+
+def deep_cnn() -> nn.Module:
+    layers, channels = [], 3
+    for width in (8, 16, 16, 32):
+        layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
+        channels = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * channels, 10))
+
+
+def decoder() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, groups=1),
+        nn.ELU(),
+        nn.Conv2d(8, 8, 3, groups=4, bias=False),  # grouped, no bias: mean removed by the next layer
+        MeanOnlyBatchNorm(8),
+        nn.ELU(),
+        nn.ConvTranspose2d(8, 4, 3, stride=2),
+        nn.Tanh(),
+        nn.ConvTranspose2d(4, 6, 3, groups=2),  # grouped transposed conv, left plain
+    )
+
+
+def outputs_of(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    captured = {}
+    modules = dict(model.named_modules())
+    handles = [
+        modules[name].register_forward_hook(lambda m, a, out, name=name: captured.setdefault(name, out.detach()))
+        for name in names
+    ]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return captured
+
+
+def unit_moments(y: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    axes = [d for d in range(y.dim()) if d != axis % y.dim()]
+    y = y.double()
+    return y.mean(axes), y.std(axes, unbiased=False)
+
+
+CASES = {
+    "deep cnn, weight norm": (deep_cnn, (300, 3, 8, 8), True, 1.0),
+    "deep cnn, plain layers": (deep_cnn, (300, 3, 8, 8), False, 1.0),
+    "decoder with ConvTranspose, grouped, no bias": (decoder, (200, 3, 7, 7), True, 0.5),
+    "decoder, plain layers": (decoder, (200, 3, 7, 7), False, 2.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_target_is_standardized_on_the_init_batch(case):
+    make, shape, normalize, init_scale = CASES[case]
+    torch.manual_seed(0)
+    model = make()
+    if normalize:
+        apply_weight_norm(model, exclude=[m for m in ["7"] if case.startswith("decoder")])
+    x = torch.randn(shape) * 3 + 2
+    report = data_dependent_init(model, x, init_scale=init_scale)
+    assert report.modules, report
+    outputs = outputs_of(model, x, list(report.modules))
+    modules = dict(model.named_modules())
+    for name, out in outputs.items():
+        module = modules[name]
+        mean, std = unit_moments(out, -1 if isinstance(module, nn.Linear) else 1)
+        if isinstance(module, MeanOnlyBatchNorm):
+            assert mean.abs().max() < 1e-5, name
+            continue
+        assert (std / init_scale - 1).abs().max() < 1e-3, name
+        if report.modules[name].bias_set:
+            assert (mean.abs() / init_scale).max() < 1e-3, name
+        else:
+            assert report.modules[name].mean.abs().max() > 1e-2  # the mean really was there
+    # every conv/linear (transposed ones included), or every normalized one, and the mean-only BN
+    expected = {"deep cnn": 5, "decoder with": 4, "decoder,": 5}
+    assert len(report.modules) == next(n for prefix, n in expected.items() if case.startswith(prefix))
+
+
+def test_report_holds_the_pre_init_statistics_and_the_scale_set():
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Linear(4, 3)))
+    x = torch.randn(100, 4) * 2
+    with torch.no_grad():
+        before = model(x)
+    g_before = model[0].parametrizations.weight.original0.detach().clone()
+    report = data_dependent_init(model, x)
+    entry = report.modules["0"]
+    assert entry.kind == "weight_norm" and entry.bias_set
+    torch.testing.assert_close(entry.mean, before.double().mean(0))
+    torch.testing.assert_close(entry.std, before.double().std(0, unbiased=False))
+    torch.testing.assert_close(entry.scale, 1 / entry.std)
+    g_after = model[0].parametrizations.weight.original0
+    torch.testing.assert_close(g_after.flatten().double(), g_before.flatten().double() / entry.std, rtol=1e-5, atol=0)
+    assert "0" in str(report) and "weight_norm" in str(report)
+
+
+def test_log_scale_magnitude_is_initialized_too():
+    model = nn.Sequential(weight_norm(nn.Linear(5, 4), log_scale_factor=2.0), nn.ReLU())
+    x = torch.randn(200, 5)
+    data_dependent_init(model, x)
+    mean, std = unit_moments(outputs_of(model, x, ["0"])["0"], -1)
+    assert mean.abs().max() < 1e-4 and (std - 1).abs().max() < 1e-4
+
+
+def test_one_forward_pass_first_call_counts_and_recurrent_layers_are_skipped():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer, self.cell, self.calls = nn.Linear(4, 4), nn.GRUCell(4, 4), 0
+
+        def forward(self, x):
+            self.calls += 1
+            first = self.layer(x)
+            return self.cell(self.layer(first))  # the same layer twice
+
+    model = Shared()
+    apply_weight_norm(model, include=[nn.Linear, nn.GRUCell])
+    x = torch.randn(64, 4)
+    report = data_dependent_init(model, x)
+    assert model.calls == 1
+    assert list(report.modules) == ["layer"]
+    assert "recurrent" in report.skipped["cell"]
+    first_call = outputs_of(model, x, ["layer"])["layer"]  # the hook keeps the first call's output
+    mean, std = unit_moments(first_call, -1)
+    assert mean.abs().max() < 1e-4 and (std - 1).abs().max() < 1e-4
+
+
+def test_units_without_variance_are_left_alone_and_reported():
+    layer = weight_norm(nn.Linear(3, 4))
+    with torch.no_grad():
+        layer.parametrizations.weight.original0[1] = 0.0  # unit 1 outputs its bias only
+        layer.bias[1] = 0.7
+    x = torch.randn(50, 3)
+    report = data_dependent_init(nn.Sequential(layer), x)
+    assert report.modules["0"].tiny_units == [1]
+    out = layer(x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, 1], torch.full((50,), 0.7))
+    assert "1 units with ~0 std left alone" in str(report)
+
+
+def test_model_inputs_as_tuple_and_dict():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 3), nn.Linear(5, 3)
+
+        def forward(self, left, right):
+            return self.a(left) + self.b(right)
+
+    x = {"left": torch.randn(40, 2), "right": torch.randn(40, 5)}
+    assert set(data_dependent_init(TwoInputs(), x).modules) == {"a", "b"}
+    assert set(data_dependent_init(TwoInputs(), (x["left"], x["right"])).modules) == {"a", "b"}
+
+
+def test_bad_input_raises_clear_errors():
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    with pytest.raises(ValueError, match=r"`inputs` is an empty batch \(a tensor of shape \(0, 2\)\)"):
+        data_dependent_init(model, torch.zeros(0, 2))
+    with pytest.raises(ValueError, match="`inputs` contains NaN or infinite values"):
+        data_dependent_init(model, torch.tensor([[1.0, math.nan]]))
+    with pytest.raises(TypeError, match="`inputs` holds no tensor"):
+        data_dependent_init(model, "images")
+    with pytest.raises(ValueError, match="`modules` pattern 'head' matches no module of Sequential"):
+        data_dependent_init(model, torch.randn(4, 2), modules=["head"])
+    with pytest.raises(ValueError, match=r"Module `1` \(ReLU\) is not a layer data-dependent init can rescale"):
+        data_dependent_init(model, torch.randn(4, 2), modules=["1"])
+    with pytest.raises(ValueError, match="No module of Sequential to initialize"):
+        data_dependent_init(nn.Sequential(nn.ReLU()), torch.randn(4, 2))
+    with pytest.raises(ValueError, match="`init_scale` must be a positive number, got 0"):
+        data_dependent_init(model, torch.randn(4, 2), init_scale=0)
+
+
+def normalized_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    model = deep_cnn()
+    apply_weight_norm(model)
+    return model
+
+
+def _init_on_rank(rank: int, port: int, shards: list, sync: bool, results) -> None:
+    model = normalized_cnn()  # built here: a model sent to a process would share its storage
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        if not sync:  # what the ranks would get without the all-reduce
+            dist.destroy_process_group()
+        data_dependent_init(model, shards[rank])
+        results[rank] = {k: v.clone() for k, v in model.state_dict().items()}
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_distributed_init_gives_every_rank_the_statistics_of_the_whole_batch(sync):
+    batch = torch.randn(64, 3, 8, 8) * 2 + 1
+    shards = [batch[:32], batch[32:] * 1.5]
+    results = mp.Manager().dict()
+    mp.spawn(_init_on_rank, args=(_free_port(), shards, sync, results), nprocs=2)
+    single = normalized_cnn()
+    data_dependent_init(single, torch.cat(shards))
+    rank0, rank1 = results[0], results[1]
+    if sync:
+        for name, value in single.state_dict().items():
+            assert torch.equal(rank0[name], rank1[name]), name
+            torch.testing.assert_close(rank0[name], value, rtol=1e-4, atol=1e-5)
+    else:
+        assert any(not torch.allclose(rank0[n], rank1[n]) for n in rank0)

@@ -1,0 +1,43 @@
+import pytest
+import torch
+from torch import nn
+
+from lightning_wn import MeanOnlyBatchNorm
+
+
+@pytest.mark.parametrize("shape", [(16, 3), (16, 3, 7), (8, 3, 5, 5), (4, 3, 3, 4, 5)])
+def test_subtracts_the_batch_mean_in_training_and_the_running_mean_in_eval(shape):
+    norm = MeanOnlyBatchNorm(3, momentum=0.2)
+    reference = nn.BatchNorm1d(3, affine=False, momentum=0.2)  # same running-mean rule
+    with torch.no_grad():
+        norm.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    axes = [0, *range(2, len(shape))]
+    broadcast = (1, 3) + (1,) * (len(shape) - 2)
+    for _ in range(3):
+        x = torch.randn(shape) * 2 + torch.tensor([1.0, -3.0, 4.0]).view(broadcast)
+        y = norm(x)
+        reference(x.reshape(shape[0], 3, -1))
+        torch.testing.assert_close(y, x - x.mean(axes, keepdim=True) + norm.bias.view(broadcast))
+    torch.testing.assert_close(norm.running_mean, reference.running_mean)
+    assert norm.num_batches_tracked.item() == 3
+    norm.eval()
+    x = torch.randn(shape)
+    torch.testing.assert_close(norm(x), x - (norm.running_mean - norm.bias).view(broadcast))
+
+
+def test_gradient_is_the_centering_projection():
+    norm = MeanOnlyBatchNorm(2)
+    x = torch.randn(5, 2, requires_grad=True)
+    upstream = torch.randn(5, 2)
+    norm(x).backward(upstream)
+    torch.testing.assert_close(x.grad, upstream - upstream.mean(0))
+    torch.testing.assert_close(norm.bias.grad, upstream.sum(0))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="`num_features` must be at least 1, got 0"):
+        MeanOnlyBatchNorm(0)
+    with pytest.raises(ValueError, match=r"`momentum` must be in \[0, 1\], got 1.5"):
+        MeanOnlyBatchNorm(3, momentum=1.5)
+    with pytest.raises(ValueError, match=r"expects input \(N, 3, \.\.\.\), got shape \(4, 2\)"):
+        MeanOnlyBatchNorm(3)(torch.randn(4, 2))

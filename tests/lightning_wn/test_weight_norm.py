@@ -1,0 +1,320 @@
+"""weight_norm against torch's own implementation, the fast paths, folding and the paper's facts."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations
+
+from lightning_wn import (
+    apply_weight_norm,
+    is_weight_normalized,
+    limit_direction_norm,
+    remove_weight_norm,
+    weight_norm,
+    weight_norms,
+)
+from lightning_wn._normalized_weight import NormalizedWeight
+from lightning_wn._scaled_linear import ScaledLinear
+from lightning_wn.weight_norm import default_dim, default_names
+
+torch.manual_seed(0)
+
+# (layer, input); recurrent layers take (batch, seq, features) or (batch, features)
+LAYERS = {
+    "linear": (lambda: nn.Linear(7, 5), (3, 7)),
+    "linear_many_rows": (lambda: nn.Linear(4, 5), (30, 4)),
+    "linear_3d_input": (lambda: nn.Linear(6, 5), (2, 3, 6)),
+    "conv1d": (lambda: nn.Conv1d(3, 4, 3), (2, 3, 9)),
+    "conv2d": (lambda: nn.Conv2d(3, 4, 3, padding=1), (2, 3, 6, 6)),
+    "conv2d_grouped": (lambda: nn.Conv2d(4, 6, 3, groups=2), (2, 4, 6, 6)),
+    "conv2d_depthwise": (lambda: nn.Conv2d(4, 4, 3, groups=4, bias=False), (2, 4, 6, 6)),
+    "conv3d": (lambda: nn.Conv3d(2, 3, 2), (2, 2, 4, 4, 4)),
+    "conv_transpose1d": (lambda: nn.ConvTranspose1d(3, 4, 3, stride=2), (2, 3, 5)),
+    "conv_transpose2d": (lambda: nn.ConvTranspose2d(3, 4, 3, stride=2), (2, 3, 5, 5)),
+    "conv_transpose3d": (lambda: nn.ConvTranspose3d(2, 3, 2), (2, 2, 3, 3, 3)),
+    "rnn": (lambda: nn.RNN(4, 5, num_layers=2, batch_first=True), (2, 3, 4)),
+    "lstm_bidirectional": (lambda: nn.LSTM(4, 5, batch_first=True, bidirectional=True), (2, 3, 4)),
+    "lstm_proj": (lambda: nn.LSTM(4, 6, proj_size=3, batch_first=True), (2, 3, 4)),
+    "gru": (lambda: nn.GRU(4, 5, batch_first=True), (2, 3, 4)),
+    "rnn_cell": (lambda: nn.RNNCell(4, 5), (3, 4)),
+    "lstm_cell": (lambda: nn.LSTMCell(4, 5), (3, 4)),
+    "gru_cell": (lambda: nn.GRUCell(4, 5), (3, 4)),
+}
+
+
+def torch_weight_norm(module: nn.Module) -> nn.Module:
+    for name in default_names(module):
+        parametrizations.weight_norm(module, name, dim=default_dim(module))
+    return module
+
+
+def output_sum(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = module(x)
+    out = out[0] if isinstance(out, tuple) else out
+    return (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_forward_and_gradients_equal_torch_weight_norm(kind):
+    make, shape = LAYERS[kind]
+    plain = make().double()
+    x = torch.randn(shape, dtype=torch.double)
+    expected_out = plain(x)
+    ours, theirs = weight_norm(copy.deepcopy(plain)), torch_weight_norm(copy.deepcopy(plain))
+    for _ in range(2):  # the second call in a step takes the cached weight
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours(x)[0] if isinstance(ours(x), tuple) else ours(x),
+                               expected_out[0] if isinstance(expected_out, tuple) else expected_out)
+    output_sum(ours, x).backward()
+    output_sum(theirs, x).backward()
+    theirs_grads = dict(theirs.named_parameters())
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, theirs_grads[name].grad, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_state_dict_keys_and_shapes_are_torchs():
+    for kind, (make, _) in LAYERS.items():
+        plain = make()
+        ours, theirs = weight_norm(copy.deepcopy(plain)), torch_weight_norm(copy.deepcopy(plain))
+        assert {k: v.shape for k, v in ours.state_dict().items()} == {
+            k: v.shape for k, v in theirs.state_dict().items()
+        }, kind
+
+
+@pytest.mark.parametrize("kind", ["conv2d", "conv_transpose2d", "lstm_cell", "linear"])
+def test_state_dicts_load_both_ways(kind):
+    make, shape = LAYERS[kind]
+    x = torch.randn(shape)
+    ours = weight_norm(make())
+    theirs = torch_weight_norm(make())
+    with torch.no_grad():  # make g differ from ||v|| so a mix-up would show
+        for module in (ours, theirs):
+            for name, p in module.named_parameters():
+                p.mul_(torch.rand_like(p) + 0.5)
+    fresh_ours, fresh_theirs = weight_norm(make()), torch_weight_norm(make())
+    fresh_ours.load_state_dict(theirs.state_dict())
+    fresh_theirs.load_state_dict(ours.state_dict())
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    torch.testing.assert_close(first(fresh_ours(x)), first(theirs(x)))
+    torch.testing.assert_close(first(fresh_theirs(x)), first(ours(x)))
+
+
+def test_conv_transpose_normalizes_per_output_channel():
+    layer = weight_norm(nn.ConvTranspose2d(3, 4, 3, bias=False))
+    wn = layer.parametrizations.weight
+    assert wn.dim == 1 and wn.original0.shape == (1, 4, 1, 1)
+    x = torch.randn(2, 3, 5, 5)
+    before = layer(x)
+    with torch.no_grad():
+        wn.original0[0, 2] *= 3.0
+    after = layer(x)
+    torch.testing.assert_close(after[:, 2], 3.0 * before[:, 2])
+    torch.testing.assert_close(after[:, [0, 1, 3]], before[:, [0, 1, 3]])
+    torch.testing.assert_close(torch.linalg.vector_norm(layer.weight, dim=(0, 2, 3)), wn.original0.flatten())
+
+
+def test_gradcheck_custom_autograd_functions():
+    x = torch.randn(3, 5, dtype=torch.double, requires_grad=True)
+    v = torch.randn(4, 5, dtype=torch.double, requires_grad=True)
+    g = torch.rand(4, 1, dtype=torch.double, requires_grad=True) + 0.5
+    b = torch.randn(4, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(ScaledLinear.apply, (x, v, g, b))
+    assert torch.autograd.gradcheck(ScaledLinear.apply, (x, v, g, None))
+    v4 = torch.randn(3, 4, 2, 2, dtype=torch.double, requires_grad=True)
+    for dim in range(4):  # 0 and 3 take ATen's fused kernels, 1 and 2 the generic path
+        shape = [1] * 4
+        shape[dim] = v4.shape[dim]
+        g4 = (torch.rand(shape, dtype=torch.double) + 0.5).requires_grad_()
+        assert torch.autograd.gradcheck(lambda a, b, d=dim: NormalizedWeight.apply(a, b, d), (v4, g4))
+
+
+def test_separate_backward_passes_through_one_cached_weight():
+    plain = nn.LSTMCell(3, 4)
+    cell, reference = weight_norm(copy.deepcopy(plain)), torch_weight_norm(copy.deepcopy(plain))
+    x1, x2 = torch.randn(2, 3), torch.randn(2, 3)
+    for module in (cell, reference):
+        loss_a, loss_b = module(x1)[0].sum(), module(x2)[1].square().sum()
+        loss_a.backward()
+        loss_b.backward()
+    ref = dict(reference.named_parameters())
+    for name, p in cell.named_parameters():
+        torch.testing.assert_close(p.grad, ref[name].grad)
+
+
+def test_a_module_called_many_times_computes_its_weight_once_per_step(monkeypatch):
+    calls = []
+    apply = NormalizedWeight.apply
+    monkeypatch.setattr(NormalizedWeight, "apply", lambda *a: calls.append(1) or apply(*a))
+    cell = weight_norm(nn.LSTMCell(3, 4))
+    optimizer = torch.optim.SGD(cell.parameters(), lr=0.1)
+    x = torch.randn(2, 3)
+    for step in range(3):
+        h = c = torch.zeros(2, 4)
+        for _ in range(16):
+            h, c = cell(x, (h, c))
+        h.sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert len(calls) == 2 * (step + 1)  # weight_ih and weight_hh, once each per step
+
+
+def test_training_matches_torch_step_by_step():
+    """A stale cached weight would make the runs part after the first optimizer step."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
+    apply_weight_norm(ours)
+    for layer in (theirs[0], theirs[2]):
+        parametrizations.weight_norm(layer)
+    runs = [(m, torch.optim.Adam(m.parameters(), lr=0.05)) for m in (ours, theirs)]
+    for _ in range(5):
+        x = torch.randn(4, 6, dtype=torch.double)
+        for module, optimizer in runs:
+            optimizer.zero_grad()
+            module(x).square().mean().backward()
+            optimizer.step()
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(dict(ours.named_parameters()), dict(theirs.named_parameters()))
+
+
+def test_function_unchanged_and_options():
+    layer = nn.Linear(5, 3)
+    x = torch.randn(10, 5)
+    expected = layer(x)
+    logged = weight_norm(copy.deepcopy(layer), log_scale_factor=3.0)
+    wn = logged.parametrizations.weight
+    assert "original0" not in dict(wn.named_parameters())
+    torch.testing.assert_close(torch.exp(3.0 * wn.s), layer.weight.norm(dim=1, keepdim=True))
+    torch.testing.assert_close(logged(x), expected)
+
+    torch.manual_seed(1)
+    paper = weight_norm(nn.Linear(400, 300), paper_init=True)
+    v = paper.parametrizations.weight.original1
+    assert abs(v.std().item() - 0.05) < 0.001 and abs(v.mean().item()) < 0.001
+    torch.testing.assert_close(paper.parametrizations.weight.original0, v.norm(dim=1, keepdim=True))
+
+
+def test_remove_weight_norm_folds_to_the_same_function():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+    lstm = nn.LSTM(3, 4, num_layers=2)
+    x, seq = torch.randn(5, 3, 6, 6), torch.randn(7, 2, 3)
+    apply_weight_norm(model)
+    weight_norm(lstm)
+    with torch.no_grad():  # move away from the initial g = ||v|| so folding has work to do
+        for p in [*model.parameters(), *lstm.parameters()]:
+            p.mul_(torch.rand_like(p) + 0.5)
+    expected, expected_seq = model(x), lstm(seq)[0]
+    assert remove_weight_norm(model) == ["0", "1", "3"]
+    assert remove_weight_norm(lstm) == [""]
+    assert type(model[0]) is nn.Conv2d and type(lstm) is nn.LSTM
+    assert sorted(dict(model.named_parameters())) == ["0.bias", "0.weight", "1.bias", "1.weight", "3.bias", "3.weight"]
+    torch.testing.assert_close(model(x), expected)
+    torch.testing.assert_close(lstm(seq)[0], expected_seq)
+
+
+def test_deepcopy_and_pickle_keep_the_function_and_are_independent():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.LSTM(8, 3))
+    apply_weight_norm(model, include=[nn.Linear, nn.LSTM])
+    x = torch.randn(5, 4)
+    model(x)  # fill the caches: they must not be copied
+    expected = model(x)[0]
+    copied = copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    unpickled = pickle.loads(pickle.dumps(model))
+    for clone in (copied, loaded, unpickled):
+        assert is_weight_normalized(clone[0]) and is_weight_normalized(clone[2])
+        torch.testing.assert_close(clone(x)[0], expected)
+    with torch.no_grad():
+        copied[0].parametrizations.weight.original0.mul_(2.0)
+    torch.testing.assert_close(model(x)[0], expected)
+    assert not torch.allclose(copied(x)[0], expected)
+
+
+def test_direction_norm_grows_monotonically_under_sgd():
+    """The paper, Section 2.1: the gradient is orthogonal to v, so plain SGD only lengthens it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 1))
+    apply_weight_norm(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = torch.randn(64, 10), torch.randn(64, 1)
+    norms = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        norms.append(torch.stack([wn.v.norm() for _, m in [("", model[0]), ("", model[2])]
+                                  for wn in weight_norms(m).values()]))
+    norms = torch.stack(norms)
+    assert (norms[1:] >= norms[:-1]).all()
+    assert (norms[-1] > norms[0] * 1.001).all()
+
+
+def test_limit_direction_norm_keeps_the_function():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Conv1d(1, 2, 3))
+    apply_weight_norm(model)
+    x = torch.randn(3, 4)
+    first = model[0](x)
+    with torch.no_grad():
+        model[0].parametrizations.weight.original1[:2].mul_(50.0)
+    assert limit_direction_norm(model, max_norm=1.0) >= 2
+    torch.testing.assert_close(model[0](x), first)
+    for m in (model[0], model[2]):
+        v = m.parametrizations.weight.original1
+        assert (v.flatten(1).norm(dim=1) <= 1.0 + 1e-6).all()
+    with pytest.raises(ValueError, match="`max_norm` must be a positive number, got 0"):
+        limit_direction_norm(model, 0)
+
+
+def test_apply_weight_norm_selects_by_type_and_pattern():
+    def make():
+        return nn.ModuleDict(
+            {
+                "encoder": nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3)),
+                "rnn": nn.LSTMCell(2, 2),
+                "head": nn.Linear(2, 1),
+            }
+        )
+
+    assert apply_weight_norm(make()) == ["encoder.0", "encoder.2", "head"]
+    assert apply_weight_norm(make(), include=["encoder"]) == ["encoder.0", "encoder.2"]
+    assert apply_weight_norm(make(), include=[nn.LSTMCell, "head"]) == ["rnn", "head"]
+    assert apply_weight_norm(make(), exclude=["encoder.*"]) == ["head"]
+    assert apply_weight_norm(make(), include="enc*.2") == ["encoder.2"]
+
+
+def test_bad_input_raises_clear_errors():
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Embedding(4, 2))
+    with pytest.raises(ValueError, match=r"pattern 'decoder\.\*' matches no module. Module names: '0', '1', '2'"):
+        apply_weight_norm(model, include=["decoder.*"])
+    with pytest.raises(ValueError, match=r"`exclude` pattern 'nope' matches no module"):
+        apply_weight_norm(model, exclude="nope")
+    with pytest.raises(ValueError, match=r"matches `1` \(ReLU\), which is not a supported layer"):
+        apply_weight_norm(model, include=["1"])
+    with pytest.raises(ValueError, match="names `Embedding`, which weight norm does not support"):
+        apply_weight_norm(model, include=[nn.Embedding])
+    with pytest.raises(TypeError, match="entries must be layer types or name patterns, got 3"):
+        apply_weight_norm(model, include=[3])
+    with pytest.raises(ValueError, match="No module of Sequential is selected"):
+        apply_weight_norm(model, exclude=[nn.Linear])
+    apply_weight_norm(model)
+    with pytest.raises(ValueError, match="Module `0` \\(WeightNormedLinear\\) is already weight-normalized"):
+        apply_weight_norm(model)
+    with pytest.raises(ValueError, match="`weight` of this WeightNormedLinear is already weight-normalized"):
+        weight_norm(model[0])
+    with pytest.raises(ValueError, match="Cannot tell the output-unit axis of `Embedding`.*Pass `dim=`"):
+        weight_norm(model[2])
+    with pytest.raises(ValueError, match="has no parameter `kernel`; its parameters are \\['bias', 'weight'\\]"):
+        weight_norm(nn.Linear(2, 2), "kernel")
+    with pytest.raises(ValueError, match="groups=2 shares each weight column"):
+        weight_norm(nn.ConvTranspose2d(2, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="`log_scale_factor` must be a positive number"):
+        weight_norm(nn.Linear(2, 2), log_scale_factor=-1.0)
+    embedding = weight_norm(nn.Embedding(4, 3), dim=0)  # any layer works once `dim` is given
+    torch.testing.assert_close(embedding.weight.norm(dim=1), embedding.parametrizations.weight.original0.flatten())

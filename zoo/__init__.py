@@ -1,0 +1,1 @@
+"""The paper's experiments as LightningModules and DataModules, run through LightningCLI."""

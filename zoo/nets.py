@@ -1,0 +1,106 @@
+"""The paper's networks as plain PyTorch modules; weight norm is applied from outside.
+
+Example:
+    >>> import torch
+    >>> CifarNet()(torch.randn(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
+    >>> NatureDQN(num_actions=6)(torch.zeros(2, 4, 84, 84, dtype=torch.uint8)).shape
+    torch.Size([2, 6])
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_wn import MeanOnlyBatchNorm
+
+Norm = Literal["none", "batch_norm", "mean_only_bn"]
+
+
+class GaussianNoise(nn.Module):
+    """Adds N(0, std^2) noise in training, nothing in evaluation."""
+
+    def __init__(self, std: float) -> None:
+        super().__init__()
+        self.std = std
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.std * torch.randn_like(x) if self.training and self.std > 0 else x
+
+    def extra_repr(self) -> str:
+        return f"std={self.std}"
+
+
+class CifarNet(nn.Sequential):
+    """The paper's CIFAR-10 network (from the authors' code), with the width as a parameter.
+
+    noise -> 3 x conv3x3 ``width`` -> maxpool -> dropout -> 3 x conv3x3 ``2 width`` -> maxpool ->
+    dropout -> conv3x3 ``2 width`` valid -> 2 x NIN 1x1 -> global average pool -> dense.
+    ``norm`` puts batch norm or mean-only batch norm after every conv, before the leaky ReLU.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        width: int = 96,  # 96 then 192 channels in the paper
+        norm: Norm = "none",
+        noise_std: float = 0.15,  # Gaussian input noise of the paper's CIFAR model
+        dropout: float = 0.5,
+    ) -> None:
+        if norm not in ("none", "batch_norm", "mean_only_bn"):
+            raise ValueError(f"`norm` must be 'none', 'batch_norm' or 'mean_only_bn', got {norm!r}.")
+        wide = 2 * width
+
+        def conv(cin: int, cout: int, kernel: int, padding: int) -> list[nn.Module]:
+            layers: list[nn.Module] = [nn.Conv2d(cin, cout, kernel, padding=padding)]
+            if norm == "batch_norm":
+                layers.append(nn.BatchNorm2d(cout))
+            elif norm == "mean_only_bn":
+                layers.append(MeanOnlyBatchNorm(cout))
+            return [*layers, nn.LeakyReLU(0.1)]
+
+        super().__init__(
+            GaussianNoise(noise_std),
+            *conv(in_channels, width, 3, 1),
+            *conv(width, width, 3, 1),
+            *conv(width, width, 3, 1),
+            nn.MaxPool2d(2),
+            nn.Dropout(dropout),
+            *conv(width, wide, 3, 1),
+            *conv(wide, wide, 3, 1),
+            *conv(wide, wide, 3, 1),
+            nn.MaxPool2d(2),
+            nn.Dropout(dropout),
+            *conv(wide, wide, 3, 0),
+            *conv(wide, wide, 1, 0),
+            *conv(wide, wide, 1, 0),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(wide, num_classes),
+        )
+
+
+class NatureDQN(nn.Sequential):
+    """The Nature DQN network (Mnih et al., 2015) on stacked uint8 frames, scaled to [0, 1]."""
+
+    def __init__(self, *, num_actions: int, in_channels: int = 4) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, 32, 8, stride=4),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(64 * 7 * 7, 512),
+            nn.ReLU(),
+            nn.Linear(512, num_actions),
+        )
+
+    def forward(self, frames: Tensor) -> Tensor:
+        return super().forward(frames.float() / 255.0 if frames.dtype == torch.uint8 else frames)
