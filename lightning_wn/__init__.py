@@ -13,7 +13,8 @@ Example:
 """
 
 from lightning_wn.init import InitReport, ModuleInit, data_dependent_init
-from lightning_wn.mean_only_bn import MeanOnlyBatchNorm
+from lightning_wn.state_dict import fold_state_dict
+from lightning_wn.mean_only_bn import MeanOnlyBatchNorm, attach_mean_only_bn
 from lightning_wn.weight_norm import (
     DEFAULT_LAYERS,
     SUPPORTED_LAYERS,
@@ -27,7 +28,22 @@ from lightning_wn.weight_norm import (
     weight_norms,
 )
 
+_LIGHTNING = {"WeightNormalization", "FoldWeightNormOnLoad", "load_from_checkpoint"}
+
+
+def __getattr__(name: str):
+    # the Lightning pieces load on first use: plain PyTorch users never import Lightning
+    if name in _LIGHTNING:
+        from lightning_wn import callback
+
+        return getattr(callback, name)
+    raise AttributeError(f"module 'lightning_wn' has no attribute {name!r}")
+
+
 __all__ = [
+    "FoldWeightNormOnLoad",
+    "WeightNormalization",
+    "load_from_checkpoint",
     "DEFAULT_LAYERS",
     "SUPPORTED_LAYERS",
     "InitReport",
@@ -35,7 +51,9 @@ __all__ = [
     "ModuleInit",
     "WeightNorm",
     "apply_weight_norm",
+    "attach_mean_only_bn",
     "data_dependent_init",
+    "fold_state_dict",
     "is_weight_normalized",
     "limit_direction_norm",
     "remove_weight_norm",

@@ -104,7 +104,11 @@ def data_dependent_init(
         raise ValueError(f"`init_scale` must be a positive number, got {init_scale!r}.")
     _check_batch(inputs)
     targets, report = _targets(model, modules)
-    handles = [m.register_forward_hook(_InitHook(name, init_scale, min_std, report)) for name, m in targets.items()]
+    # prepended: a layer's own hooks (an attached mean-only batch norm) must see the initialized output
+    handles = [
+        m.register_forward_hook(_InitHook(name, init_scale, min_std, report), prepend=True)
+        for name, m in targets.items()
+    ]
     try:
         if isinstance(inputs, dict):
             model(**inputs)

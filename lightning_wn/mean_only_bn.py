@@ -54,3 +54,34 @@ class MeanOnlyBatchNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, momentum={self.momentum}"
+
+
+def attach_mean_only_bn(layer: nn.Module, momentum: float = 0.1) -> MeanOnlyBatchNorm:
+    """Put a :class:`MeanOnlyBatchNorm` right after ``layer``, in place, without re-wiring the model.
+
+    The norm becomes the child ``layer.mean_only_bn`` (state-dict keys
+    ``<layer>.mean_only_bn.*``) and a forward hook applies it to the layer's output, so the
+    layer's own name and parameters stay where they were. Output units are on axis 1 of
+    the output (``Linear`` layers must then be fed ``(N, features)``).
+
+    Example:
+        >>> layer = nn.Linear(3, 4)
+        >>> norm = attach_mean_only_bn(layer)
+        >>> bool(layer(torch.randn(16, 3)).mean(0).abs().max() < 1e-6)
+        True
+    """
+    if "mean_only_bn" in layer._modules:
+        raise ValueError(f"This {type(layer).__name__} already has a mean-only batch norm attached.")
+    units = getattr(layer, "out_features", None) or getattr(layer, "out_channels", None)
+    if not units:
+        raise ValueError(
+            f"Cannot attach mean-only batch norm to `{type(layer).__name__}`: it has no "
+            "`out_features` or `out_channels`; supported are Linear, Conv* and ConvTranspose*."
+        )
+    layer.mean_only_bn = MeanOnlyBatchNorm(units, momentum)
+    layer.register_forward_hook(_apply_mean_only_bn)
+    return layer.mean_only_bn
+
+
+def _apply_mean_only_bn(layer: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    return layer.mean_only_bn(output)

@@ -44,8 +44,8 @@ class WeightNorm(nn.Module):
     r"""The parameters of one weight-normalized tensor, and ``w`` computed from them.
 
     ``original0`` is the magnitude ``g`` (or ``s`` with :math:`g = e^{c s}` when
-    ``log_scale_factor`` ``c`` is set) and ``original1`` the direction ``v``; ``dim`` is the
-    output-unit axis, the one axis the norm is not taken over.
+    ``log_scale_factor`` ``c`` is set, kept in the buffer ``c``) and ``original1`` the direction
+    ``v``; ``dim`` is the output-unit axis, the one axis the norm is not taken over.
 
     Example:
         >>> weight = torch.randn(4, 3)
@@ -64,6 +64,7 @@ class WeightNorm(nn.Module):
             self.original0 = nn.Parameter(magnitude)
         else:
             self.s = nn.Parameter(magnitude.log() / log_scale_factor)
+            self.register_buffer("c", torch.tensor(float(log_scale_factor)))  # lets a state dict be folded alone
         self.original1 = nn.Parameter(weight)
         self._forget()
 
@@ -294,8 +295,9 @@ def apply_weight_norm(
 ) -> list[str]:
     """Weight-normalize every submodule of ``model`` selected by ``include`` and not by ``exclude``.
 
-    Entries are layer types (``nn.Conv2d``) or glob patterns over qualified module names
-    (``"decoder.*"``); a pattern also selects the supported layers inside a matching module.
+    Entries are layer types (``nn.Conv2d``, or its name ``"Conv2d"`` in ``torch.nn``) or glob
+    patterns over qualified module names (``"decoder.*"``); a pattern also selects the supported
+    layers inside a matching module.
     ``include`` defaults to every ``Linear``, ``Conv*`` and ``ConvTranspose*``; recurrent layers
     are normalized only when asked for. ``options`` go to :func:`weight_norm`.
 
@@ -439,6 +441,8 @@ def _normalized_names(module: nn.Module) -> tuple[str, ...]:
 def _select(modules: dict[str, nn.Module], entries: list, argument: str) -> set[str]:
     chosen: set[str] = set()
     for entry in entries:
+        if isinstance(entry, str) and isinstance(getattr(nn, entry, None), type):
+            entry = getattr(nn, entry)  # "Conv2d" from a YAML file means the layer type
         if isinstance(entry, type) and issubclass(entry, nn.Module):
             if not issubclass(entry, SUPPORTED_LAYERS) and argument == "include":
                 raise ValueError(

@@ -285,6 +285,7 @@ def test_apply_weight_norm_selects_by_type_and_pattern():
     assert apply_weight_norm(make()) == ["encoder.0", "encoder.2", "head"]
     assert apply_weight_norm(make(), include=["encoder"]) == ["encoder.0", "encoder.2"]
     assert apply_weight_norm(make(), include=[nn.LSTMCell, "head"]) == ["rnn", "head"]
+    assert apply_weight_norm(make(), include=["LSTMCell", "Conv2d"], exclude=["encoder.2"]) == ["encoder.0", "rnn"]
     assert apply_weight_norm(make(), exclude=["encoder.*"]) == ["head"]
     assert apply_weight_norm(make(), include="enc*.2") == ["encoder.2"]
 

@@ -1,0 +1,284 @@
+"""The WeightNormalization callback: when it acts, on which data, and what survives a checkpoint."""
+
+import copy
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import FSDPStrategy
+
+import lightning_wn
+import lightning_wn.callback as callback_module
+from lightning_wn import MeanOnlyBatchNorm, WeightNormalization, is_weight_normalized, weight_normalized_modules
+
+sys.path.insert(0, str(Path(__file__).parent))
+from lit_models import ConvClassifier, DictBatches, LazyHead, RandomImages  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+def trainer(**kwargs) -> Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
+    return Trainer(**{**defaults, **kwargs})
+
+
+def standardized(model, x, names, atol=1e-3):
+    """Per-unit mean and std of each named module's output on ``x``."""
+    outputs = {}
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: outputs.setdefault(n, o)) for n in names]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    for name, out in outputs.items():
+        axes = [0, 2, 3] if out.dim() == 4 else [0]
+        assert out.double().mean(axes).abs().max() < atol, name
+        assert (out.double().std(axes, unbiased=False) - 1).abs().max() < atol, name
+
+
+def test_normalizes_before_optimizers_and_inits_on_training_examples():
+    seed_everything(0)
+    model, data = ConvClassifier(), RandomImages()
+    wn = WeightNormalization(init_samples=100)
+    t = trainer(max_steps=0, callbacks=[wn])
+    t.fit(model, data)
+    assert wn.normalized == ["net.0", "net.2", "net.6"] and wn.initialized
+    standardized(model, data.x[:100], wn.normalized)  # the first 100 training examples, unshuffled
+    optimized = {id(p) for group in t.optimizers[0].param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters()}
+    assert len(optimized) == 9  # g, v and bias of three layers
+
+
+def test_layers_built_in_configure_model_are_normalized():
+    model = LazyHead()
+    t = trainer(max_steps=2, callbacks=[WeightNormalization(init_samples=64)])
+    t.fit(model, RandomImages())
+    assert is_weight_normalized(model.head)
+    optimized = {id(p) for p in t.optimizers[0].param_groups[0]["params"]}
+    assert id(model.head.parametrizations.weight.original0) in optimized
+    assert "configure_model" not in model.__dict__  # the wrapper removed itself
+    pickle.dumps(model)
+
+
+def test_training_lowers_loss_with_mean_only_bn_and_max_norm():
+    seed_everything(0)
+    model, data = ConvClassifier(), RandomImages(size=64)
+    wn = WeightNormalization(init_samples=64, mean_only_bn=True, max_norm=2.0)
+    trainer(max_epochs=1, callbacks=[wn]).fit(model, data)
+    modules = dict(model.named_modules())
+    for name in wn.normalized:
+        assert isinstance(modules[name].mean_only_bn, MeanOnlyBatchNorm)
+        v = modules[name].parametrizations.weight.original1
+        assert v.flatten(1).norm(dim=1).max() <= 2.0 + 1e-5
+
+
+def test_mean_only_bn_output_is_standardized_after_init():
+    seed_everything(0)
+    model, data = ConvClassifier(), RandomImages()
+    trainer(max_steps=0, callbacks=[WeightNormalization(init_samples=256, mean_only_bn=True)]).fit(model, data)
+    standardized(model, data.x, ["net.0", "net.2", "net.6"], atol=2e-3)
+
+
+def test_fold_on_fit_end_leaves_plain_layers_with_the_same_function():
+    model, data = ConvClassifier(), RandomImages()
+    seen = {}
+
+    class Capture(Callback):
+        def on_train_end(self, trainer, pl_module):
+            with torch.no_grad():
+                seen["out"] = pl_module(data.x[:8])
+
+    trainer(max_steps=3, callbacks=[WeightNormalization(fold_on_fit_end=True), Capture()]).fit(model, data)
+    assert not list(weight_normalized_modules(model))
+    with torch.no_grad():
+        torch.testing.assert_close(model(data.x[:8]), seen["out"])
+
+
+def test_resume_continues_without_a_second_init(tmp_path, monkeypatch):
+    calls = []
+    real_init = callback_module.data_dependent_init
+    monkeypatch.setattr(callback_module, "data_dependent_init", lambda *a, **k: calls.append(1) or real_init(*a, **k))
+
+    def run(max_steps, ckpt_path=None, dirpath=None):
+        seed_everything(0)
+        model = ConvClassifier()
+        callbacks = [WeightNormalization(init_samples=64)]
+        if dirpath:
+            callbacks.append(ModelCheckpoint(dirpath=dirpath, save_last=True, every_n_train_steps=1))
+        trainer(max_steps=max_steps, callbacks=callbacks, enable_checkpointing=bool(dirpath)).fit(
+            model, RandomImages(size=64, batch_size=16), ckpt_path=ckpt_path
+        )
+        return model
+
+    straight = run(8)
+    assert len(calls) == 1
+    run(4, dirpath=tmp_path)  # one epoch is 4 steps: the resume starts on an epoch boundary
+    resumed = run(8, ckpt_path="last", dirpath=tmp_path)
+    assert len(calls) == 2  # the straight run and the first half; never the resumed half
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_second_fit_keeps_the_first_init(monkeypatch):
+    model, data = ConvClassifier(), RandomImages()
+    wn = WeightNormalization(init_samples=64)
+    trainer(max_steps=2, callbacks=[wn]).fit(model, data)
+    g = model.net[0].parametrizations.weight.original0.detach().clone()
+    monkeypatch.setattr(callback_module, "data_dependent_init", lambda *a, **k: pytest.fail("init ran twice"))
+    trainer(max_steps=2, callbacks=[wn]).fit(model, data)
+    assert not torch.equal(g, model.net[0].parametrizations.weight.original0)  # trained on, not re-initialized
+
+
+def test_checkpoint_loads_into_the_plain_model_without_the_callback(tmp_path):
+    seed_everything(0)
+    model, data = ConvClassifier(), RandomImages()
+    t = trainer(max_steps=5, callbacks=[WeightNormalization(init_samples=64)])
+    t.fit(model, data)
+    path = tmp_path / "wn.ckpt"
+    t.save_checkpoint(path)
+    model.eval()
+    with torch.no_grad():
+        expected = model(data.x)
+    for loaded in (ConvClassifier.load_from_checkpoint(path), lightning_wn.load_from_checkpoint(ConvClassifier, path)):
+        assert not list(weight_normalized_modules(loaded))
+        assert sorted(loaded.state_dict()) == sorted(ConvClassifier().state_dict())
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(data.x), expected)
+
+
+def test_lightning_cli_configures_the_callback_from_yaml(tmp_path):
+    config = tmp_path / "wn.yaml"
+    config.write_text(
+        """
+trainer:
+  accelerator: cpu
+  logger: false
+  enable_progress_bar: false
+  callbacks:
+    - class_path: lightning_wn.WeightNormalization
+      init_args:
+        include: [Conv2d]
+        init_samples: 64
+        init_scale: 0.5
+"""
+    )
+    cli = LightningCLI(
+        ConvClassifier, RandomImages, args=["fit", "--config", str(config), "--trainer.fast_dev_run=true"]
+    )
+    wn = next(c for c in cli.trainer.callbacks if isinstance(c, WeightNormalization))
+    assert wn.normalized == ["net.0", "net.2"] and wn.init_scale == 0.5 and wn.initialized
+
+
+def test_bf16_mixed_precision_inits_under_autocast_and_keeps_float32_norms():
+    seed_everything(0)
+    model, data = ConvClassifier(), RandomImages()
+    seen = {}
+    real = callback_module.data_dependent_init
+
+    def spy(module, inputs, **kwargs):
+        seen["autocast"] = torch.is_autocast_enabled("cpu")
+        return real(module, inputs, **kwargs)
+
+    callback_module.data_dependent_init, saved = spy, callback_module.data_dependent_init
+    try:
+        trainer(max_steps=3, precision="bf16-mixed", callbacks=[WeightNormalization(init_samples=64)]).fit(model, data)
+    finally:
+        callback_module.data_dependent_init = saved
+    assert seen["autocast"]
+    for _, module in weight_normalized_modules(model):
+        assert module.parametrizations.weight.original0.dtype == torch.float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert module.weight.dtype == torch.float32  # w is cast at use, its norm is float32
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_compiled_module_trains_and_matches_eager():
+    seed_everything(0)
+    model, data = ConvClassifier(), RandomImages()
+    compiled = torch.compile(model, backend="aot_eager")
+    trainer(max_steps=3, callbacks=[WeightNormalization(init_samples=64)]).fit(compiled, data)
+    assert is_weight_normalized(model.net[0])
+    x = data.x[:16]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_deepcopy_and_pickle_of_a_normalized_lightning_module():
+    model, data = ConvClassifier(), RandomImages()
+    trainer(max_steps=2, callbacks=[WeightNormalization(init_samples=64)]).fit(model, data)
+    x = data.x[:4]
+    with torch.no_grad():
+        expected = model(x)
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            torch.testing.assert_close(clone(x), expected)
+
+
+def test_dict_batches_with_input_key():
+    model, data = DictBatches(), RandomImages(as_dict=True)
+    wn = WeightNormalization(init_samples=64, input_key="image")
+    trainer(max_steps=0, callbacks=[wn]).fit(model, data)
+    standardized(model, data.x[:64], wn.normalized)
+
+
+def test_bad_arguments_fail_before_training():
+    with pytest.raises(ValueError, match="`init_samples` must be a positive integer, got 0"):
+        WeightNormalization(init_samples=0)
+    with pytest.raises(ValueError, match="`init_scale` must be a positive number, got -1"):
+        WeightNormalization(init_scale=-1)
+    with pytest.raises(ValueError, match="`max_norm` must be a positive number or None, got 0"):
+        WeightNormalization(max_norm=0)
+    with pytest.raises(TypeError, match="`include` must be a list of names or patterns, got the string 'net.0'"):
+        WeightNormalization(include="net.0")
+
+    class NoTraining(ConvClassifier):
+        def training_step(self, batch, batch_idx):
+            pytest.fail("training started despite a bad configuration")
+
+    cases = [
+        (WeightNormalization(include=["decoder.*"]), RandomImages(), "pattern 'decoder.*' matches no module"),
+        (WeightNormalization(include=["Embedding"]), RandomImages(), "names `Embedding`, which weight norm does not"),
+        (WeightNormalization(input_key="image"), RandomImages(), r"cannot find the model input at `input_key`='image'"),
+        (WeightNormalization(), RandomImages(as_dict=True), r"cannot find the model input .* \(keys: \['image', 'label'\]\)"),
+    ]
+    for wn, data, message in cases:
+        with pytest.raises(ValueError, match=message):
+            trainer(max_steps=2, callbacks=[wn]).fit(NoTraining(), data)
+
+
+def test_sharding_strategies_are_refused():
+    fake_trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(RuntimeError, match="does not support `FSDPStrategy`.*strategy='ddp'"):
+        WeightNormalization().setup(fake_trainer, ConvClassifier(), "fit")
+
+
+@pytest.mark.slow
+def test_ddp_ranks_end_bitwise_identical_and_the_all_reduce_is_why(tmp_path):
+    results = {}
+    for mode in ("sync", "no-sync"):
+        out = tmp_path / mode
+        out.mkdir()
+        command = [sys.executable, str(HERE / "ddp_fit.py"), str(out)] + (["--no-sync"] if mode == "no-sync" else [])
+        subprocess.run(command, check=True, cwd=tmp_path, timeout=300)
+        results[mode] = {tag: [torch.load(out / f"{tag}_rank{r}.pt") for r in (0, 1)] for tag in ("init", "trained")}
+    for tag in ("init", "trained"):
+        rank0, rank1 = results["sync"][tag]
+        for name in rank0:
+            assert torch.equal(rank0[name], rank1[name]), (tag, name)
+    rank0, rank1 = results["no-sync"]["init"]
+    assert any(not torch.equal(rank0[n], rank1[n]) for n in rank0)
