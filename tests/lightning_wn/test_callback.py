@@ -253,6 +253,7 @@ def test_bad_arguments_fail_before_training():
     cases = [
         (WeightNormalization(include=["decoder.*"]), RandomImages(), "pattern 'decoder.*' matches no module"),
         (WeightNormalization(include=["Embedding"]), RandomImages(), "names `Embedding`, which weight norm does not"),
+        (WeightNormalization(exclude=["Conv2d", "Linear"]), RandomImages(), "No module of NoTraining is selected"),
         (WeightNormalization(input_key="image"), RandomImages(), r"cannot find the model input at `input_key`='image'"),
         (WeightNormalization(), RandomImages(as_dict=True), r"cannot find the model input .* \(keys: \['image', 'label'\]\)"),
     ]

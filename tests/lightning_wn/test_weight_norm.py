@@ -319,3 +319,20 @@ def test_bad_input_raises_clear_errors():
         weight_norm(nn.Linear(2, 2), log_scale_factor=-1.0)
     embedding = weight_norm(nn.Embedding(4, 3), dim=0)  # any layer works once `dim` is given
     torch.testing.assert_close(embedding.weight.norm(dim=1), embedding.parametrizations.weight.original0.flatten())
+
+
+@pytest.mark.slow
+def test_torch_compile_with_inductor_matches_eager():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    apply_weight_norm(model)
+    x = torch.randn(5, 3, 8, 8)
+    compiled = torch.compile(model)
+    out = compiled(x)
+    out.square().sum().backward()
+    compiled_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    expected = model(x)
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(compiled_grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
