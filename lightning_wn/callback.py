@@ -31,6 +31,7 @@ from lightning_wn.weight_norm import (
     is_weight_normalized,
     limit_direction_norm,
     remove_weight_norm,
+    select_layers,
 )
 
 _REFUSED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
@@ -44,6 +45,8 @@ class WeightNormalization(Callback):
             patterns over module names (``"encoder.*"``); default every ``Linear``, ``Conv*`` and
             ``ConvTranspose*``. Recurrent layers (``"LSTMCell"``) only when named.
         exclude: layers to leave plain, in the same form.
+        weight_norm: False leaves the layers plain and only runs the data-dependent init, like
+            the paper's un-normalized baseline (the init rescales weight rows instead of ``g``).
         data_init: run the data-dependent init when fit starts (once per run, never on resume).
         init_samples: training examples for the init, split across ranks (500 in the paper).
         init_scale: the standard deviation each pre-activation starts with.
@@ -66,6 +69,7 @@ class WeightNormalization(Callback):
         self,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
+        weight_norm: bool = True,
         data_init: bool = True,
         init_samples: int = 500,
         init_scale: float = 1.0,
@@ -89,6 +93,7 @@ class WeightNormalization(Callback):
                 raise TypeError(f"`{argument}` must be a list of names or patterns, got the string {value!r}.")
         self.include = None if include is None else list(include)
         self.exclude = list(exclude)
+        self.weight_norm = weight_norm
         self.data_init = data_init
         self.init_samples = init_samples
         self.init_scale = init_scale
@@ -116,6 +121,9 @@ class WeightNormalization(Callback):
             self._normalize(pl_module)
 
     def _normalize(self, pl_module: pl.LightningModule) -> None:
+        if not self.weight_norm:
+            self.normalized = select_layers(pl_module, self.include, self.exclude)  # only initialized
+            return
         if any(is_weight_normalized(m) for m in pl_module.modules()):
             return  # a second fit, or a model normalized before: keep what is there
         options = {"log_scale_factor": self.log_scale_factor, "paper_init": self.paper_init}

@@ -312,16 +312,8 @@ def apply_weight_norm(
         >>> apply_weight_norm(model, exclude=[nn.Linear])
         ['0', '2']
     """
-    include = DEFAULT_LAYERS if include is None else include
+    names = select_layers(model, include, exclude)
     modules = dict(model.named_modules())
-    chosen = _select(modules, _as_list(include), "include")
-    chosen -= _select(modules, _as_list(exclude), "exclude")
-    if not chosen:
-        raise ValueError(
-            f"No module of {type(model).__name__} is selected by `include`={include!r} and "
-            f"`exclude`={exclude!r}. Modules: {_preview(modules)}."
-        )
-    names = [name for name in modules if name in chosen]
     for name in names:
         if is_weight_normalized(modules[name]):
             raise ValueError(
@@ -331,6 +323,29 @@ def apply_weight_norm(
     for name in names:
         weight_norm(modules[name], **options)
     return names
+
+
+def select_layers(
+    model: nn.Module,
+    include: Sequence[type[nn.Module] | str] | type[nn.Module] | str | None = None,
+    exclude: Sequence[type[nn.Module] | str] | type[nn.Module] | str = (),
+) -> list[str]:
+    """The qualified names :func:`apply_weight_norm` would normalize, in module order.
+
+    Example:
+        >>> select_layers(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)), exclude="2")
+        ['0']
+    """
+    include = DEFAULT_LAYERS if include is None else include
+    modules = dict(model.named_modules())
+    chosen = _select(modules, _as_list(include), "include")
+    chosen -= _select(modules, _as_list(exclude), "exclude")
+    if not chosen:
+        raise ValueError(
+            f"No module of {type(model).__name__} is selected by `include`={include!r} and "
+            f"`exclude`={exclude!r}. Modules: {_preview(modules)}."
+        )
+    return [name for name in modules if name in chosen]
 
 
 def weight_normalized_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
