@@ -185,25 +185,35 @@ trainer:
     assert wn.normalized == ["net.0", "net.2"] and wn.init_scale == 0.5 and wn.initialized
 
 
-def test_bf16_mixed_precision_inits_under_autocast_and_keeps_float32_norms():
+@pytest.mark.parametrize(
+    "precision, dtype",
+    [
+        ("bf16-mixed", torch.bfloat16),
+        # Lightning turns 16-mixed into bf16-mixed on CPU
+        pytest.param("16-mixed", torch.float16, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU")),
+    ],
+)
+def test_mixed_precision_inits_under_autocast_and_keeps_float32_norms(precision, dtype):
     seed_everything(0)
+    device = "cuda" if precision == "16-mixed" else "cpu"
     model, data = ConvClassifier(), RandomImages()
     seen = {}
     real = callback_module.data_dependent_init
 
     def spy(module, inputs, **kwargs):
-        seen["autocast"] = torch.is_autocast_enabled("cpu")
+        seen["autocast"] = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == dtype
         return real(module, inputs, **kwargs)
 
     callback_module.data_dependent_init, saved = spy, callback_module.data_dependent_init
     try:
-        trainer(max_steps=3, precision="bf16-mixed", callbacks=[WeightNormalization(init_samples=64)]).fit(model, data)
+        t = trainer(max_steps=3, precision=precision, accelerator=device, callbacks=[WeightNormalization(init_samples=64)])
+        t.fit(model, data)
     finally:
         callback_module.data_dependent_init = saved
     assert seen["autocast"]
     for _, module in weight_normalized_modules(model):
         assert module.parametrizations.weight.original0.dtype == torch.float32
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=dtype):
             assert module.weight.dtype == torch.float32  # w is cast at use, its norm is float32
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

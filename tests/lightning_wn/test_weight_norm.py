@@ -336,3 +336,18 @@ def test_torch_compile_with_inductor_matches_eager():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(compiled_grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_keeps_the_norm_in_float32(dtype):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    reference = copy.deepcopy(model)
+    apply_weight_norm(model)
+    x = torch.randn(5, 3, 8, 8)
+    with torch.autocast("cpu", dtype=dtype):
+        out, expected = model(x), reference(x)
+        assert model[0].weight.dtype == torch.float32  # w from float32 g and v, cast at use
+    assert out.dtype == expected.dtype == dtype
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0.02, atol=0.02)
+    out.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
