@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -69,15 +70,26 @@ class ImageDataModule(LightningDataModule):
     def load(self, train: bool) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def prepare_data(self) -> None:
+        """Once per machine (Lightning's local rank 0): download, and fit the ZCA cache."""
+        self.load(train=False)
+        images, _, _, train_idx = self._split()
+        if self.hparams.zca:
+            self._zca(_scaled(images[train_idx]))
+
+    def _split(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        hp = self.hparams
+        images, labels = self.load(train=True)
+        if hp.val_size >= len(labels):
+            raise ValueError(f"`val_size`={hp.val_size} leaves no training data out of {len(labels)} examples.")
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(hp.seed))
+        return images, labels, order[: hp.val_size], order[hp.val_size :][: hp.train_size]
+
     def setup(self, stage: str) -> None:
         if self.datasets:
             return
         hp = self.hparams
-        images, labels = self.load(train=True)
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(hp.seed))
-        if hp.val_size >= len(labels):
-            raise ValueError(f"`val_size`={hp.val_size} leaves no training data out of {len(labels)} examples.")
-        val_idx, train_idx = order[: hp.val_size], order[hp.val_size :][: hp.train_size]
+        images, labels, val_idx, train_idx = self._split()
         test_images, test_labels = self.load(train=False)
         x_train = _scaled(images[train_idx])
         transform = self._zca(x_train) if hp.zca else None
@@ -170,12 +182,13 @@ class FashionMNISTData(ImageDataModule):
     def prepare_data(self) -> None:
         if self.source == "debian":
             _unpack_debian_fashion_mnist(self.data_dir / "FashionMNIST" / "raw")
+        super().prepare_data()
 
     def load(self, train: bool) -> tuple[Tensor, Tensor]:
         from torchvision.datasets import FashionMNIST
 
-        if self.source == "debian":
-            self.prepare_data()  # cheap when unpacked; setup may run where prepare_data did not
+        if self.source == "debian":  # cheap when unpacked; setup may run where prepare_data did not
+            _unpack_debian_fashion_mnist(self.data_dir / "FashionMNIST" / "raw")
         download = self.hparams.download and self.source == "torchvision"
         data = _torchvision(FashionMNIST, self.data_dir, train, download, "Fashion-MNIST", offline="debian")
         return data.data.unsqueeze(1), data.targets
@@ -209,7 +222,7 @@ class ZCA:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
+        partial = path.with_suffix(f".{os.getpid()}.partial")
         torch.save({"mean": self.mean, "matrix": self.matrix}, partial)
         partial.replace(path)  # never a half-written cache
 
@@ -261,7 +274,7 @@ def _unpack_debian_fashion_mnist(raw: Path) -> None:
         )
     raw.mkdir(parents=True, exist_ok=True)
     for name in names:
-        partial = raw / f"{name}.partial"
+        partial = raw / f"{name}.{os.getpid()}.partial"
         with gzip.open(source / f"{name}.gz", "rb") as packed, open(partial, "wb") as out:
             shutil.copyfileobj(packed, out)
         partial.replace(raw / name)
