@@ -19,10 +19,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_wn.mean_only_bn import MeanOnlyBatchNorm
-from lightning_wn.weight_norm import DEFAULT_LAYERS, SUPPORTED_LAYERS, is_weight_normalized, weight_norms
-
-_RECURRENT = (nn.RNNBase, nn.RNNCellBase)
-
+from lightning_wn.weight_norm import (
+    DEFAULT_LAYERS,
+    RECURRENT_LAYERS,
+    SUPPORTED_LAYERS,
+    is_weight_normalized,
+    weight_norms,
+)
 
 @dataclass
 class ModuleInit:
@@ -220,7 +223,7 @@ def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str
     if patterns is None:
         chosen = [name for name, m in named.items() if is_weight_normalized(m)]
         if not chosen:
-            chosen = [name for name, m in named.items() if isinstance(m, (*DEFAULT_LAYERS, *_RECURRENT))]
+            chosen = [name for name, m in named.items() if isinstance(m, (*DEFAULT_LAYERS, *RECURRENT_LAYERS))]
     else:
         if isinstance(patterns, str):
             patterns = [patterns]
@@ -233,7 +236,7 @@ def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str
     targets = {}
     for name in chosen:
         module = named[name]
-        if isinstance(module, _RECURRENT):
+        if isinstance(module, RECURRENT_LAYERS):
             report.skipped[name] = "recurrent: the data-dependent init is for networks without recursion"
         elif not isinstance(module, SUPPORTED_LAYERS):
             raise ValueError(

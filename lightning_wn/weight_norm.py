@@ -33,8 +33,8 @@ from lightning_wn._scaled_linear import ScaledLinear
 
 _Conv = nn.modules.conv._ConvNd
 _ConvTranspose = nn.modules.conv._ConvTransposeNd
-_Recurrent = (nn.RNNBase, nn.RNNCellBase)
-SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, _Conv, *_Recurrent)
+RECURRENT_LAYERS: tuple[type[nn.Module], ...] = (nn.RNNBase, nn.RNNCellBase)
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, _Conv, *RECURRENT_LAYERS)
 """Layer types whose output-unit axis is known, so ``dim`` may be left out."""
 DEFAULT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, _Conv)
 """What :func:`apply_weight_norm` normalizes when ``include`` is not given."""
@@ -273,14 +273,13 @@ def remove_weight_norm(model: nn.Module) -> list[str]:
     for module_name, module in list(model.named_modules()):
         if not is_weight_normalized(module):
             continue
-        names = _normalized_names(module)
+        normalized = weight_norms(module)
         with torch.no_grad():
-            weights = {name: getattr(module.parametrizations, name)().detach().clone() for name in names}
-        requires_grad = {name: getattr(module.parametrizations, name).v.requires_grad for name in names}
+            weights = {name: nn.Parameter(wn().clone(), wn.v.requires_grad) for name, wn in normalized.items()}
         module.__class__ = type(module)._wn_base
         del module.parametrizations
         for name, weight in weights.items():
-            module.register_parameter(name, nn.Parameter(weight, requires_grad=requires_grad[name]))
+            module.register_parameter(name, weight)
         if isinstance(module, nn.RNNBase):
             module._init_flat_weights()
         folded.append(module_name)
