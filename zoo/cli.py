@@ -7,7 +7,7 @@ Every run keeps checkpoints with ``last.ckpt`` (``--checkpoint.*`` configures th
 
 from __future__ import annotations
 
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -21,9 +21,8 @@ class ZooCLI(LightningCLI):
 def main(args: list[str] | None = None, run: bool = True) -> ZooCLI:
     return ZooCLI(
         LightningModule,
-        LightningDataModule,
+        None,  # any DataModule, and optional: DQN's data is its own play
         subclass_mode_model=True,
-        subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

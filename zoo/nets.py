@@ -6,10 +6,13 @@ Example:
     torch.Size([2, 10])
     >>> NatureDQN(num_actions=6)(torch.zeros(2, 4, 84, 84, dtype=torch.uint8)).shape
     torch.Size([2, 6])
+    >>> MLP(in_features=4, out_features=2)(torch.zeros(2, 4)).shape
+    torch.Size([2, 2])
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -104,3 +107,14 @@ class NatureDQN(nn.Sequential):
 
     def forward(self, frames: Tensor) -> Tensor:
         return super().forward(frames.float() / 255.0 if frames.dtype == torch.uint8 else frames)
+
+
+class MLP(nn.Sequential):
+    """Linear layers with ReLU between them: the Q-network for vector observations (CartPole)."""
+
+    def __init__(self, *, in_features: int, out_features: int, hidden: Sequence[int] = (120, 84)) -> None:
+        sizes = [in_features, *hidden]
+        layers: list[nn.Module] = []
+        for n_in, n_out in zip(sizes, sizes[1:]):
+            layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+        super().__init__(*layers, nn.Linear(sizes[-1], out_features))

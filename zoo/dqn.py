@@ -1,0 +1,287 @@
+"""DQN (Mnih et al., 2015) as a LightningModule: the paper's Atari experiment, weight norm from the callback.
+
+Every training step reads like the algorithm: act for ``train_frequency`` environment steps
+(epsilon-greedy, into the replay buffer), then one update on a batch the dataloader sampled from
+that buffer, and every ``target_sync_every`` updates copy the network into the target network.
+The dataloader's first batch waits until ``learning_starts`` steps of play fill the buffer, so the
+``WeightNormalization`` callback's data-dependent init sees real observations. Validation plays
+``eval_episodes`` whole games greedily. Under DDP every process acts in its own environments,
+with its own seed and buffer; DDP averages the gradients, so all keep identical networks.
+
+Example:
+    >>> from lightning.pytorch import Trainer
+    >>> agent = DQN(env_id="CartPole-v1", num_envs=2, learning_starts=64, updates_per_epoch=5, eval_episodes=2)
+    >>> trainer = Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    ...                   enable_model_summary=False, num_sanity_val_steps=0)
+    >>> trainer.fit(agent)
+    >>> agent.env_steps  # 64 to fill the buffer, then 4 per update
+    84
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
+from typing_extensions import override
+
+from zoo.data.envs import Episode, EnvRunner, make_vector_env
+from zoo.data.replay import ReplayBuffer, Transitions
+from zoo.nets import MLP, NatureDQN
+
+
+class DQN(LightningModule):
+    """Deep Q-learning with experience replay and a target network; double DQN optional.
+
+    Args:
+        env_id: ``ALE/<Game>-v5`` (Nature CNN on 4x84x84 frames) or a gymnasium id with vector
+            observations (an MLP of ``hidden`` sizes), e.g. ``CartPole-v1``.
+        num_envs: environments stepped together in each process.
+        buffer_size: transitions the replay buffer keeps, per process.
+        optimizer: a ``torch.optim`` class name; ``lr`` its learning rate.
+        learning_starts: environment steps of play that fill the buffer before the first update.
+        train_frequency: environment steps per update, per process (a multiple of ``num_envs``).
+        target_sync_every: updates between copies of the network into the target network.
+        exploration_steps: environment steps over which epsilon falls from ``epsilon_start`` to ``epsilon_end``.
+        clip_rewards: learn from the sign of each reward (the logged returns stay the game's score).
+        life_loss_terminal: a lost life ends the bootstrapping (not the logged episode).
+        updates_per_epoch: training batches per epoch; validation runs after each epoch.
+        eval_episodes: games played with ``eval_epsilon`` per validation, per process.
+        seed: of the environments and exploration; process ``r`` uses ``seed + 1000 r``.
+    """
+
+    def __init__(
+        self,
+        env_id: str = "ALE/SpaceInvaders-v5",
+        num_envs: int = 4,
+        buffer_size: int = 1_000_000,  # about 7 GB of Atari frames, each stored once
+        batch_size: int = 32,
+        optimizer: str = "Adamax",  # the paper's optimizer for DQN
+        lr: float = 1e-4,
+        gamma: float = 0.99,
+        learning_starts: int = 80_000,
+        train_frequency: int = 4,
+        target_sync_every: int = 250,  # every 1000 environment steps, as CleanRL's 10M-step run
+        epsilon_start: float = 1.0,
+        epsilon_end: float = 0.01,
+        exploration_steps: int = 1_000_000,
+        double_dqn: bool = False,
+        loss: Literal["huber", "mse"] = "huber",  # Huber is the Nature paper's clipped TD error
+        clip_rewards: bool = True,
+        life_loss_terminal: bool = True,
+        sticky_actions: float = 0.0,  # the DQN papers' games were deterministic; ALE v5 suggests 0.25
+        max_episode_frames: int = 108_000,  # 30 minutes of play
+        hidden: Sequence[int] = (120, 84),
+        updates_per_epoch: int = 10_000,
+        eval_episodes: int = 10,
+        eval_epsilon: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_arguments(locals())
+        self.save_hyperparameters()
+        probe = make_vector_env(env_id, 1)
+        obs_space, num_actions = probe.single_observation_space, int(probe.single_action_space.n)
+        probe.close()
+        if len(obs_space.shape) == 3:
+            self.q_net: nn.Module = NatureDQN(num_actions=num_actions, in_channels=obs_space.shape[0])
+        elif len(obs_space.shape) == 1:
+            self.q_net = MLP(in_features=obs_space.shape[0], out_features=num_actions, hidden=hidden)
+        else:
+            raise ValueError(f"`{env_id}` has observations of shape {obs_space.shape}: DQN here takes stacked frames or vectors.")
+        self.obs_space = obs_space
+        self.target_net = copy.deepcopy(self.q_net).requires_grad_(False)  # never trained: DDP must not wait for it
+        self.env_steps = 0  # per process; the exploration schedule follows it
+        self.buffer: ReplayBuffer | None = None
+        self.runner: EnvRunner | None = None
+        self._eval_env = None
+        self._sample_rng = np.random.default_rng(seed)
+        self._episodes: list[Episode] = []
+        self._clock = (time.perf_counter(), 0)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        """Q-values of every action."""
+        return self.q_net(obs)
+
+    @property
+    def epsilon(self) -> float:
+        h = self.hparams
+        progress = min(self.env_steps / h.exploration_steps, 1.0) if h.exploration_steps else 1.0
+        return h.epsilon_start + progress * (h.epsilon_end - h.epsilon_start)
+
+    # -- acting ------------------------------------------------------------------------------
+
+    @override
+    def setup(self, stage: str) -> None:
+        h = self.hparams
+        options = {"sticky_actions": h.sticky_actions, "max_episode_frames": h.max_episode_frames}
+        if stage == "fit" and self.buffer is None:
+            self._train_env = make_vector_env(h.env_id, h.num_envs, **options)
+            shape, stack = self.obs_space.shape, None
+            if len(shape) == 3:  # stacked frames: store each frame once
+                shape, stack = shape[1:], shape[0]
+            self.buffer = ReplayBuffer(h.buffer_size, h.num_envs, shape, self.obs_space.dtype, frame_stack=stack)
+        if stage in ("fit", "validate") and self._eval_env is None:
+            self._eval_env = make_vector_env(h.env_id, h.eval_episodes, **options)
+        self._process_seed = h.seed + 1000 * self.global_rank
+
+    @torch.no_grad()
+    def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
+        training = self.q_net.training
+        self.q_net.eval()  # layers such as mean-only batch norm act on running statistics
+        q = self.q_net(torch.as_tensor(obs, device=self.device))
+        self.q_net.train(training)
+        return q.argmax(1).cpu().numpy()
+
+    def collect(self, vector_steps: int) -> None:
+        """Play ``vector_steps`` steps of every environment into the replay buffer."""
+        for _ in range(vector_steps):
+            self._episodes += self.runner.step(self.greedy_actions, self.epsilon)
+            self.env_steps += self.hparams.num_envs
+
+    def fill_buffer(self) -> None:
+        """Start the environments (after a checkpoint restored the counters) and play until learning starts."""
+        if self.runner is None:
+            seed = self._process_seed + self.env_steps  # a resumed run does not replay the same games
+            self.runner = EnvRunner(self._train_env, seed, self.buffer, self.hparams.life_loss_terminal)
+        while len(self.buffer) < self.hparams.learning_starts:
+            self.collect(1)
+
+    # -- learning ----------------------------------------------------------------------------
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        h = self.hparams
+        stream = ReplayStream(self.fill_buffer, lambda: self.buffer.sample(h.batch_size, self._sample_rng), h.updates_per_epoch)
+        return DataLoader(stream, batch_size=None)
+
+    @override
+    def on_train_start(self) -> None:
+        if self.global_step == 0:  # after the data-dependent init; a resumed run restored its target
+            self.sync_target()
+        self._clock = (time.perf_counter(), self.env_steps)
+
+    @override
+    def training_step(self, batch: Transitions, batch_idx: int) -> Tensor:
+        self.collect(self.hparams.train_frequency // self.hparams.num_envs)
+        loss, q = self.td_loss(batch)
+        self._log_training(loss, q)
+        return loss
+
+    def td_loss(self, batch: Transitions) -> tuple[Tensor, Tensor]:
+        """The loss between Q(s, a) and its TD target, and Q(s, a)."""
+        h = self.hparams
+        q = self.q_net(batch.obs).gather(1, batch.actions[:, None]).squeeze(1)
+        with torch.no_grad():
+            rewards = batch.rewards.sign() if h.clip_rewards else batch.rewards
+            online = self.q_net(batch.next_obs) if h.double_dqn else None
+            targets = td_targets(rewards, batch.terminals, h.gamma, self.target_net(batch.next_obs), online)
+        loss = F.smooth_l1_loss(q, targets) if h.loss == "huber" else F.mse_loss(q, targets)
+        return loss, q
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.global_step % self.hparams.target_sync_every == 0:
+            self.sync_target()
+
+    @torch.no_grad()
+    def sync_target(self) -> None:
+        self.target_net.load_state_dict(self.q_net.state_dict())
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return getattr(torch.optim, self.hparams.optimizer)(self.q_net.parameters(), lr=self.hparams.lr)
+
+    def _log_training(self, loss: Tensor, q: Tensor) -> None:
+        self.log("train/loss", loss, prog_bar=True)
+        if self._episodes:
+            self.log("train/episode_return", float(np.mean([e.ret for e in self._episodes])), prog_bar=True)
+            self.log("train/episode_length", float(np.mean([e.length for e in self._episodes])))
+            self._episodes.clear()
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # the rest only when written
+            now, steps = time.perf_counter(), self.env_steps
+            fps = (steps - self._clock[1]) / max(now - self._clock[0], 1e-9)
+            self._clock = (now, steps)
+            self.log_dict({"train/q_mean": q.detach().mean(), "train/epsilon": self.epsilon, "charts/fps": fps, "charts/env_steps": float(steps)})
+
+    # -- evaluation and checkpoints -----------------------------------------------------------
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(range(1), batch_size=None)  # one evaluation per validation
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        runner = EnvRunner(self._eval_env, seed=self._process_seed + 500 + self.current_epoch)
+        returns = runner.run_episodes(self.greedy_actions, self.hparams.eval_epsilon)
+        self.log("eval/return", float(returns.mean()), prog_bar=True, sync_dist=True, batch_size=len(returns))
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dqn"] = {"env_steps": self.env_steps}
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.env_steps = checkpoint.get("dqn", {}).get("env_steps", 0)
+
+    @override
+    def teardown(self, stage: str) -> None:
+        for env in (getattr(self, "_train_env", None), self._eval_env):
+            if env is not None:
+                env.close()
+        self.buffer, self.runner, self._eval_env = None, None, None
+        self.__dict__.pop("_train_env", None)
+
+
+def td_targets(rewards: Tensor, terminals: Tensor, gamma: float, next_q_target: Tensor, next_q_online: Tensor | None = None) -> Tensor:
+    """``r + gamma * Q_target(s', a')``, without the second term where ``s'`` is terminal.
+
+    ``a'`` maximizes ``Q_target`` (DQN), or ``next_q_online`` when given (double DQN).
+    """
+    chooser = next_q_target if next_q_online is None else next_q_online
+    best = next_q_target.gather(1, chooser.argmax(1, keepdim=True)).squeeze(1)
+    return rewards + gamma * best * (~terminals)
+
+
+class ReplayStream(IterableDataset):
+    """``length`` batches per epoch from ``sample``; ``fill`` runs first (it plays until learning starts)."""
+
+    def __init__(self, fill: Callable[[], None], sample: Callable[[], Transitions], length: int) -> None:
+        self.fill, self.sample, self.length = fill, sample, length
+
+    def __iter__(self) -> Iterator[Transitions]:
+        self.fill()
+        for _ in range(self.length):
+            yield self.sample()
+
+
+def _check_arguments(args: dict[str, Any]) -> None:
+    for name in ("num_envs", "buffer_size", "batch_size", "train_frequency", "target_sync_every", "updates_per_epoch", "eval_episodes"):
+        if isinstance(args[name], bool) or not isinstance(args[name], int) or args[name] < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {args[name]!r}.")
+    if args["train_frequency"] % args["num_envs"]:
+        raise ValueError(
+            f"`train_frequency`={args['train_frequency']} must be a multiple of `num_envs`={args['num_envs']}: "
+            "each update follows that many environment steps, taken `num_envs` at a time."
+        )
+    if args["learning_starts"] < args["batch_size"]:
+        raise ValueError(f"`learning_starts`={args['learning_starts']} must be at least `batch_size`={args['batch_size']}.")
+    for name in ("epsilon_start", "epsilon_end", "eval_epsilon", "sticky_actions"):
+        if not 0.0 <= args[name] <= 1.0:
+            raise ValueError(f"`{name}` must be a probability in [0, 1], got {args[name]!r}.")
+    if not 0.0 <= args["gamma"] <= 1.0:
+        raise ValueError(f"`gamma` must be in [0, 1], got {args['gamma']!r}.")
+    if args["loss"] not in ("huber", "mse"):
+        raise ValueError(f"`loss` must be 'huber' or 'mse', got {args['loss']!r}.")
+    optimizer = getattr(torch.optim, args["optimizer"], None)
+    if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
+        choices = sorted(n for n, c in vars(torch.optim).items() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer)
+        raise ValueError(f"`optimizer`={args['optimizer']!r} is not a torch.optim optimizer; choose one of {', '.join(choices)}.")
