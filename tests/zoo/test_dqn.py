@@ -1,0 +1,136 @@
+"""DQN: TD targets, exploration, checkpoints that resume, target copies, DDP, and a CartPole agent that learns."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+from lightning_wn import WeightNormalization, apply_weight_norm
+from zoo.cli import main
+from zoo.dqn import DQN, td_targets
+
+HERE = Path(__file__).parent
+ROOT = HERE.parents[1]
+
+
+def test_td_targets_match_hand_computed_values():
+    rewards, terminals = torch.tensor([1.0, 0.5, -1.0]), torch.tensor([False, True, False])
+    next_target = torch.tensor([[1.0, 3.0], [2.0, 0.0], [5.0, 4.0]])
+    next_online = torch.tensor([[2.0, 1.0], [0.0, 1.0], [1.0, 9.0]])
+    dqn = td_targets(rewards, terminals, 0.9, next_target)
+    double = td_targets(rewards, terminals, 0.9, next_target, next_online)
+    torch.testing.assert_close(dqn, torch.tensor([1 + 0.9 * 3, 0.5, -1 + 0.9 * 5]))
+    torch.testing.assert_close(double, torch.tensor([1 + 0.9 * 1, 0.5, -1 + 0.9 * 4]))
+
+
+def test_epsilon_falls_linearly_then_stays():
+    agent = DQN(env_id="CartPole-v1", learning_starts=32, exploration_steps=1000, epsilon_start=1.0, epsilon_end=0.1)
+    values = []
+    for steps in (0, 500, 1000, 5000):
+        agent.env_steps = steps
+        values.append(agent.epsilon)
+    assert values == pytest.approx([1.0, 0.55, 0.1, 0.1])
+
+
+def test_bad_arguments_are_refused_with_the_fix():
+    cartpole = {"env_id": "CartPole-v1", "learning_starts": 64}
+    with pytest.raises(ValueError, match="`train_frequency`=6 must be a multiple of `num_envs`=4"):
+        DQN(**cartpole, num_envs=4, train_frequency=6)
+    with pytest.raises(ValueError, match="not a torch.optim optimizer; choose one of .*Adamax"):
+        DQN(**cartpole, optimizer="Adamx")
+    with pytest.raises(ValueError, match="`learning_starts`=16 must be at least `batch_size`=32"):
+        DQN(env_id="CartPole-v1", learning_starts=16)
+    with pytest.raises(ValueError, match=r"`epsilon_end` must be a probability in \[0, 1\]"):
+        DQN(**cartpole, epsilon_end=1.5)
+    with pytest.raises(ValueError, match="Unknown environment 'CartPol-v1'"):
+        DQN(env_id="CartPol-v1", learning_starts=64)
+    with pytest.raises(ValueError, match="no Atari ROM named 'space_invader'"):
+        DQN(env_id="ALE/SpaceInvader-v5")
+
+
+def test_target_copies_of_a_weight_normalized_network_stay_correct():
+    agent = DQN(env_id="CartPole-v1", learning_starts=64, hidden=[16])
+    apply_weight_norm(agent)  # both networks, as the callback does
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        agent.q_net(x)  # a cached weight must not leak into copies
+    clone = copy.deepcopy(agent.q_net)
+    torch.testing.assert_close(clone(x), agent.q_net(x), rtol=0, atol=0)
+    before = clone(x).detach()
+    optimizer = torch.optim.SGD(agent.q_net.parameters(), lr=0.1)
+    agent.q_net(x).square().sum().backward()
+    optimizer.step()
+    assert not torch.allclose(agent.q_net(x), before)
+    torch.testing.assert_close(clone(x), before, rtol=0, atol=0)
+    agent.sync_target()
+    with torch.no_grad():  # with gradients the online net may take the output-scaling path: equal to 1 ulp
+        torch.testing.assert_close(agent.target_net(x), agent.q_net(x), rtol=0, atol=0)
+
+
+class Probe(Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.start = {"global_step": trainer.global_step, "env_steps": pl_module.env_steps}
+        self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.obs = batch.obs
+
+
+@pytest.mark.slow
+def test_space_invaders_plays_logs_checkpoints_and_resumes(tmp_path):
+    def run(max_steps, ckpt_path=None):
+        seed_everything(0)
+        agent = DQN(buffer_size=8000, learning_starts=1000, exploration_steps=10_000, updates_per_epoch=50,
+                    eval_episodes=2, max_episode_frames=1000)  # fmt: skip
+        probe = Probe()
+        trainer = Trainer(
+            max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, default_root_dir=tmp_path,
+            callbacks=[WeightNormalization(init_samples=64), ModelCheckpoint(dirpath=tmp_path, save_last=True), probe],
+        )  # fmt: skip
+        trainer.fit(agent, ckpt_path=ckpt_path)
+        return agent, trainer, probe
+
+    agent, trainer, probe = run(100)
+    assert probe.obs.shape == (32, 4, 84, 84) and probe.obs.dtype == torch.uint8
+    metrics = trainer.callback_metrics
+    assert metrics["train/episode_return"] >= 0 and metrics["eval/return"] >= 0  # 1000-frame games end
+    assert agent.env_steps == 1000 + 4 * 100  # 5600 frames
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert checkpoint["dqn"] == {"env_steps": 1400} and checkpoint["global_step"] == 100
+    assert any(key.startswith("target_net.") for key in checkpoint["state_dict"]) and checkpoint["optimizer_states"]
+
+    resumed, trainer, probe = run(150, ckpt_path=tmp_path / "last.ckpt")
+    assert probe.start == {"global_step": 100, "env_steps": 1400 + 1000}  # restored, then the buffer refilled
+    for name, value in checkpoint["state_dict"].items():  # restored as saved: no second init, no target reset
+        assert torch.equal(probe.state[name], value), name
+    assert trainer.global_step == 150
+    assert resumed.env_steps == 1400 + 1000 + 4 * 50  # the exploration schedule continued
+    assert resumed.epsilon == pytest.approx(1 - 0.99 * 2600 / 10_000)
+
+
+@pytest.mark.slow
+def test_ddp_processes_play_their_own_games_and_keep_identical_networks(tmp_path):
+    subprocess.run([sys.executable, str(HERE / "dqn_ddp.py"), str(tmp_path)], check=True, cwd=tmp_path, timeout=300)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for name, value in rank0["end"].items():
+        assert torch.equal(value, rank1["end"][name]), name
+    assert any(not torch.equal(rank0["start"][n], rank0["end"][n]) for n in rank0["end"])  # they did learn
+    assert not torch.equal(rank0["frames"], rank1["frames"])  # each its own seed and buffer
+    assert rank0["env_steps"] == rank1["env_steps"] == 200 + 2 * 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["wn", "plain"])
+def test_cartpole_agent_reaches_a_greedy_return_of_195(variant, tmp_path):
+    cli = main([
+        "fit", f"--config={ROOT / f'configs/dqn/cartpole_{variant}.yaml'}", "--trainer.max_steps=20000",
+        "--trainer.enable_progress_bar=false", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
+    ])  # fmt: skip
+    (stopping,) = [c for c in cli.trainer.callbacks if isinstance(c, EarlyStopping)]
+    assert stopping.best_score >= 195  # mean over 10 greedy games
