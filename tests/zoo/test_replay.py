@@ -137,7 +137,7 @@ def test_stacks_rebuilt_from_space_invaders_equal_what_the_emulator_returned():
     env.close()
     steps = np.arange(len(seen))
     for e in range(2):
-        rebuilt = buffer._observations(np.full(len(seen), e), steps)
+        rebuilt = buffer._observations(np.full(len(seen), e), steps, STACK)
         assert np.array_equal(rebuilt, np.stack([obs[e] for obs in seen]))
     assert buffer.starts[:, 1 : len(seen)].sum() >= 2  # the comparison spans resets
     assert buffer.frames.nbytes == 2 * 2000 * 84 * 84  # each frame once, not 4 times

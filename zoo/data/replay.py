@@ -119,21 +119,25 @@ class ReplayBuffer:
             envs, steps = np.concatenate([envs, e[keep]]), np.concatenate([steps, k[keep]])
         envs, steps = envs[:batch_size], steps[:batch_size]
         slots = steps % self.slots
+        if self.frame_stack is None:
+            obs, next_obs = self.frames[envs, slots], self.frames[envs, (steps + 1) % self.slots]
+        else:  # one gather of stack + 1 frames: s is the first stack, s' the last
+            window = self._observations(envs, steps + 1, self.frame_stack + 1)
+            obs, next_obs = window[:, :-1], window[:, 1:]
         return Transitions(
-            obs=torch.from_numpy(self._observations(envs, steps)),
+            obs=torch.from_numpy(obs),
             actions=torch.from_numpy(self.actions[envs, slots]),
             rewards=torch.from_numpy(self.rewards[envs, slots]),
-            next_obs=torch.from_numpy(self._observations(envs, steps + 1)),
+            next_obs=torch.from_numpy(next_obs),
             terminals=torch.from_numpy(self.terminals[envs, slots]),
         )
 
-    def _observations(self, envs: np.ndarray, steps: np.ndarray) -> np.ndarray:
-        if self.frame_stack is None:
-            return self.frames[envs, steps % self.slots]
-        back = np.arange(self.frame_stack - 1, -1, -1)  # oldest frame first
-        stacks = self.frames[envs[:, None], (steps[:, None] - back) % self.slots]
+    def _observations(self, envs: np.ndarray, steps: np.ndarray, length: int) -> np.ndarray:
+        """The ``length`` frames up to each step, oldest first, zeros before the step's episode."""
+        back = np.arange(length - 1, -1, -1)
+        frames = self.frames[envs[:, None], (steps[:, None] - back) % self.slots]
         # a frame lies before its episode when an episode starts after it, up to the newest frame
         later_starts = self.starts[envs[:, None], (steps[:, None] - back[:-1] + 1) % self.slots]
         before_episode = np.flip(np.logical_or.accumulate(np.flip(later_starts, 1), axis=1), 1)
-        stacks[:, :-1][before_episode] = 0
-        return stacks
+        frames[:, :-1][before_episode] = 0
+        return frames
