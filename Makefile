@@ -18,7 +18,7 @@ test: $(VENV)/installed data
 	$(PY) -m pytest
 
 benchmark: $(VENV)/installed
-	$(PY) benchmarks/weight_norm_speed.py
+	$(PY) benchmarks/weight_norm_speed.py; missed=$$?; $(PY) benchmarks/dqn_speed.py && exit $$missed  # both run; fails if either missed a goal
 
 $(VENV)/installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
