@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
@@ -26,6 +27,28 @@ def test_td_targets_match_hand_computed_values():
     double = td_targets(rewards, terminals, 0.9, next_target, next_online)
     torch.testing.assert_close(dqn, torch.tensor([1 + 0.9 * 3, 0.5, -1 + 0.9 * 5]))
     torch.testing.assert_close(double, torch.tensor([1 + 0.9 * 1, 0.5, -1 + 0.9 * 4]))
+
+
+@pytest.mark.parametrize("double_dqn", [False, True])
+@pytest.mark.parametrize("clip_rewards", [False, True])
+def test_td_loss_uses_the_networks_as_the_algorithm_says(double_dqn, clip_rewards):
+    agent = DQN(env_id="CartPole-v1", num_envs=2, learning_starts=200, hidden=[16], double_dqn=double_dqn, clip_rewards=clip_rewards)
+    torch.nn.init.normal_(agent.target_net[-1].weight)  # target and online networks differ
+    agent.setup("fit")
+    agent.fill_buffer()
+    batch = agent.buffer.sample(64, np.random.default_rng(0))
+    batch = batch._replace(rewards=batch.rewards * 3)  # CartPole's rewards are all 1: make clipping matter
+    loss, q = agent.td_loss(batch)
+    with torch.no_grad():
+        chooser = agent.q_net if double_dqn else agent.target_net
+        best = chooser(batch.next_obs).argmax(1)
+        next_value = agent.target_net(batch.next_obs)[torch.arange(64), best]
+        rewards = batch.rewards.clamp(-1, 1) if clip_rewards else batch.rewards
+        expected_q = agent.q_net(batch.obs)[torch.arange(64), batch.actions]
+        target = rewards + 0.99 * next_value * (1 - batch.terminals.float())
+    torch.testing.assert_close(q, expected_q)
+    torch.testing.assert_close(loss, torch.nn.functional.smooth_l1_loss(expected_q, target))
+    agent.teardown("fit")
 
 
 def test_epsilon_falls_linearly_then_stays():
