@@ -36,6 +36,7 @@ from typing_extensions import override
 from zoo.data.envs import Episode, EnvRunner, make_vector_env
 from zoo.data.replay import ReplayBuffer, Transitions
 from zoo.nets import MLP, NatureDQN
+from zoo.visuals import log_image_grid
 
 
 class DQN(LightningModule):
@@ -232,6 +233,9 @@ class DQN(LightningModule):
         runner = EnvRunner(self._eval_env, seed=self._process_seed + 500 + self.current_epoch)
         returns = runner.run_episodes(self.greedy_actions, self.hparams.eval_epsilon)
         self.log("eval/return", float(returns.mean()), prog_bar=True, sync_dist=True, batch_size=len(returns))
+        if len(self.obs_space.shape) == 3:  # what the network sees: frame stacks, one row per game
+            stacks = torch.from_numpy(runner.obs[:4]).flatten(0, 1).unsqueeze(1) / 255
+            log_image_grid(self, "observations", stacks, nrow=self.obs_space.shape[0])
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

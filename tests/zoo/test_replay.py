@@ -113,6 +113,12 @@ def test_wrapped_ring_keeps_only_whole_stacks():
     assert len(seen) == 2 * 8  # both environments are in their last, long episode
 
 
+def test_a_million_atari_transitions_take_about_7_gb():
+    buffer = ReplayBuffer(1_000_000, num_envs=4, frame_shape=(84, 84), frame_stack=4)  # memory is mapped lazily
+    total = sum(a.nbytes for a in (buffer.frames, buffer.actions, buffer.rewards, buffer.terminals, buffer.starts, buffer.valid))
+    assert 7.0e9 < total < 7.1e9  # frames 84 * 84 bytes each, once; stacks of 4 would be 28 GB
+
+
 def test_misuse_is_reported():
     with pytest.raises(ValueError, match="too small"):
         ReplayBuffer(8, num_envs=4, frame_shape=(84, 84), frame_stack=4)
