@@ -103,7 +103,7 @@ class DQN(LightningModule):
         self.env_steps = 0  # per process; the exploration schedule follows it
         self.buffer: ReplayBuffer | None = None
         self.runner: EnvRunner | None = None
-        self._eval_env = None
+        self._train_env = self._eval_env = None
         self._sample_rng = np.random.default_rng(seed)
         self._episodes: list[Episode] = []
         self._clock = (time.perf_counter(), 0)
@@ -247,11 +247,10 @@ class DQN(LightningModule):
 
     @override
     def teardown(self, stage: str) -> None:
-        for env in (getattr(self, "_train_env", None), self._eval_env):
+        for env in (self._train_env, self._eval_env):
             if env is not None:
                 env.close()
-        self.buffer, self.runner, self._eval_env = None, None, None
-        self.__dict__.pop("_train_env", None)
+        self.buffer = self.runner = self._train_env = self._eval_env = None
 
 
 def td_targets(rewards: Tensor, terminals: Tensor, gamma: float, next_q_target: Tensor, next_q_online: Tensor | None = None) -> Tensor:
@@ -287,6 +286,11 @@ def _check_arguments(args: dict[str, Any]) -> None:
         )
     if args["learning_starts"] < args["batch_size"]:
         raise ValueError(f"`learning_starts`={args['learning_starts']} must be at least `batch_size`={args['batch_size']}.")
+    if args["learning_starts"] > args["buffer_size"] // 2:
+        raise ValueError(
+            f"`learning_starts`={args['learning_starts']} must be at most half of `buffer_size`={args['buffer_size']}: "
+            "the buffer must hold the steps played before learning and then some."
+        )
     for name in ("epsilon_start", "epsilon_end", "eval_epsilon", "sticky_actions"):
         if not 0.0 <= args[name] <= 1.0:
             raise ValueError(f"`{name}` must be a probability in [0, 1], got {args[name]!r}.")

@@ -68,6 +68,8 @@ def test_bad_arguments_are_refused_with_the_fix():
         DQN(**cartpole, optimizer="Adamx")
     with pytest.raises(ValueError, match="`learning_starts`=16 must be at least `batch_size`=32"):
         DQN(env_id="CartPole-v1", learning_starts=16)
+    with pytest.raises(ValueError, match="`learning_starts`=600 must be at most half of `buffer_size`=1000"):
+        DQN(env_id="CartPole-v1", learning_starts=600, buffer_size=1000)
     with pytest.raises(ValueError, match=r"`epsilon_end` must be a probability in \[0, 1\]"):
         DQN(**cartpole, epsilon_end=1.5)
     with pytest.raises(ValueError, match="Unknown environment 'CartPol-v1'"):
