@@ -4,8 +4,8 @@ Every training step reads like the algorithm: act for ``train_frequency`` enviro
 (epsilon-greedy, into the replay buffer), then one update on a batch the dataloader sampled from
 that buffer, and every ``target_sync_every`` updates copy the network into the target network.
 The dataloader's first batch waits until ``learning_starts`` steps of play fill the buffer, so the
-``WeightNormalization`` callback's data-dependent init sees real observations. Validation plays
-``eval_episodes`` whole games greedily. Under DDP every process acts in its own environments,
+``WeightNormalization`` callback's data-dependent init sees real observations. Validation (and
+``test``) plays ``eval_episodes`` whole games greedily. Under DDP every process acts in its own environments,
 with its own seed and buffer; DDP averages the gradients, so all keep identical networks.
 
 Example:
@@ -130,7 +130,7 @@ class DQN(LightningModule):
             if len(shape) == 3:  # stacked frames: store each frame once
                 shape, stack = shape[1:], shape[0]
             self.buffer = ReplayBuffer(h.buffer_size, h.num_envs, shape, self.obs_space.dtype, frame_stack=stack)
-        if stage in ("fit", "validate") and self._eval_env is None:
+        if stage in ("fit", "validate", "test") and self._eval_env is None:
             self._eval_env = make_vector_env(h.env_id, h.eval_episodes, **options)
         self._process_seed = h.seed + 1000 * self.global_rank
 
@@ -229,13 +229,24 @@ class DQN(LightningModule):
         return DataLoader(range(1), batch_size=None)  # one evaluation per validation
 
     @override
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        runner = EnvRunner(self._eval_env, seed=self._process_seed + 500 + self.current_epoch)
+        self._play_evaluation_games("eval", seed_offset=500 + self.current_epoch)
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._play_evaluation_games("test", seed_offset=900)  # games no validation saw
+
+    def _play_evaluation_games(self, prefix: str, seed_offset: int) -> None:
+        runner = EnvRunner(self._eval_env, seed=self._process_seed + seed_offset)
         returns = runner.run_episodes(self.greedy_actions, self.hparams.eval_epsilon)
-        self.log("eval/return", float(returns.mean()), prog_bar=True, sync_dist=True, batch_size=len(returns))
+        self.log(f"{prefix}/return", float(returns.mean()), prog_bar=True, sync_dist=True, batch_size=len(returns))
         if len(self.obs_space.shape) == 3:  # what the network sees: frame stacks, one row per game
             stacks = torch.from_numpy(runner.obs[:4]).flatten(0, 1).unsqueeze(1) / 255
-            log_image_grid(self, "observations", stacks, nrow=self.obs_space.shape[0])
+            log_image_grid(self, f"{prefix}_observations", stacks, nrow=self.obs_space.shape[0])
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -126,7 +126,7 @@ def test_space_invaders_plays_logs_checkpoints_and_resumes(tmp_path):
     metrics = trainer.callback_metrics
     assert metrics["train/episode_return"] >= 0 and metrics["eval/return"] >= 0  # 1000-frame games end
     assert agent.env_steps == 1000 + 4 * 100  # 5600 frames
-    assert len(list((tmp_path / "images").glob("observations_epoch*.png"))) == 2  # a frame-stack grid per validation
+    assert len(list((tmp_path / "images").glob("eval_observations_epoch*.png"))) == 2  # a frame-stack grid per validation
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert checkpoint["dqn"] == {"env_steps": 1400} and checkpoint["global_step"] == 100
     assert any(key.startswith("target_net.") for key in checkpoint["state_dict"]) and checkpoint["optimizer_states"]
