@@ -15,6 +15,7 @@ Exits 1 if a goal is missed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -27,7 +28,7 @@ from lightning.pytorch import Callback, Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import pin_threads  # noqa: E402
+from benchmarks.common import compare, pin_threads  # noqa: E402
 from lightning_wn import WeightNormalization, apply_weight_norm  # noqa: E402
 from zoo.data.envs import make_vector_env  # noqa: E402
 from zoo.dqn import DQN  # noqa: E402
@@ -56,17 +57,19 @@ def seconds_per_update(updates: int) -> dict[str, float]:
     agents["plain"].setup("fit")
     agents["plain"].fill_buffer()
     batches = [agents["plain"].buffer.sample(SETTINGS["batch_size"], np.random.default_rng(i)) for i in range(updates)]
-    optimizers = {name: agent.configure_optimizers() for name, agent in agents.items()}
-    times: dict[str, list[float]] = {name: [] for name in agents}
-    for batch in batches:
-        for name, agent in agents.items():
-            start = time.perf_counter()
-            optimizers[name].zero_grad(set_to_none=True)
-            agent.td_loss(batch)[0].backward()
-            optimizers[name].step()
-            times[name].append(time.perf_counter() - start)
     agents["plain"].teardown("fit")
-    return {name: statistics.median(t[3:]) for name, t in times.items()}
+
+    def update(agent: DQN):
+        optimizer, stream = agent.configure_optimizers(), itertools.cycle(batches)
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            agent.td_loss(next(stream))[0].backward()
+            optimizer.step()
+
+        return step
+
+    return compare({name: update(agent) for name, agent in agents.items()}, steps=updates)
 
 
 class LoopClock(Callback):

@@ -8,8 +8,8 @@ Example:
     >>> env = make_vector_env("CartPole-v1", num_envs=2)
     >>> runner = EnvRunner(env, seed=0)
     >>> finished = runner.step(lambda obs: np.zeros(len(obs), np.int64), epsilon=1.0)
-    >>> runner.obs.shape, runner.steps
-    ((2, 4), 2)
+    >>> runner.obs.shape, finished
+    ((2, 4), [])
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _atari_game(env_id: str) -> str | None:
 class EnvRunner:
     """Steps a vector environment epsilon-greedily, optionally into a replay buffer.
 
-    Keeps the current observations, counts steps, and sums each episode's return from the raw
+    Keeps the current observations and sums each episode's return from the raw
     rewards (the full game for Atari, all lives). ``life_loss_terminal`` marks a lost life as
     terminal for learning only, as in the DQN papers; episodes still last the whole game.
     """
@@ -94,7 +94,6 @@ class EnvRunner:
         self.autoreset = np.zeros(self.num_envs, np.bool_)  # these environments reset on their next step
         self.returns = np.zeros(self.num_envs)
         self.lengths = np.zeros(self.num_envs, np.int64)
-        self.steps = 0
         if buffer is not None:
             buffer.reset(self.obs)
 
@@ -118,7 +117,6 @@ class EnvRunner:
         self.returns[ended | self.autoreset] = 0
         self.lengths[ended | self.autoreset] = 0
         self.obs, self.lives, self.autoreset = obs, lives, ended
-        self.steps += self.num_envs
         return finished
 
     def run_episodes(self, policy: Policy, epsilon: float) -> np.ndarray:
