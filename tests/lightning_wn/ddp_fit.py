@@ -47,3 +47,4 @@ if __name__ == "__main__":
         callbacks=[WeightNormalization(init_samples=128), SaveWeights(out)],
     )
     trainer.fit(ConvClassifier(), RandomImages(size=256, batch_size=32))
+    torch.distributed.destroy_process_group()  # gloo left to interpreter shutdown can abort it

@@ -48,3 +48,4 @@ if __name__ == "__main__":
         callbacks=[WeightNormalization(init_samples=64), SaveState(out)],
     )
     trainer.fit(agent)
+    torch.distributed.destroy_process_group()  # gloo left to interpreter shutdown can abort it
