@@ -39,16 +39,14 @@ class ScaledLinear(torch.autograd.Function):
         need_x, need_v, need_g, need_bias = ctx.needs_input_grad
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
         grad_unscaled = grad_rows * scale
-        grad_scale = (grad_rows * unscaled.reshape(grad_rows.shape)).sum(0)
-        grad_x = grad_v = grad_g = grad_bias = None
+        grad_g = torch.linalg.vecdot(grad_rows, unscaled.reshape(grad_rows.shape), dim=0).div_(norm)
+        grad_x = grad_v = grad_bias = None
         if need_x:
             grad_x = (grad_unscaled @ v).reshape(x.shape)
         if need_v:
             grad_v = grad_unscaled.T @ x.reshape(-1, x.shape[-1])
-            # d(g/||v||)/dv = -scale * v / ||v||^2, added in place: no second weight-sized tensor
-            grad_v.addcmul_(v, (-grad_scale * scale / norm.square()).unsqueeze(1))
-        if need_g:
-            grad_g = (grad_scale / norm).reshape(ctx.g_shape)
+            # d(g/||v||)/dv = -g * v / ||v||^3, added in place: no second weight-sized tensor
+            grad_v.addcmul_(v, (grad_g * scale).div_(norm).unsqueeze(1), value=-1)
         if need_bias:
             grad_bias = grad_rows.sum(0)
-        return grad_x, grad_v, grad_g, grad_bias
+        return grad_x, grad_v, grad_g.reshape(ctx.g_shape) if need_g else None, grad_bias

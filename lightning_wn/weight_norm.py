@@ -12,10 +12,11 @@ freely between the two implementations.
 
 What is faster here than in ``torch.nn.utils.parametrizations``:
 
-* ``w`` is computed once and reused until ``g`` or ``v`` change, so a module called many
-  times per step (an unrolled ``LSTMCell``) pays for one norm, not one per call;
-* a ``Linear`` fed fewer rows than it has inputs scales its output by ``g / ||v||`` instead of
-  materializing ``w``, as the paper suggests.
+* a step's first call takes ATen's fused op, whose backward runs without Python; a second
+  call caches ``w`` until ``g`` or ``v`` change, so a module called many times per step (an
+  unrolled ``LSTMCell``) pays for two norms, not one per call;
+* a large ``Linear`` fed fewer rows than it has inputs scales its output by ``g / ||v||``
+  instead of materializing ``w``, as the paper suggests.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ _ConvTranspose = nn.modules.conv._ConvTransposeNd
 RECURRENT_LAYERS: tuple[type[nn.Module], ...] = (nn.RNNBase, nn.RNNCellBase)
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, _Conv, *RECURRENT_LAYERS)
 """Layer types whose output-unit axis is known, so ``dim`` may be left out."""
+_OUTPUT_SCALING_MIN_WEIGHTS = 1 << 18
+"""Below this many weights, materializing ``w`` costs less than scaling the output (measured)."""
 DEFAULT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, _Conv)
 """What :func:`apply_weight_norm` normalizes when ``include`` is not given."""
 
@@ -83,31 +86,43 @@ class WeightNorm(nn.Module):
         return torch.exp(self.log_scale_factor * self.s)
 
     def forward(self) -> Tensor:
-        """``w``, recomputed only when ``g``, ``v`` or the grad mode changed since last time."""
+        """``w``; from a step's second call on, a cached one, until ``g``, ``v`` or the grad mode change."""
         if torch.compiler.is_compiling():
             return NormalizedWeight.apply(self.v, self.g(), self.dim)
         key = self._cache_key()
-        if self._weight is None or key != self._key:
-            weight = NormalizedWeight.apply(self.v, self.g(), self.dim)
-            if weight.requires_grad:
-                # backward is where a training step ends: a stale cache must not outlive it
-                weight.register_hook(self._forget)
-            self._key, self._weight = key, weight
+        if key == self._key and self._weight is not None:
+            return self._weight
+        if key != self._key and torch.is_grad_enabled():
+            # the step's first call takes ATen's op, whose backward runs without Python; its
+            # graph serves one use, so only a second call in the same step fills the cache
+            self._key, self._weight = key, None
+            return torch._weight_norm(self.v, self.g(), self.dim)
+        # backward is where a training step ends: a stale cache must not outlive it
+        self._key, self._weight = key, NormalizedWeight.apply(self.v, self.g(), self.dim, self._forget)
         return self._weight
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """``F.linear(x, w, bias)``, taking the paper's output-scaling path where it is cheaper.
 
-        Scaling the output pays off on the first call of a training step when the batch has
-        fewer rows than the layer has inputs; a second call in the same step caches ``w``.
+        Scaling the output pays off on the first call of a training step when the weight is
+        large and the batch has fewer rows than the layer has inputs; a second call in the same
+        step caches ``w``.
         """
-        if torch.is_grad_enabled() and x.dim() and not torch.compiler.is_compiling():
+        if torch.is_grad_enabled() and self._output_scaling_pays(x):
             key = self._cache_key()
-            few_rows = x.numel() < x.shape[-1] ** 2
-            if few_rows and key != self._key and not torch.is_autocast_enabled(x.device.type):
+            if key != self._key:
                 self._key, self._weight = key, None
                 return ScaledLinear.apply(x, self.v, self.g(), bias)
         return nn.functional.linear(x, self(), bias)
+
+    def _output_scaling_pays(self, x: Tensor) -> bool:
+        return (
+            self.v.numel() >= _OUTPUT_SCALING_MIN_WEIGHTS
+            and x.dim() > 0
+            and x.numel() < x.shape[-1] ** 2  # fewer rows than inputs
+            and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled(x.device.type)
+        )
 
     def _cache_key(self) -> tuple:
         return (
@@ -117,7 +132,7 @@ class WeightNorm(nn.Module):
             torch.is_inference_mode_enabled(),
         )
 
-    def _forget(self, _grad: Tensor | None = None) -> None:
+    def _forget(self) -> None:
         self._key: tuple | None = None
         self._weight: Tensor | None = None
 

@@ -28,6 +28,7 @@ LAYERS = {
     "linear": (lambda: nn.Linear(7, 5), (3, 7)),
     "linear_many_rows": (lambda: nn.Linear(4, 5), (30, 4)),
     "linear_3d_input": (lambda: nn.Linear(6, 5), (2, 3, 6)),
+    "linear_output_scaled": (lambda: nn.Linear(1024, 256), (3, 1024)),  # big enough to scale its output
     "conv1d": (lambda: nn.Conv1d(3, 4, 3), (2, 3, 9)),
     "conv2d": (lambda: nn.Conv2d(3, 4, 3, padding=1), (2, 3, 6, 6)),
     "conv2d_grouped": (lambda: nn.Conv2d(4, 6, 3, groups=2), (2, 4, 6, 6)),
@@ -145,21 +146,52 @@ def test_separate_backward_passes_through_one_cached_weight():
         torch.testing.assert_close(p.grad, ref[name].grad)
 
 
-def test_a_module_called_many_times_computes_its_weight_once_per_step(monkeypatch):
+def test_a_module_called_many_times_computes_its_weight_twice_per_step(monkeypatch):
     calls = []
-    apply = NormalizedWeight.apply
-    monkeypatch.setattr(NormalizedWeight, "apply", lambda *a: calls.append(1) or apply(*a))
+    cached, first = NormalizedWeight.apply, torch._weight_norm
+    monkeypatch.setattr(NormalizedWeight, "apply", lambda *a: calls.append("cached") or cached(*a))
+    monkeypatch.setattr(torch, "_weight_norm", lambda *a: calls.append("first") or first(*a))
     cell = weight_norm(nn.LSTMCell(3, 4))
     optimizer = torch.optim.SGD(cell.parameters(), lr=0.1)
     x = torch.randn(2, 3)
-    for step in range(3):
+    for _ in range(3):
+        calls.clear()
         h = c = torch.zeros(2, 4)
         for _ in range(16):
             h, c = cell(x, (h, c))
         h.sum().backward()
         optimizer.step()
         optimizer.zero_grad()
-        assert len(calls) == 2 * (step + 1)  # weight_ih and weight_hh, once each per step
+        # weight_ih and weight_hh: ATen's op on the first call, then one cached weight for 15 calls
+        assert calls == ["first", "first", "cached", "cached"]
+
+
+@pytest.mark.parametrize(("features", "rows", "scaled"), [(1024, 3, True), (1024, 2000, False), (64, 3, False)])
+def test_linear_scales_its_output_only_where_that_is_cheaper(monkeypatch, features, rows, scaled):
+    """Big weight and fewer rows than inputs: the paper's output scaling; otherwise w itself."""
+    calls = []
+    apply = ScaledLinear.apply
+    monkeypatch.setattr(ScaledLinear, "apply", lambda *a: calls.append(1) or apply(*a))
+    layer = weight_norm(nn.Linear(features, 256))
+    layer(torch.randn(rows, features))
+    assert len(calls) == scaled
+    with torch.no_grad():
+        layer(torch.randn(rows, features))
+    assert len(calls) == scaled
+
+
+@pytest.mark.parametrize("kind", ["conv2d", "linear_output_scaled", "lstm_cell"])
+def test_second_forward_and_backward_without_a_step_accumulate_like_torch(kind):
+    make, shape = LAYERS[kind]
+    plain = make().double()
+    x1, x2 = torch.randn(shape, dtype=torch.double), torch.randn(shape, dtype=torch.double)
+    ours, theirs = weight_norm(copy.deepcopy(plain)), torch_weight_norm(copy.deepcopy(plain))
+    for module in (ours, theirs):
+        output_sum(module, x1).backward()
+        output_sum(module, x2).backward()  # gradient accumulation: same parameters, a new graph
+    theirs_grads = dict(theirs.named_parameters())
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, theirs_grads[name].grad, rtol=1e-9, atol=1e-10, msg=name)
 
 
 def test_training_matches_torch_step_by_step():
