@@ -71,70 +71,73 @@ class WeightNorm(nn.Module):
         self.original1 = nn.Parameter(weight)
         self._forget()
 
+    # parameters are read from ``_parameters`` directly: nn.Module's attribute fallback costs
+    # about a microsecond per read, and these run several times in every forward
     @property
     def v(self) -> Tensor:
-        return self.original1
+        return self._parameters["original1"]
 
     @property
     def magnitude_param(self) -> nn.Parameter:
         """The learned tensor behind ``g``: ``original0``, or ``s`` where ``g = exp(c * s)``."""
-        return self.original0 if self.log_scale_factor is None else self.s
+        return self._parameters["original0" if self.log_scale_factor is None else "s"]
 
     def g(self) -> Tensor:
         if self.log_scale_factor is None:
-            return self.original0
-        return torch.exp(self.log_scale_factor * self.s)
+            return self._parameters["original0"]
+        return torch.exp(self.log_scale_factor * self._parameters["s"])
 
     def forward(self) -> Tensor:
         """``w``; from a step's second call on, a cached one, until ``g``, ``v`` or the grad mode change."""
+        v = self.v
         if torch.compiler.is_compiling():
-            return NormalizedWeight.apply(self.v, self.g(), self.dim)
-        key = self._cache_key()
-        if key == self._key and self._weight is not None:
-            return self._weight
-        if key != self._key and torch.is_grad_enabled():
+            return NormalizedWeight.apply(v, self.g(), self.dim)
+        key = self._cache_key(v)
+        if key == self._key:
+            if self._weight is not None:
+                return self._weight
+        elif key[2]:  # grad mode
             # the step's first call takes ATen's op, whose backward runs without Python; its
             # graph serves one use, so only a second call in the same step fills the cache
-            self._key, self._weight = key, None
-            return torch._weight_norm(self.v, self.g(), self.dim)
+            self._remember(key, None)
+            return torch._weight_norm(v, self.g(), self.dim)
         # backward is where a training step ends: a stale cache must not outlive it
-        self._key, self._weight = key, NormalizedWeight.apply(self.v, self.g(), self.dim, self._forget)
-        return self._weight
+        return self._remember(key, NormalizedWeight.apply(v, self.g(), self.dim, self._forget))
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """``F.linear(x, w, bias)``, taking the paper's output-scaling path where it is cheaper.
 
-        Scaling the output pays off on the first call of a training step when the weight is
-        large and the batch has fewer rows than the layer has inputs; a second call in the same
-        step caches ``w``.
+        Scaling the output pays off on the first call after ``g`` or ``v`` changed (a training
+        step, or acting between updates) when the weight is large and the batch has fewer rows
+        than the layer has inputs; a second call caches ``w``.
         """
-        if torch.is_grad_enabled() and self._output_scaling_pays(x):
-            key = self._cache_key()
+        v = self.v
+        if v.numel() >= _OUTPUT_SCALING_MIN_WEIGHTS and self._output_scaling_pays(x):
+            key = self._cache_key(v)
             if key != self._key:
-                self._key, self._weight = key, None
-                return ScaledLinear.apply(x, self.v, self.g(), bias)
-        return nn.functional.linear(x, self(), bias)
+                self._remember(key, None)
+                return ScaledLinear.apply(x, v, self.g(), bias)
+        return nn.functional.linear(x, self.forward(), bias)
 
-    def _output_scaling_pays(self, x: Tensor) -> bool:
+    @staticmethod
+    def _output_scaling_pays(x: Tensor) -> bool:
         return (
-            self.v.numel() >= _OUTPUT_SCALING_MIN_WEIGHTS
-            and x.dim() > 0
+            x.dim() > 0
             and x.numel() < x.shape[-1] ** 2  # fewer rows than inputs
             and not torch.compiler.is_compiling()
             and not torch.is_autocast_enabled(x.device.type)
         )
 
-    def _cache_key(self) -> tuple:
-        return (
-            self.v._version,
-            self.magnitude_param._version,
-            torch.is_grad_enabled(),
-            torch.is_inference_mode_enabled(),
-        )
+    def _cache_key(self, v: Tensor) -> tuple:
+        return (v._version, self.magnitude_param._version, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+
+    def _remember(self, key: tuple | None, weight: Tensor | None) -> Tensor | None:
+        # straight into __dict__: nn.Module.__setattr__ costs about a microsecond per call
+        self.__dict__.update(_key=key, _weight=weight)
+        return weight
 
     def _forget(self) -> None:
-        self._key: tuple | None = None
-        self._weight: Tensor | None = None
+        self._remember(None, None)
 
     def _apply(self, fn, recurse=True):
         self._forget()
@@ -435,11 +438,12 @@ def _normalized_class(base: type[nn.Module], names: tuple[str, ...]) -> type[nn.
 
 
 def _normalized_tensor(module: nn.Module, name: str) -> Tensor:
-    return getattr(module.parametrizations, name).forward()  # skips nn.Module's hook dispatch
+    # .forward() skips nn.Module's hook dispatch; _modules skips its attribute fallback
+    return module._modules["parametrizations"]._modules[name].forward()
 
 
 def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
-    return self.parametrizations.weight.linear(input, self.bias)
+    return self._modules["parametrizations"]._modules["weight"].linear(input, self._parameters["bias"])
 
 
 def _flat_weights(self: nn.RNNBase) -> list[Tensor | None]:

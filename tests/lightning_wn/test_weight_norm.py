@@ -167,17 +167,25 @@ def test_a_module_called_many_times_computes_its_weight_twice_per_step(monkeypat
 
 
 @pytest.mark.parametrize(("features", "rows", "scaled"), [(1024, 3, True), (1024, 2000, False), (64, 3, False)])
-def test_linear_scales_its_output_only_where_that_is_cheaper(monkeypatch, features, rows, scaled):
-    """Big weight and fewer rows than inputs: the paper's output scaling; otherwise w itself."""
+@pytest.mark.parametrize("grad", [True, False])
+def test_linear_scales_its_output_only_where_that_is_cheaper(monkeypatch, features, rows, scaled, grad):
+    """Big weight and fewer rows than inputs: the paper's output scaling on the first call after
+    the parameters changed, a cached w after that; otherwise w itself."""
     calls = []
     apply = ScaledLinear.apply
     monkeypatch.setattr(ScaledLinear, "apply", lambda *a: calls.append(1) or apply(*a))
     layer = weight_norm(nn.Linear(features, 256))
-    layer(torch.randn(rows, features))
-    assert len(calls) == scaled
-    with torch.no_grad():
-        layer(torch.randn(rows, features))
-    assert len(calls) == scaled
+    x = torch.randn(rows, features)
+    with torch.set_grad_enabled(grad):
+        first, second = layer(x), layer(x)
+        assert len(calls) == scaled
+        with torch.no_grad():
+            layer.parametrizations.weight.original1.mul_(2.0)  # a new v: the next call is a first call
+        assert len(calls) == scaled
+        third = layer(x)
+        assert len(calls) == 2 * scaled
+    torch.testing.assert_close(second, first)
+    torch.testing.assert_close(third, first)  # w does not depend on the length of v
 
 
 @pytest.mark.parametrize("kind", ["conv2d", "linear_output_scaled", "lstm_cell"])
