@@ -24,6 +24,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from zoo.likelihoods import bernoulli_log_prob, gaussian_kl
+from zoo.stage_metrics import log_stage_metrics
 from zoo.visuals import log_image_grid
 
 
@@ -160,11 +161,8 @@ class DRAW(LightningModule):
         self._log_terms("test", self.loss_terms(self.prepare(batch[0])))
 
     def _log_terms(self, stage: str, terms: dict[str, Tensor]) -> None:
-        on_step = stage == "train"
-        options = dict(on_step=on_step, on_epoch=True, sync_dist=not on_step)
-        self.log(f"{stage}/nats", terms["loss"].mean(), prog_bar=True, **options)
-        self.log(f"{stage}/reconstruction", terms["reconstruction"].mean(), **options)
-        self.log(f"{stage}/kl", terms["kl"].mean(), **options)
+        metrics = {"nats": terms["loss"].mean(), "reconstruction": terms["reconstruction"].mean(), "kl": terms["kl"].mean()}
+        log_stage_metrics(self, stage, metrics, prog_bar="nats")
 
     @torch.no_grad()
     def on_validation_epoch_end(self) -> None:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from zoo.likelihoods import bernoulli_log_prob, bits_per_dim, discretized_logistic_log_prob, gaussian_kl
 from zoo.likelihoods import gaussian_log_prob
+from zoo.stage_metrics import log_stage_metrics
 from zoo.visuals import log_image_grid
 
 
@@ -146,12 +147,13 @@ class ConvVAE(LightningModule):
         return nats if self.hparams.likelihood == "bernoulli" else bits_per_dim(nats, x[0].numel())
 
     def _log_terms(self, stage: str, terms: dict[str, Tensor], x: Tensor) -> None:
-        on_step = stage == "train"
-        log = dict(on_step=on_step, on_epoch=True, sync_dist=not on_step)
-        self.log(f"{stage}/{self._unit}", self._report(-terms["elbo"], x).mean(), prog_bar=True, **log)
-        self.log(f"{stage}/elbo", terms["elbo"].mean(), **log)
-        self.log(f"{stage}/reconstruction", terms["log_likelihood"].mean(), **log)
-        self.log(f"{stage}/kl", terms["kl"].mean(), **log)
+        metrics = {
+            self._unit: self._report(-terms["elbo"], x).mean(),
+            "elbo": terms["elbo"].mean(),
+            "reconstruction": terms["log_likelihood"].mean(),
+            "kl": terms["kl"].mean(),
+        }
+        log_stage_metrics(self, stage, metrics, prog_bar=self._unit)
 
     @torch.no_grad()
     def on_validation_epoch_end(self) -> None:
