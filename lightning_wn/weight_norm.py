@@ -93,10 +93,11 @@ class WeightNorm(nn.Module):
         if torch.compiler.is_compiling():
             return NormalizedWeight.apply(v, self.g(), self.dim)
         key = self._cache_key(v)
-        if key == self._key:
-            if self._weight is not None:
-                return self._weight
-        elif key[2]:  # grad mode
+        if key == self._key and self._weight is not None:
+            return self._weight
+        if not key[2]:  # no grad mode: no graph to guard, so ATen's op, cached
+            return self._remember(key, torch._weight_norm(v, self.g(), self.dim))
+        if key != self._key:
             # the step's first call takes ATen's op, whose backward runs without Python; its
             # graph serves one use, so only a second call in the same step fills the cache
             self._remember(key, None)
