@@ -13,8 +13,8 @@ freely between the two implementations.
 What is faster here than in ``torch.nn.utils.parametrizations``:
 
 * a step's first call takes ATen's fused op, whose backward runs without Python; a second
-  call caches ``w`` until ``g`` or ``v`` change, so a module called many times per step (an
-  unrolled ``LSTMCell``) pays for two norms, not one per call;
+  call (or any call without gradients) caches ``w`` until ``g`` or ``v`` change, so a module
+  called many times per step (an unrolled ``LSTMCell``) pays for two norms, not one per call;
 * a large ``Linear`` fed fewer rows than it has inputs scales its output by ``g / ||v||``
   instead of materializing ``w``, as the paper suggests.
 """
