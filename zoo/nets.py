@@ -106,7 +106,9 @@ class NatureDQN(nn.Sequential):
         )
 
     def forward(self, frames: Tensor) -> Tensor:
-        return super().forward(frames.float() / 255.0 if frames.dtype == torch.uint8 else frames)
+        if frames.dtype == torch.uint8:
+            frames = frames.float().div_(255.0)  # in place on the fresh copy: one pass fewer
+        return super().forward(frames)
 
 
 class MLP(nn.Sequential):
