@@ -92,7 +92,25 @@ class WeightNorm(nn.Module):
         v = self.v
         if torch.compiler.is_compiling():
             return NormalizedWeight.apply(v, self.g(), self.dim)
+        return self._weight_for(v, self._cache_key(v))
+
+    def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """``F.linear(x, w, bias)``, taking the paper's output-scaling path where it is cheaper.
+
+        Scaling the output pays off on the first call after ``g`` or ``v`` changed (a training
+        step, or acting between updates) when the weight is large and the batch has fewer rows
+        than the layer has inputs; a second call caches ``w``.
+        """
+        v = self.v
+        if not self._output_scaling_pays(v, x):
+            return nn.functional.linear(x, self.forward(), bias)
         key = self._cache_key(v)
+        if key != self._key:
+            self._remember(key, None)
+            return ScaledLinear.apply(x, v, self.g(), bias)
+        return nn.functional.linear(x, self._weight_for(v, key), bias)
+
+    def _weight_for(self, v: Tensor, key: tuple) -> Tensor:
         if key == self._key and self._weight is not None:
             return self._weight
         if not key[2]:  # no grad mode: no graph to guard, so ATen's op, cached
@@ -105,25 +123,11 @@ class WeightNorm(nn.Module):
         # backward is where a training step ends: a stale cache must not outlive it
         return self._remember(key, NormalizedWeight.apply(v, self.g(), self.dim, self._forget))
 
-    def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        """``F.linear(x, w, bias)``, taking the paper's output-scaling path where it is cheaper.
-
-        Scaling the output pays off on the first call after ``g`` or ``v`` changed (a training
-        step, or acting between updates) when the weight is large and the batch has fewer rows
-        than the layer has inputs; a second call caches ``w``.
-        """
-        v = self.v
-        if v.numel() >= _OUTPUT_SCALING_MIN_WEIGHTS and self._output_scaling_pays(x):
-            key = self._cache_key(v)
-            if key != self._key:
-                self._remember(key, None)
-                return ScaledLinear.apply(x, v, self.g(), bias)
-        return nn.functional.linear(x, self.forward(), bias)
-
     @staticmethod
-    def _output_scaling_pays(x: Tensor) -> bool:
+    def _output_scaling_pays(v: Tensor, x: Tensor) -> bool:
         return (
-            x.dim() > 0
+            v.numel() >= _OUTPUT_SCALING_MIN_WEIGHTS
+            and x.dim() > 0
             and x.numel() < x.shape[-1] ** 2  # fewer rows than inputs
             and not torch.compiler.is_compiling()
             and not torch.is_autocast_enabled(x.device.type)
