@@ -28,7 +28,7 @@ from lightning.pytorch import Callback, Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import compare, pin_threads  # noqa: E402
+from benchmarks.common import compare, keep_freed_memory, pin_threads  # noqa: E402
 from lightning_wn import WeightNormalization, apply_weight_norm  # noqa: E402
 from zoo.data.envs import make_vector_env  # noqa: E402
 from zoo.dqn import DQN  # noqa: E402
@@ -105,6 +105,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     pin_threads(args.threads)
+    keep_freed_memory()
     results: dict[str, list[float]] = {k: [] for k in ("a", "b plain", "b wn", "c plain", "c wn")}
     with tempfile.TemporaryDirectory() as root:
         for _ in range(args.rounds):

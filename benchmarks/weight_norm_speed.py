@@ -18,7 +18,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import compare, pin_threads, report, train_step  # noqa: E402
+from benchmarks.common import compare, keep_freed_memory, pin_threads, report, train_step  # noqa: E402
 from lightning_wn import apply_weight_norm, data_dependent_init, remove_weight_norm, weight_norm  # noqa: E402
 from zoo.nets import CifarNet, NatureDQN  # noqa: E402
 
@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     pin_threads(args.threads)
+    keep_freed_memory()
     torch.manual_seed(0)
     missed = [line for name in args.only for line in BENCHES[name](args)]
     if missed:
