@@ -3,13 +3,15 @@
     python benchmarks/weight_norm_speed.py            # everything, paper-sized CIFAR net
     python benchmarks/weight_norm_speed.py --only dqn lstm --steps 50
 
-Prints medians and ratios measured side by side in one run; exits 1 if a goal is missed.
+Each benchmark runs in fresh processes of its own (3 by default), its cases side by side in each;
+prints medians and the median ratio over processes with its range; exits 1 if a goal is missed.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -18,9 +20,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import compare, keep_freed_memory, pin_threads, report, train_step  # noqa: E402
+from benchmarks.common import compare, in_fresh_processes, keep_freed_memory, pin_threads, report, train_step  # noqa: E402
 from lightning_wn import apply_weight_norm, data_dependent_init, remove_weight_norm, weight_norm  # noqa: E402
 from zoo.nets import CifarNet, NatureDQN  # noqa: E402
+
+OURS, PLAIN, THEIRS = "weight norm (ours)", "plain", "weight norm (torch)"  # the cases' names
 
 
 def torch_weight_norm(model: nn.Module) -> nn.Module:
@@ -35,41 +39,27 @@ def normalized(model: nn.Module) -> nn.Module:
     return model
 
 
-def bench_cifar(args) -> list[str]:
+def bench_cifar(args) -> dict[str, float]:
     x, y = torch.randn(100, 3, 32, 32), torch.randint(0, 10, (100,))
     plain = CifarNet(width=args.width)
     cases = {
-        "plain": train_step(plain, x, y),
-        "weight norm (ours)": train_step(normalized(copy.deepcopy(plain)), x, y),
-        "weight norm (torch)": train_step(torch_weight_norm(copy.deepcopy(plain)), x, y),
+        PLAIN: train_step(plain, x, y),
+        OURS: train_step(normalized(copy.deepcopy(plain)), x, y),
+        THEIRS: train_step(torch_weight_norm(copy.deepcopy(plain)), x, y),
         "batch norm": train_step(CifarNet(width=args.width, norm="batch_norm"), x, y),
     }
-    medians = compare(cases, steps=max(args.steps // 5, 5), warmup=2)
-    return report(
-        f"CIFAR-10 CNN train step (batch 100, width {args.width})",
-        medians,
-        {
-            "ours / plain": ("weight norm (ours)", "plain", 1.03),
-            "torch / plain": ("weight norm (torch)", "plain", None),
-            "batch norm / ours": ("batch norm", "weight norm (ours)", None),
-        },
-    )
+    return compare(cases, steps=max(args.steps // 5, 5), warmup=2)
 
 
-def bench_dqn(args) -> list[str]:
+def bench_dqn(args) -> dict[str, float]:
     x, y = torch.randint(0, 256, (32, 4, 84, 84), dtype=torch.uint8), torch.randint(0, 6, (32,))
     plain = NatureDQN(num_actions=6)
     cases = {
-        "plain": train_step(plain, x, y),
-        "weight norm (ours)": train_step(normalized(copy.deepcopy(plain)), x, y),
-        "weight norm (torch)": train_step(torch_weight_norm(copy.deepcopy(plain)), x, y),
+        PLAIN: train_step(plain, x, y),
+        OURS: train_step(normalized(copy.deepcopy(plain)), x, y),
+        THEIRS: train_step(torch_weight_norm(copy.deepcopy(plain)), x, y),
     }
-    medians = compare(cases, steps=3 * args.steps)  # a 16 ms step against a 5% goal: more samples
-    return report(
-        "Nature DQN train step (batch 32, 4x84x84)",
-        medians,
-        {"ours / plain": ("weight norm (ours)", "plain", 1.05), "torch / plain": ("weight norm (torch)", "plain", None)},
-    )
+    return compare(cases, steps=3 * args.steps)  # a 16 ms step against a 5% goal: more samples
 
 
 class Unrolled(nn.Module):
@@ -88,7 +78,7 @@ class Unrolled(nn.Module):
         return torch.stack(outputs).mean(0)
 
 
-def bench_lstm(args) -> list[str]:
+def bench_lstm(args) -> dict[str, float]:
     x, y = torch.randn(100, 256), torch.randint(0, 256, (100,))
     plain = Unrolled(nn.LSTMCell(256, 256), steps=64)
     ours = copy.deepcopy(plain)
@@ -97,19 +87,14 @@ def bench_lstm(args) -> list[str]:
     for name in ("weight_ih", "weight_hh"):
         nn.utils.parametrizations.weight_norm(theirs.cell, name)
     cases = {
-        "plain": train_step(plain, x, y),
-        "weight norm (ours)": train_step(ours, x, y),
-        "weight norm (torch)": train_step(theirs, x, y),
+        PLAIN: train_step(plain, x, y),
+        OURS: train_step(ours, x, y),
+        THEIRS: train_step(theirs, x, y),
     }
-    medians = compare(cases, steps=max(args.steps // 2, 5))
-    return report(
-        "LSTMCell(256, 256) unrolled 64 steps, train step (batch 100)",
-        medians,
-        {"ours / plain": ("weight norm (ours)", "plain", 1.10), "torch / plain": ("weight norm (torch)", "plain", None)},
-    )
+    return compare(cases, steps=max(args.steps // 2, 5))
 
 
-def bench_init(args) -> list[str]:
+def bench_init(args) -> dict[str, float]:
     x = torch.randn(500, 3, 32, 32)
     model = normalized(CifarNet(width=args.width))
 
@@ -117,15 +102,10 @@ def bench_init(args) -> list[str]:
         with torch.no_grad():
             model(x)
 
-    medians = compare({"no-grad forward": forward, "data-dependent init": lambda: data_dependent_init(model, x)}, 5, 1)
-    return report(
-        f"data-dependent init, CIFAR-10 CNN, 500 examples (width {args.width})",
-        medians,
-        {"init / forward": ("data-dependent init", "no-grad forward", 1.5)},
-    )
+    return compare({"no-grad forward": forward, "data-dependent init": lambda: data_dependent_init(model, x)}, 5, 1)
 
 
-def bench_fold(args) -> list[str]:
+def bench_fold(args) -> dict[str, float]:
     x = torch.randn(100, 3, 32, 32)
     plain = CifarNet(width=args.width).eval()
     folded = normalized(copy.deepcopy(plain))
@@ -138,11 +118,22 @@ def bench_fold(args) -> list[str]:
 
         return run
 
-    medians = compare({"plain": infer(plain), "folded": infer(folded)}, steps=max(args.steps // 2, 5))
-    return report("inference after folding (batch 100)", medians, {"folded / plain": ("folded", "plain", 1.01)})
+    return compare({PLAIN: infer(plain), "folded": infer(folded)}, steps=max(args.steps // 2, 5))
 
 
 BENCHES = {"cifar": bench_cifar, "dqn": bench_dqn, "lstm": bench_lstm, "init": bench_init, "fold": bench_fold}
+REPORTS = {  # title, and ratios (numerator, denominator, goal or None) of each benchmark's cases
+    "cifar": ("CIFAR-10 CNN train step (batch 100, width {width})", {
+        "ours / plain": (OURS, PLAIN, 1.03), "torch / plain": (THEIRS, PLAIN, None),
+        "batch norm / ours": ("batch norm", OURS, None)}),
+    "dqn": ("Nature DQN train step (batch 32, 4x84x84)", {
+        "ours / plain": (OURS, PLAIN, 1.05), "torch / plain": (THEIRS, PLAIN, None)}),
+    "lstm": ("LSTMCell(256, 256) unrolled 64 steps, train step (batch 100)", {
+        "ours / plain": (OURS, PLAIN, 1.10), "torch / plain": (THEIRS, PLAIN, None)}),
+    "init": ("data-dependent init, CIFAR-10 CNN, 500 examples (width {width})", {
+        "init / forward": ("data-dependent init", "no-grad forward", 1.5)}),
+    "fold": ("inference after folding (batch 100)", {"folded / plain": ("folded", PLAIN, 1.01)}),
+}  # fmt: skip
 
 
 def main() -> None:
@@ -151,11 +142,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed steps per case (CIFAR: a fifth, DQN: three times)")
     parser.add_argument("--width", type=int, default=96, help="CIFAR net width (96 in the paper)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--processes", type=int, default=3, help="fresh processes per benchmark (median ratio)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one benchmark, medians as JSON
     args = parser.parse_args()
-    pin_threads(args.threads)
-    keep_freed_memory()
-    torch.manual_seed(0)
-    missed = [line for name in args.only for line in BENCHES[name](args)]
+    if args.worker:
+        pin_threads(args.threads)
+        keep_freed_memory()
+        torch.manual_seed(0)
+        print(json.dumps(BENCHES[args.only[0]](args)))
+        return
+    missed = []
+    for name in args.only:
+        argv = [__file__, "--worker", "--only", name, "--steps", str(args.steps), "--width", str(args.width),
+                "--threads", str(args.threads)]  # fmt: skip
+        title, ratios = REPORTS[name]
+        missed += report(title.format(width=args.width), in_fresh_processes(argv, args.processes), ratios)
     if missed:
         print("\nMissed goals:\n  " + "\n  ".join(missed))
         sys.exit(1)
