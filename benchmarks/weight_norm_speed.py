@@ -145,6 +145,8 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=3, help="fresh processes per benchmark (median ratio)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one benchmark, medians as JSON
     args = parser.parse_args()
+    if args.processes < 1:
+        parser.error(f"--processes must be at least 1, got {args.processes}")
     if args.worker:
         pin_threads(args.threads)
         keep_freed_memory()
