@@ -12,6 +12,7 @@ Example:
     ['0', '3']
 """
 
+from lightning_wn.checkpoint import read_checkpoint
 from lightning_wn.init import InitReport, ModuleInit, data_dependent_init
 from lightning_wn.state_dict import fold_state_dict
 from lightning_wn.mean_only_bn import MeanOnlyBatchNorm, attach_mean_only_bn
@@ -56,6 +57,7 @@ __all__ = [
     "fold_state_dict",
     "is_weight_normalized",
     "limit_direction_norm",
+    "read_checkpoint",
     "remove_weight_norm",
     "weight_norm",
     "weight_normalized_modules",

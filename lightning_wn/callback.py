@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_wn.checkpoint import read_checkpoint
 from lightning_wn.init import data_dependent_init
 from lightning_wn.mean_only_bn import attach_mean_only_bn
 from lightning_wn.state_dict import fold_state_dict
@@ -240,7 +241,7 @@ def load_from_checkpoint(model_class: type[pl.LightningModule], path: str, **kwa
     The weight-normalized entries are folded into plain weights first, so the plain model class
     loads it strictly and computes exactly the trained function.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(path, weights_only=False)
     checkpoint["state_dict"] = fold_state_dict(checkpoint["state_dict"])
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
