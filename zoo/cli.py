@@ -2,20 +2,97 @@
 
 ``--model`` and ``--data`` take any LightningModule / LightningDataModule class path (the
 configs name the zoo's); ``fit``, ``validate``, ``test`` and ``predict`` work as in Lightning.
-Every run keeps checkpoints with ``last.ckpt`` (``--checkpoint.*`` configures them).
+
+Checkpoints: every run keeps ``last.ckpt`` (``--checkpoint.*`` configures them) in one folder per
+config, ``<trainer.default_root_dir>/checkpoints``, not in the logger's new ``version_N``. So
+``--ckpt_path last`` finds the newest ``last*.ckpt`` an earlier run of the same config wrote: ``fit``
+resumes it, ``validate``/``test``/``predict`` evaluate it (and refuse to run without one). A fresh run
+into a folder that has checkpoints writes ``last-v1.ckpt`` and so on beside them, never over them.
 """
 
 from __future__ import annotations
 
-from lightning.pytorch import LightningModule
+import re
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_wn import read_checkpoint
+
+PROG = "python -m zoo"
+
+
+class ZooParser(LightningArgumentParser):
+    """Errors state their reason first and alone (jsonargparse prints ~70 lines of usage before it)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:  # a caller that catches parse errors gets jsonargparse's exception
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        command = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {message}\n`{command} --help` lists every option.\n")
+        sys.exit(2)
 
 
 class ZooCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        config = self.config[subcommand]
+        if config.checkpoint.dirpath is None:  # one folder per config, the same on every DDP rank
+            config.checkpoint.dirpath = str(Path(config.trainer.default_root_dir or ".") / "checkpoints")
+        if config.ckpt_path == "last":
+            config.ckpt_path = self._last_checkpoint(Path(config.checkpoint.dirpath), subcommand)
+        if config.ckpt_path and not Path(config.ckpt_path).is_dir():  # a folder is a sharded checkpoint
+            self._check_checkpoint(config.ckpt_path, config.model)
+
+    def _last_checkpoint(self, folder: Path, subcommand: str) -> str | None:
+        found = last_checkpoint(folder)
+        if found is not None:
+            return str(found)
+        if subcommand != "fit":
+            self._parser(subcommand).error(
+                f"`--ckpt_path last`: there is no last*.ckpt in `{folder}`. Run `{PROG} fit` with the same config "
+                "first (its `trainer.default_root_dir` decides the folder), or pass a checkpoint file."
+            )
+        rank_zero_warn(f"`--ckpt_path last`: no checkpoint in `{folder}` yet, so this fit starts a new run.")
+        return None
+
+    def _check_checkpoint(self, path: str, model: Any) -> None:
+        try:
+            checkpoint = read_checkpoint(path)
+        except (ValueError, FileNotFoundError) as error:
+            self._parser(self.config.subcommand).error(f"`--ckpt_path`: {error}")
+        trained = checkpoint.get("hyper_parameters", {}).get("_class_path")
+        wanted = model.get("class_path") if model is not None else None
+        if trained and wanted and trained != wanted:
+            self._parser(self.config.subcommand).error(
+                f"`--ckpt_path`: `{path}` is a checkpoint of `{trained}`, but the config's model is `{wanted}`: "
+                "pass the config it was trained with (its run folder keeps a copy, config.yaml)."
+            )
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
+        # Lightning refuses a ModelCheckpoint without checkpointing, and its `on_train_end` would still write
+        # last.ckpt after a fast_dev_run: drop ours in both cases
+        if config.get("enable_checkpointing") is False or config.get("fast_dev_run"):
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest ``last.ckpt`` / ``last-vN.ckpt`` in ``folder``: the latest state of its most recent run."""
+    candidates = [path for path in folder.glob("last*.ckpt") if re.fullmatch(r"last(-v\d+)?", path.stem)]
+    return max(candidates, key=lambda path: path.stat().st_mtime_ns, default=None)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> ZooCLI:
@@ -24,6 +101,8 @@ def main(args: list[str] | None = None, run: bool = True) -> ZooCLI:
         None,  # any DataModule, and optional: DQN's data is its own play
         subclass_mode_model=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": PROG},
+        parser_class=ZooParser,
         args=args,
         run=run,
     )

@@ -84,7 +84,7 @@ def test_other_subcommands(subcommand, tmp_path):
 def test_dqn_checkpoints_play_evaluation_games(subcommand, tmp_path):
     config = ROOT / "configs/dqn/space_invaders_wn.yaml"
     main(fast_dev_run_args(config, tmp_path) + ["--trainer.fast_dev_run=false", "--trainer.max_steps=2"])
-    checkpoint = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
+    checkpoint = tmp_path / "checkpoints/last.ckpt"
     args = [subcommand, f"--config={config}", "--trainer.accelerator=cpu", f"--ckpt_path={checkpoint}", *SHORT_PLAY,
             f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]  # fmt: skip
     cli = main(args)

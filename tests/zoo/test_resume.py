@@ -1,0 +1,133 @@
+"""The README's resume commands through the CLI: `fit`, `fit --ckpt_path last`, `test --ckpt_path last`.
+
+Each config keeps its checkpoints in `<default_root_dir>/checkpoints`, so `last` finds the previous
+run's; a resumed run continues its counters and optimizer and never re-runs the data-dependent init.
+"""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_wn import WeightNormalization
+from zoo.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+FASHION_MNIST = ROOT / "configs/fashion_mnist/wn.yaml"
+needs_fashion_mnist = pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").exists(), reason="apt-get install dataset-fashion-mnist"
+)
+STEPS_PER_EPOCH = 4
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")  # Fashion-MNIST unpacked once for the module
+
+
+def small(root: Path, data_dir: Path) -> list[str]:
+    """Overrides that shrink configs/fashion_mnist/wn.yaml to seconds; the commands are the README's otherwise."""
+    return [
+        f"--trainer.default_root_dir={root}", f"--data.init_args.data_dir={data_dir}", "--trainer.accelerator=cpu",
+        "--data.init_args.train_size=400", f"--trainer.limit_train_batches={STEPS_PER_EPOCH}",
+        "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=3", "--model.init_args.width=8",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false",
+    ]  # fmt: skip
+
+
+def state(cli) -> dict[str, torch.Tensor]:
+    return {name: value.clone() for name, value in cli.model.state_dict().items()}
+
+
+def initialized(cli) -> bool:
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, WeightNormalization)]
+    return callback.state_dict()["initialized"]
+
+
+@needs_fashion_mnist
+def test_fit_then_fit_and_test_with_ckpt_path_last_continue_the_run(tmp_path, data_dir, caplog):
+    caplog.set_level(logging.INFO)
+    args = ["--config", str(FASHION_MNIST), *small(tmp_path, data_dir)]
+    first = main(["fit", *args, "--trainer.max_epochs=1"])
+    assert "data-dependent init on" in caplog.text
+    caplog.clear()
+    checkpoint = tmp_path / "checkpoints/last.ckpt"
+    saved = torch.load(checkpoint, weights_only=False)
+    assert saved["global_step"] == STEPS_PER_EPOCH and saved["epoch"] == 0
+    trained = state(first)
+
+    # nothing left to train: the restored weights come through untouched (no second init)
+    same = main(["fit", *args, "--trainer.max_epochs=1", "--ckpt_path", "last"])
+    assert "data-dependent init" not in caplog.text and initialized(same)
+    assert same.trainer.global_step == STEPS_PER_EPOCH
+    for name, value in state(same).items():
+        assert torch.equal(value, trained[name]), name
+
+    resumed = main(["fit", *args, "--trainer.max_epochs=2", "--ckpt_path", "last"])
+    assert "data-dependent init" not in caplog.text
+    assert resumed.trainer.global_step == 2 * STEPS_PER_EPOCH and resumed.trainer.current_epoch == 2
+    adam = resumed.trainer.optimizers[0].state_dict()["state"]
+    assert {int(s["step"]) for s in adam.values()} == {2 * STEPS_PER_EPOCH}  # the optimizer went on, not anew
+    assert any(not torch.equal(value, trained[name]) for name, value in state(resumed).items())
+    (expected,) = resumed.trainer.test(resumed.model, resumed.datamodule, verbose=False)
+
+    tested = main(["test", *args, "--ckpt_path", "last"])
+    assert tested.trainer.callback_metrics["test/error"].item() == pytest.approx(expected["test/error"], abs=1e-6)
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == 2 * STEPS_PER_EPOCH
+
+
+@needs_fashion_mnist
+def test_a_new_run_in_the_same_folder_writes_beside_the_old_checkpoints(tmp_path, data_dir):
+    args = ["--config", str(FASHION_MNIST), *small(tmp_path, data_dir), "--trainer.max_epochs=1"]
+    main(["fit", *args])
+    old = (tmp_path / "checkpoints/last.ckpt").read_bytes()
+    fresh = main(["fit", *args, "--seed_everything=1"])
+    assert (tmp_path / "checkpoints/last.ckpt").read_bytes() == old
+    assert (tmp_path / "checkpoints/last-v1.ckpt").is_file()
+    tested = main(["test", "--config", str(FASHION_MNIST), *small(tmp_path, data_dir), "--ckpt_path", "last"])
+    for name, value in state(tested).items():  # the newest run's weights
+        assert torch.equal(value, fresh.model.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluating_ckpt_path_last_without_a_checkpoint_is_an_error(subcommand, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([subcommand, "--config", str(FASHION_MNIST), f"--trainer.default_root_dir={tmp_path}", "--ckpt_path", "last"])
+    error = capsys.readouterr().err
+    assert f"error: `--ckpt_path last`: there is no last*.ckpt in `{tmp_path / 'checkpoints'}`" in error
+    assert f"`python -m zoo {subcommand} --help`" in error
+
+
+@needs_fashion_mnist
+def test_fast_dev_run_and_disabled_checkpointing_write_no_checkpoints(tmp_path, data_dir):
+    args = ["fit", "--config", str(FASHION_MNIST), *small(tmp_path, data_dir)]
+    main([*args, "--trainer.fast_dev_run=true"])
+    cli = main([*args, "--trainer.max_steps=2", "--trainer.enable_checkpointing=false"])
+    assert cli.trainer.global_step == 2 and cli.trainer.checkpoint_callback is None
+    assert list(tmp_path.rglob("*.ckpt")) == []
+
+
+@pytest.fixture(scope="module")
+def classifier_checkpoint(tmp_path_factory, data_dir):
+    root = tmp_path_factory.mktemp("classifier")
+    main(["fit", "--config", str(FASHION_MNIST), *small(root, data_dir), "--trainer.max_steps=2"])
+    return root / "checkpoints/last.ckpt"
+
+
+@needs_fashion_mnist
+def test_a_checkpoint_of_another_model_class_is_refused_naming_both(classifier_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["test", f"--config={ROOT / 'configs/dqn/cartpole_plain.yaml'}", f"--ckpt_path={classifier_checkpoint}",
+              f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
+    error = capsys.readouterr().err
+    assert "is a checkpoint of `zoo.classifier.PaperClassifier`, but the config's model is `zoo.dqn.DQN`" in error
+
+
+@pytest.mark.parametrize("content, fault", [(b"", "is empty"), (b"version https://git-lfs.github.com/spec/v1\n", "is a git-lfs pointer")])
+def test_a_bad_ckpt_path_is_one_clear_error(content, fault, tmp_path, capsys):
+    bad = tmp_path / "last.ckpt"
+    bad.write_bytes(content)
+    with pytest.raises(SystemExit):
+        main(["test", "--config", str(FASHION_MNIST), f"--ckpt_path={bad}", f"--trainer.default_root_dir={tmp_path}"])
+    assert f"error: `--ckpt_path`: `{bad}` {fault}" in capsys.readouterr().err
