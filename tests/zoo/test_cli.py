@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from zoo.cli import main
 
@@ -40,6 +41,11 @@ def test_there_are_configs_for_every_variant():
     for experiment in ("vae_mnist", "vae_cifar10", "draw_mnist"):
         assert {f"{experiment}/wn.yaml", f"{experiment}/plain.yaml"} <= names
     assert {f"dqn/{game}_{v}.yaml" for game in ("space_invaders", "cartpole") for v in ("wn", "plain")} <= names
+
+
+def test_every_config_keeps_its_checkpoints_in_a_folder_of_its_own():
+    roots = [yaml.safe_load(config.read_text())["trainer"]["default_root_dir"] for config in CONFIGS]
+    assert all(roots) and len(set(roots)) == len(CONFIGS)  # `--ckpt_path last` never finds another config's run
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.relative_to(ROOT / "configs").as_posix() for c in CONFIGS])
@@ -80,13 +86,25 @@ def test_other_subcommands(subcommand, tmp_path):
         assert f"{'val' if subcommand == 'validate' else 'test'}/error" in cli.trainer.callback_metrics
 
 
-@pytest.mark.parametrize("subcommand", ["validate", "test"])
-def test_dqn_checkpoints_play_evaluation_games(subcommand, tmp_path):
-    config = ROOT / "configs/dqn/space_invaders_wn.yaml"
-    main(fast_dev_run_args(config, tmp_path) + ["--trainer.fast_dev_run=false", "--trainer.max_steps=2"])
-    checkpoint = tmp_path / "checkpoints/last.ckpt"
-    args = [subcommand, f"--config={config}", "--trainer.accelerator=cpu", f"--ckpt_path={checkpoint}", *SHORT_PLAY,
+def test_dqn_resumes_and_plays_evaluation_games_with_ckpt_path_last(tmp_path):
+    args = [f"--config={ROOT / 'configs/dqn/space_invaders_wn.yaml'}", "--trainer.accelerator=cpu", *SHORT_PLAY,
             f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]  # fmt: skip
-    cli = main(args)
-    prefix = "eval" if subcommand == "validate" else "test"
-    assert cli.trainer.callback_metrics[f"{prefix}/return"] >= 0 and cli.model.env_steps == 500 + 2 * 4
+    main(["fit", *args, "--trainer.max_steps=2"])
+    resumed = main(["fit", *args, "--trainer.max_steps=4", "--ckpt_path", "last"])
+    played = (500 + 2 * 4) + 500 + 2 * 4  # restored, the buffer refilled, then two more updates
+    assert resumed.trainer.global_step == 4 and resumed.model.env_steps == played
+    for subcommand, prefix in (("validate", "eval"), ("test", "test")):
+        cli = main([subcommand, *args, "--ckpt_path", "last"])
+        assert cli.trainer.callback_metrics[f"{prefix}/return"] >= 0 and cli.model.env_steps == played
+
+
+def test_help_and_errors_read_like_a_tool():
+    def zoo(*args):
+        return subprocess.run([sys.executable, "-m", "zoo", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    assert zoo("--help").stdout.startswith("usage: python -m zoo ")
+    typo = zoo("fit", "--config=configs/cifar10/wn.yaml", "--model.init_args.widht=3")
+    assert typo.returncode == 2
+    first, *_, last = typo.stderr.strip().splitlines()
+    assert first.startswith("error: ") and "usage:" not in typo.stderr
+    assert "Option 'widht' is not accepted" in typo.stderr and last == "`python -m zoo fit --help` lists every option."

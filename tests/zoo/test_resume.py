@@ -5,6 +5,7 @@ run's; a resumed run continues its counters and optimizer and never re-runs the 
 """
 
 import logging
+import shlex
 from pathlib import Path
 
 import pytest
@@ -45,11 +46,23 @@ def initialized(cli) -> bool:
     return callback.state_dict()["initialized"]
 
 
+def readme_resume_commands() -> list[list[str]]:
+    """The README's three commands under "Checkpoints and resuming", as argument lists after `python -m zoo`."""
+    section = (ROOT / "README.md").read_text().split("### Checkpoints and resuming", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+    assert all(command[:3] == ["python", "-m", "zoo"] for command in commands), commands
+    return [command[3:] for command in commands]
+
+
 @needs_fashion_mnist
-def test_fit_then_fit_and_test_with_ckpt_path_last_continue_the_run(tmp_path, data_dir, caplog):
+def test_the_readme_commands_fit_then_resume_then_test_the_trained_model(tmp_path, data_dir, caplog, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the README's paths are relative to the repository
     caplog.set_level(logging.INFO)
-    args = ["--config", str(FASHION_MNIST), *small(tmp_path, data_dir)]
-    first = main(["fit", *args, "--trainer.max_epochs=1"])
+    fit, resume, test = (command + small(tmp_path, data_dir) for command in readme_resume_commands())
+    assert [fit[0], resume[0], test[0]] == ["fit", "fit", "test"]
+    assert "--ckpt_path" not in fit and [c[c.index("--ckpt_path") + 1] for c in (resume, test)] == ["last", "last"]
+    first = main(fit)
     assert "data-dependent init on" in caplog.text
     caplog.clear()
     checkpoint = tmp_path / "checkpoints/last.ckpt"
@@ -58,13 +71,13 @@ def test_fit_then_fit_and_test_with_ckpt_path_last_continue_the_run(tmp_path, da
     trained = state(first)
 
     # nothing left to train: the restored weights come through untouched (no second init)
-    same = main(["fit", *args, "--trainer.max_epochs=1", "--ckpt_path", "last"])
+    same = main([*fit, "--ckpt_path", "last"])
     assert "data-dependent init" not in caplog.text and initialized(same)
     assert same.trainer.global_step == STEPS_PER_EPOCH
     for name, value in state(same).items():
         assert torch.equal(value, trained[name]), name
 
-    resumed = main(["fit", *args, "--trainer.max_epochs=2", "--ckpt_path", "last"])
+    resumed = main(resume)
     assert "data-dependent init" not in caplog.text
     assert resumed.trainer.global_step == 2 * STEPS_PER_EPOCH and resumed.trainer.current_epoch == 2
     adam = resumed.trainer.optimizers[0].state_dict()["state"]
@@ -72,7 +85,7 @@ def test_fit_then_fit_and_test_with_ckpt_path_last_continue_the_run(tmp_path, da
     assert any(not torch.equal(value, trained[name]) for name, value in state(resumed).items())
     (expected,) = resumed.trainer.test(resumed.model, resumed.datamodule, verbose=False)
 
-    tested = main(["test", *args, "--ckpt_path", "last"])
+    tested = main(test)
     assert tested.trainer.callback_metrics["test/error"].item() == pytest.approx(expected["test/error"], abs=1e-6)
     assert torch.load(checkpoint, weights_only=False)["global_step"] == 2 * STEPS_PER_EPOCH
 
