@@ -47,11 +47,11 @@ class ZooCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        if subcommand is None:
-            return
-        config = self.config[subcommand]
+        config = self.config[subcommand] if subcommand else self.config  # no subcommand: `run=False`
         if config.checkpoint.dirpath is None:  # one folder per config, the same on every DDP rank
             config.checkpoint.dirpath = str(Path(config.trainer.default_root_dir or ".") / "checkpoints")
+        if subcommand is None:
+            return
         if config.ckpt_path == "last":
             config.ckpt_path = self._last_checkpoint(Path(config.checkpoint.dirpath), subcommand)
         if config.ckpt_path and not Path(config.ckpt_path).is_dir():  # a folder is a sharded checkpoint

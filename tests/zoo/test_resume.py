@@ -93,7 +93,8 @@ def test_the_readme_commands_fit_then_resume_then_test_the_trained_model(tmp_pat
 @needs_fashion_mnist
 def test_a_new_run_in_the_same_folder_writes_beside_the_old_checkpoints(tmp_path, data_dir):
     args = ["--config", str(FASHION_MNIST), *small(tmp_path, data_dir), "--trainer.max_epochs=1"]
-    main(["fit", *args])
+    with pytest.warns(UserWarning, match="`--ckpt_path last`: no checkpoint in .* yet, so this fit starts a new run"):
+        main(["fit", *args, "--ckpt_path", "last"])
     old = (tmp_path / "checkpoints/last.ckpt").read_bytes()
     fresh = main(["fit", *args, "--seed_everything=1"])
     assert (tmp_path / "checkpoints/last.ckpt").read_bytes() == old
