@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.nets import CifarNet, Norm
@@ -48,6 +49,7 @@ class PaperClassifier(LightningModule):
         self.net = CifarNet(
             in_channels=in_channels, num_classes=num_classes, width=width, norm=norm, noise_std=noise_std, dropout=dropout
         )
+        self.train_loss = MeanMetric()  # the epoch's mean over every process's batches, reduced once per epoch
         self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
@@ -60,7 +62,9 @@ class PaperClassifier(LightningModule):
         logits = self(x)
         loss = nn.functional.cross_entropy(logits, y)
         self.train_accuracy(logits, y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.train_loss.update(loss.detach(), len(y))
+        self.log("train/loss_step", loss, prog_bar=True)
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
         self.log("train/accuracy", self.train_accuracy, on_step=False, on_epoch=True)
         return loss
 
@@ -78,10 +82,10 @@ class PaperClassifier(LightningModule):
         self.log(f"{stage}/accuracy", accuracy)  # torchmetrics aggregates over the epoch and all ranks
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/error", 1 - self.val_accuracy.compute(), prog_bar=True)
+        self.log("val/error", 1 - self.val_accuracy.compute(), prog_bar=True, sync_dist=True)  # equal on every rank
 
     def on_test_epoch_end(self) -> None:
-        self.log("test/error", 1 - self.test_accuracy.compute())
+        self.log("test/error", 1 - self.test_accuracy.compute(), sync_dist=True)
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self(batch[0]).argmax(1)
@@ -93,7 +97,7 @@ class PaperClassifier(LightningModule):
         lr, beta1 = schedule(self.current_epoch, self.trainer.max_epochs, self.hparams.lr)
         for group in self.trainer.optimizers[0].param_groups:
             group["lr"], group["betas"] = lr, (beta1, group["betas"][1])
-        self.log("charts/lr", lr)
+        self.log("charts/lr", lr, sync_dist=True)
 
 
 def schedule(epoch: int, max_epochs: int, lr: float) -> tuple[float, float]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -96,6 +97,8 @@ def last_checkpoint(folder: Path) -> Path | None:
 
 
 def main(args: list[str] | None = None, run: bool = True) -> ZooCLI:
+    # Lightning 2.6's own use of a torch API that torch 2.14 deprecates: nothing a user of the zoo can act on
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     return ZooCLI(
         LightningModule,
         None,  # any DataModule, and optional: DQN's data is its own play
