@@ -1,8 +1,9 @@
 """DQN (Mnih et al., 2015) as a LightningModule: the paper's Atari experiment, weight norm from the callback.
 
-Every training step reads like the algorithm: act for ``train_frequency`` environment steps
-(epsilon-greedy, into the replay buffer), then one update on a batch the dataloader sampled from
-that buffer, and every ``target_sync_every`` updates copy the network into the target network.
+Every training step reads like the algorithm: once every ``gradient_steps`` updates, act for
+``train_frequency`` environment steps (epsilon-greedy, into the replay buffer); then one update on
+a batch the dataloader sampled from that buffer, and every ``target_sync_every`` updates copy the
+network into the target network.
 The dataloader's first batch waits until ``learning_starts`` steps of play fill the buffer, so the
 ``WeightNormalization`` callback's data-dependent init sees real observations. Validation (and
 ``test``) plays ``eval_episodes`` whole games greedily. Under DDP every process acts in its own environments,
@@ -49,7 +50,9 @@ class DQN(LightningModule):
         buffer_size: transitions the replay buffer keeps, per process.
         optimizer: a ``torch.optim`` class name; ``lr`` its learning rate.
         learning_starts: environment steps of play that fill the buffer before the first update.
-        train_frequency: environment steps per update, per process (a multiple of ``num_envs``).
+        train_frequency: environment steps per collection, per process (a multiple of ``num_envs``).
+        gradient_steps: updates after each collection (Stable-Baselines3's ``gradient_steps``); 1, the
+            DQN paper's loop, acts before every update.
         target_sync_every: updates between copies of the network into the target network.
         exploration_steps: environment steps over which epsilon falls from ``epsilon_start`` to ``epsilon_end``.
         clip_rewards: learn from the sign of each reward (the logged returns stay the game's score).
@@ -70,6 +73,7 @@ class DQN(LightningModule):
         gamma: float = 0.99,
         learning_starts: int = 80_000,
         train_frequency: int = 4,
+        gradient_steps: int = 1,
         target_sync_every: int = 250,  # every 1000 environment steps, as CleanRL's 10M-step run
         epsilon_start: float = 1.0,
         epsilon_end: float = 0.01,
@@ -172,7 +176,9 @@ class DQN(LightningModule):
 
     @override
     def training_step(self, batch: Transitions, batch_idx: int) -> Tensor:
-        self.collect(self.hparams.train_frequency // self.hparams.num_envs)
+        h = self.hparams
+        if self.global_step % h.gradient_steps == 0:  # a resumed run continues its block of updates
+            self.collect(h.train_frequency // h.num_envs)
         loss, q = self.td_loss(batch)
         self._log_training(loss, q)
         return loss
@@ -287,7 +293,7 @@ class ReplayStream(IterableDataset):
 
 
 def _check_arguments(args: dict[str, Any]) -> None:
-    for name in ("num_envs", "buffer_size", "batch_size", "train_frequency", "target_sync_every", "updates_per_epoch", "eval_episodes"):
+    for name in ("num_envs", "buffer_size", "batch_size", "train_frequency", "gradient_steps", "target_sync_every", "updates_per_epoch", "eval_episodes"):
         if isinstance(args[name], bool) or not isinstance(args[name], int) or args[name] < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {args[name]!r}.")
     if args["train_frequency"] % args["num_envs"]:

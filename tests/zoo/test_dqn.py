@@ -1,6 +1,7 @@
 """DQN: TD targets, exploration, checkpoints that resume, target copies, DDP, and a CartPole agent that learns."""
 
 import copy
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -70,12 +71,37 @@ def test_bad_arguments_are_refused_with_the_fix():
         DQN(env_id="CartPole-v1", learning_starts=16)
     with pytest.raises(ValueError, match="`learning_starts`=600 must be at most half of `buffer_size`=1000"):
         DQN(env_id="CartPole-v1", learning_starts=600, buffer_size=1000)
+    with pytest.raises(ValueError, match="`gradient_steps` must be a positive integer, got 0"):
+        DQN(**cartpole, gradient_steps=0)
     with pytest.raises(ValueError, match=r"`epsilon_end` must be a probability in \[0, 1\]"):
         DQN(**cartpole, epsilon_end=1.5)
     with pytest.raises(ValueError, match="Unknown environment 'CartPol-v1'"):
         DQN(env_id="CartPol-v1", learning_starts=64)
     with pytest.raises(ValueError, match="no Atari ROM named 'space_invader'"):
         DQN(env_id="ALE/SpaceInvader-v5")
+
+
+def _cartpole_fit(max_steps, tmp_path, ckpt_path=None, **kwargs):
+    agent = DQN(env_id="CartPole-v1", num_envs=2, learning_starts=64, train_frequency=8, hidden=[16], updates_per_epoch=5,
+                eval_episodes=2, **kwargs)  # fmt: skip
+    trainer = Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(agent, ckpt_path=ckpt_path)
+    return agent, trainer
+
+
+@pytest.mark.parametrize(("gradient_steps", "updates"), [(1, 5), (3, 7), (4, 8)])
+def test_each_collection_of_train_frequency_steps_is_followed_by_gradient_steps_updates(gradient_steps, updates, tmp_path):
+    agent, _ = _cartpole_fit(updates, tmp_path, gradient_steps=gradient_steps)
+    assert agent.env_steps == 64 + 8 * math.ceil(updates / gradient_steps)
+
+
+def test_a_resumed_run_finishes_its_block_of_updates_before_it_collects(tmp_path):
+    _, trainer = _cartpole_fit(5, tmp_path, gradient_steps=3)  # collected before updates 0 and 3
+    trainer.save_checkpoint(tmp_path / "five.ckpt")
+    resumed, trainer = _cartpole_fit(9, tmp_path, ckpt_path=tmp_path / "five.ckpt", gradient_steps=3)
+    assert trainer.global_step == 9
+    assert resumed.env_steps == (64 + 8 * 2) + 64 + 8 * 1  # the buffer refilled, then one collection: before update 6
 
 
 def test_target_copies_of_a_weight_normalized_network_stay_correct():
