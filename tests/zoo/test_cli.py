@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from zoo.cli import main
@@ -74,6 +75,25 @@ def test_two_process_ddp_run_through_the_cli(config, layers, tmp_path):
     done = subprocess.run([sys.executable, "-m", "zoo", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"normalized {layers} layers" in done.stderr + done.stdout
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_resumes_with_ckpt_path_last(tmp_path):
+    args = fast_dev_run_args(ROOT / "configs/cifar10/wn.yaml", tmp_path) + [
+        "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.fast_dev_run=false", "--trainer.limit_val_batches=1",
+        "--model.init_args.width=8",
+    ]  # fmt: skip
+
+    def fit(*more):
+        done = subprocess.run([sys.executable, "-m", "zoo", *args, *more], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    assert "data-dependent init on 250 examples per rank" in fit("--trainer.max_steps=2")
+    resumed = fit("--trainer.max_steps=4", "--ckpt_path", "last")
+    assert f"Restored all states from the checkpoint at {tmp_path / 'checkpoints/last.ckpt'}" in resumed
+    assert "data-dependent init" not in resumed
+    assert torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 4
 
 
 @pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
