@@ -90,6 +90,7 @@ class ZooCLI(LightningCLI):
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         return super()._instantiate_trainer(config, callbacks)
 
+
 def last_checkpoint(folder: Path) -> Path | None:
     """The newest ``last.ckpt`` / ``last-vN.ckpt`` in ``folder``: the latest state of its most recent run."""
     candidates = [path for path in folder.glob("last*.ckpt") if re.fullmatch(r"last(-v\d+)?", path.stem)]
