@@ -19,6 +19,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
@@ -35,7 +36,7 @@ from lightning_wn.weight_norm import (
     select_layers,
 )
 
-_REFUSED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+_REFUSED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)  # and their subclasses
 
 
 class WeightNormalization(Callback):
@@ -89,6 +90,15 @@ class WeightNormalization(Callback):
             raise ValueError(f"`max_norm` must be a positive number or None, got {max_norm!r}.")
         if log_scale_factor is not None and not (log_scale_factor > 0 and math.isfinite(log_scale_factor)):
             raise ValueError(f"`log_scale_factor` must be a positive number or None, got {log_scale_factor!r}.")
+        if not weight_norm:  # each of these acts on g or v, which a plain layer does not have
+            ignored = {"mean_only_bn": mean_only_bn, "max_norm": max_norm, "log_scale_factor": log_scale_factor,
+                       "paper_init": paper_init}  # fmt: skip
+            for argument, value in ignored.items():
+                if value not in (None, False):
+                    raise ValueError(
+                        f"`{argument}`={value!r} needs weight norm, but `weight_norm`=False leaves the layers "
+                        f"plain: set `weight_norm=True`, or leave `{argument}` out."
+                    )
         for argument, value in (("include", include), ("exclude", exclude)):
             if isinstance(value, str):
                 raise TypeError(f"`{argument}` must be a list of names or patterns, got the string {value!r}.")
@@ -110,8 +120,8 @@ class WeightNormalization(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        strategy = type(trainer.strategy).__name__
-        if strategy in _REFUSED_STRATEGIES:
+        if isinstance(trainer.strategy, _REFUSED_STRATEGIES):
+            strategy = type(trainer.strategy).__name__
             raise RuntimeError(
                 f"WeightNormalization does not support `{strategy}`: it shards or restores parameters "
                 "in ways the reparameterization cannot follow. Use a single device or `strategy='ddp'`."
@@ -122,26 +132,37 @@ class WeightNormalization(Callback):
             self._normalize(pl_module)
 
     def _normalize(self, pl_module: pl.LightningModule) -> None:
+        selected = select_layers(pl_module, self.include, self.exclude)
+        self.normalized = selected
         if not self.weight_norm:
-            self.normalized = select_layers(pl_module, self.include, self.exclude)  # only initialized
-            return
-        if any(is_weight_normalized(m) for m in pl_module.modules()):
-            return  # a second fit, or a model normalized before: keep what is there
-        options = {"log_scale_factor": self.log_scale_factor, "paper_init": self.paper_init}
-        self.normalized = apply_weight_norm(pl_module, self.include, self.exclude, **options)
-        if self.mean_only_bn:
-            modules = dict(pl_module.named_modules())
-            for name in self.normalized:
-                attach_mean_only_bn(modules[name])
-        extra = " with mean-only batch norm" if self.mean_only_bn else ""
-        rank_zero_info(f"WeightNormalization: normalized {len(self.normalized)} layers{extra}: {', '.join(self.normalized)}")
+            return  # only initialized
+        modules = dict(pl_module.named_modules())
+        # a second fit finds its layers normalized; a layer the user normalized by hand stays as it is
+        plain = [name for name in selected if not is_weight_normalized(modules[name])]
+        if plain:
+            apply_weight_norm(pl_module, plain, log_scale_factor=self.log_scale_factor, paper_init=self.paper_init)
+        attached = [name for name in selected if self.mean_only_bn and "mean_only_bn" not in modules[name]._modules]
+        for name in attached:
+            attach_mean_only_bn(modules[name])
+        if plain or attached:
+            kept = f" ({len(selected) - len(plain)} of them already were)" if len(plain) < len(selected) else ""
+            extra = f", {len(attached)} with mean-only batch norm" if attached else ""
+            rank_zero_info(f"WeightNormalization: normalized {len(selected)} layers{kept}{extra}: {', '.join(selected)}")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Whether the init ran is our own state, restored or not: a tuner (BatchSizeFinder, LearningRateFinder)
+        # also restores a checkpoint, one saved before the init
         if self._restored is not None:  # restored state is applied here, not in load_state_dict
             self.initialized = self.initialized or bool(self._restored.get("initialized"))
             self._restored = None
-        if not self.data_init or self.initialized or trainer.ckpt_path is not None:
+        elif trainer.ckpt_path is not None and not self.initialized:
+            rank_zero_info(
+                f"WeightNormalization: {trainer.ckpt_path} holds no state of this callback; its weights were "
+                "trained without it, so they are kept and the data-dependent init does not run."
+            )
+            self.initialized = True
+        if not self.data_init or self.initialized:
             return
         inputs = self._init_inputs(trainer, pl_module)
         with trainer.precision_plugin.train_step_context():

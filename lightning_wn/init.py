@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -107,6 +108,15 @@ def data_dependent_init(
         raise ValueError(f"`init_scale` must be a positive number, got {init_scale!r}.")
     _check_batch(inputs)
     targets, report = _targets(model, modules)
+    again = [name for name, module in targets.items() if getattr(module, _INITIALIZED, False)]
+    if again:
+        warnings.warn(
+            f"data_dependent_init: {_preview_names(again)} were initialized by an earlier call; this one rescales "
+            "them again, to statistics that the first init already set. Call it once per model (a resumed model "
+            "must not be initialized again), or pass `modules` to pick the others.",
+            UserWarning,
+            stacklevel=2,
+        )
     # prepended: a layer's own hooks (an attached mean-only batch norm) must see the initialized output
     handles = [
         m.register_forward_hook(_InitHook(name, init_scale, min_std, report), prepend=True)
@@ -122,10 +132,20 @@ def data_dependent_init(
     finally:
         for handle in handles:
             handle.remove()
-    for name in targets:
-        if name not in report.modules:
+    for name, module in targets.items():
+        if name in report.modules:
+            setattr(module, _INITIALIZED, True)  # read by a second call, to warn
+        else:
             report.skipped[name] = "not called by the forward pass"
     return report
+
+
+_INITIALIZED = "_lightning_wn_data_initialized"
+
+
+def _preview_names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(f"`{name}`" for name in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 class _InitHook:

@@ -255,6 +255,10 @@ def test_bad_arguments_fail_before_training():
         WeightNormalization(max_norm=0)
     with pytest.raises(TypeError, match="`include` must be a list of names or patterns, got the string 'net.0'"):
         WeightNormalization(include="net.0")
+    for option in ({"mean_only_bn": True}, {"max_norm": 2.0}, {"log_scale_factor": 3.0}, {"paper_init": True}):
+        (name, value), = option.items()
+        with pytest.raises(ValueError, match=f"`{name}`={value!r} needs weight norm, but `weight_norm`=False"):
+            WeightNormalization(weight_norm=False, **option)
 
     class NoTraining(ConvClassifier):
         def training_step(self, batch, batch_idx):
@@ -273,9 +277,59 @@ def test_bad_arguments_fail_before_training():
 
 
 def test_sharding_strategies_are_refused():
-    fake_trainer = SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(RuntimeError, match="does not support `FSDPStrategy`.*strategy='ddp'"):
-        WeightNormalization().setup(fake_trainer, ConvClassifier(), "fit")
+    class MyFSDP(FSDPStrategy):
+        pass
+
+    for strategy in (FSDPStrategy(), MyFSDP()):
+        with pytest.raises(RuntimeError, match=f"does not support `{type(strategy).__name__}`.*strategy='ddp'"):
+            WeightNormalization().setup(SimpleNamespace(strategy=strategy), ConvClassifier(), "fit")
+
+
+def test_a_layer_normalized_by_hand_keeps_its_parameters_and_the_rest_are_normalized_too():
+    model = ConvClassifier()
+    lightning_wn.weight_norm(model.net[0])
+    g = model.net[0].parametrizations.weight.original0
+    wn = WeightNormalization(include=["Conv2d", "Linear"], mean_only_bn=True, init_samples=64)
+    trainer(max_steps=0, callbacks=[wn]).fit(model, RandomImages())
+    assert [name for name, _ in weight_normalized_modules(model)] == wn.normalized == ["net.0", "net.2", "net.6"]
+    assert model.net[0].parametrizations.weight.original0 is g
+    assert all(isinstance(model.net[i].mean_only_bn, MeanOnlyBatchNorm) for i in (0, 2, 6))
+
+
+@pytest.mark.parametrize("tuner", ["BatchSizeFinder", "LearningRateFinder"])
+@pytest.mark.parametrize("tuner_first", [True, False], ids=["tuner-first", "tuner-last"])
+def test_the_init_runs_with_a_tuner_in_either_order(tuner, tuner_first):
+    from lightning.pytorch import callbacks
+
+    seed_everything(0)
+    options = {"max_trials": 2, "steps_per_trial": 1} if tuner == "BatchSizeFinder" else {"num_training_steps": 3}
+    model, data, wn = ConvClassifier(), RandomImages(), WeightNormalization(init_samples=64)
+    found = getattr(callbacks, tuner)(**options)
+    t = trainer(max_steps=1, callbacks=[found, wn] if tuner_first else [wn, found])
+    t.fit(model, data)
+    assert wn.initialized
+    with torch.no_grad():  # the init's statistics, before the one training step
+        first = model.net[0](data.x[:64])
+    assert first.mean((0, 2, 3)).abs().max() < 0.3 and (first.std((0, 2, 3)) - 1).abs().max() < 0.3
+
+
+def test_a_checkpoint_without_the_callbacks_state_keeps_its_weights(tmp_path, monkeypatch):
+    model, data = ConvClassifier(), RandomImages()
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(max_steps=2, callbacks=[WeightNormalization(init_samples=64), saver], enable_checkpointing=True).fit(model, data)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    del saved["callbacks"]["WeightNormalization"]  # as if written by a run without the callback
+    torch.save(saved, tmp_path / "last.ckpt")
+
+    class Probe(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    monkeypatch.setattr(callback_module, "data_dependent_init", lambda *a, **k: pytest.fail("trained weights re-initialized"))
+    probe, resumed = Probe(), ConvClassifier()
+    trainer(max_steps=3, callbacks=[WeightNormalization(init_samples=64), probe]).fit(resumed, data, ckpt_path=tmp_path / "last.ckpt")
+    for name, value in saved["state_dict"].items():
+        assert torch.equal(probe.state[name], value), name
 
 
 @pytest.mark.slow

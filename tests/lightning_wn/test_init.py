@@ -3,6 +3,7 @@
 import math
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -165,6 +166,16 @@ def test_model_inputs_as_tuple_and_dict():
     x = {"left": torch.randn(40, 2), "right": torch.randn(40, 5)}
     assert set(data_dependent_init(TwoInputs(), x).modules) == {"a", "b"}
     assert set(data_dependent_init(TwoInputs(), (x["left"], x["right"])).modules) == {"a", "b"}
+
+
+def test_a_second_call_on_the_same_layers_warns():
+    model = nn.Sequential(weight_norm(nn.Linear(4, 8)), nn.ReLU(), weight_norm(nn.Linear(8, 2)))
+    x = torch.randn(64, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the first call is silent
+        data_dependent_init(model, x)
+    with pytest.warns(UserWarning, match="`0`, `2` were initialized by an earlier call; this one rescales them again"):
+        data_dependent_init(model, x)
 
 
 def test_bad_input_raises_clear_errors():
