@@ -113,7 +113,7 @@ class WeightNorm(nn.Module):
     def _weight_for(self, v: Tensor, key: tuple) -> Tensor:
         if key == self._key and self._weight is not None:
             return self._weight
-        if not key[2]:  # no grad mode: no graph to guard, so ATen's op, cached
+        if not key[0]:  # no grad mode: no graph to guard, so ATen's op, cached
             return self._remember(key, torch._weight_norm(v, self.g(), self.dim))
         if key != self._key:
             # the step's first call takes ATen's op, whose backward runs without Python; its
@@ -134,7 +134,11 @@ class WeightNorm(nn.Module):
         )
 
     def _cache_key(self, v: Tensor) -> tuple:
-        return (v._version, self.magnitude_param._version, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        # which tensors (functional_call, load_state_dict(assign=True) swap them), their versions, the grad mode.
+        # The tensors themselves come last: the key keeps them alive, so equal ids mean the same tensors, and
+        # tuple equality stops at the first unequal id before it would compare tensors
+        m = self.magnitude_param
+        return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), id(v), id(m), v._version, m._version, v, m)
 
     def _remember(self, key: tuple | None, weight: Tensor | None) -> Tensor | None:
         # straight into __dict__: nn.Module.__setattr__ costs about a microsecond per call

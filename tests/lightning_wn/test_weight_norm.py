@@ -187,6 +187,27 @@ def test_linear_scales_its_output_only_where_that_is_cheaper(monkeypatch, featur
     torch.testing.assert_close(second, first)
     torch.testing.assert_close(third, first)  # w does not depend on the length of v
 
+@pytest.mark.parametrize("features", [4, 1024], ids=["built-w", "output-scaling"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_the_cached_weight_follows_which_tensors_are_used_not_only_their_versions(features, grad):
+    def expected(params, x):
+        w = torch._weight_norm(params["parametrizations.weight.original1"], params["parametrizations.weight.original0"], 0)
+        return nn.functional.linear(x, w, params["bias"])
+
+    layer = weight_norm(nn.Linear(features, 512 if features > 4 else 3))
+    x = torch.randn(4, features)
+    a = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+    b = {k: torch.randn_like(v) for k, v in a.items()}
+    with torch.set_grad_enabled(grad):
+        for params in (a, a, b, b, a):  # twice each: the second call would be served from the cache
+            out = torch.func.functional_call(layer, params, (x,))
+            torch.testing.assert_close(out, expected(params, x))
+        for params in (a, b):
+            layer.load_state_dict({k: nn.Parameter(v.clone()) for k, v in params.items()}, assign=True)
+            for _ in range(2):
+                torch.testing.assert_close(layer(x), expected(params, x))
+
+
 
 @pytest.mark.parametrize("kind", ["conv2d", "linear_output_scaled", "lstm_cell"])
 def test_second_forward_and_backward_without_a_step_accumulate_like_torch(kind):
