@@ -122,6 +122,9 @@ def data_dependent_init(
         m.register_forward_hook(_InitHook(name, init_scale, min_std, report), prepend=True)
         for name, m in targets.items()
     ]
+    # what the hooks rescale, kept to put back if the forward fails halfway: the model is then as it was
+    touched = {id(t): t for m in targets.values() for t in (*m.parameters(), *m.buffers())}
+    before = {key: t.clone() for key, t in touched.items()}
     try:
         if isinstance(inputs, dict):
             model(**inputs)
@@ -129,6 +132,10 @@ def data_dependent_init(
             model(*inputs)
         else:
             model(inputs)
+    except BaseException:
+        for key, tensor in touched.items():
+            tensor.copy_(before[key])
+        raise
     finally:
         for handle in handles:
             handle.remove()
@@ -163,7 +170,7 @@ class _InitHook:
             self._init_mean_only_bn(module, args[0], output)
             return
         axis = -1 if isinstance(module, nn.Linear) else 1
-        mean, var = _unit_moments(output, axis)
+        mean, var = _unit_moments(output, axis, self.name)
         std = var.sqrt()
         tiny = std < self.min_std
         scale = torch.where(tiny, 1.0, self.init_scale / std)
@@ -187,7 +194,7 @@ class _InitHook:
         )
 
     def _init_mean_only_bn(self, module: MeanOnlyBatchNorm, x: Tensor, output: Tensor) -> None:
-        mean, var = _unit_moments(x, 1)
+        mean, var = _unit_moments(x, 1, self.name)
         shift = mean.to(module.running_mean.dtype) - module.running_mean
         module.running_mean.add_(shift)
         if not module.training:  # eval subtracted the old running mean; a fresh pass uses the new one
@@ -197,20 +204,26 @@ class _InitHook:
         )
 
 
-def _unit_moments(y: Tensor, axis: int) -> tuple[Tensor, Tensor]:
-    """Per-unit mean and variance along ``axis``, over all ranks, in float64."""
+def _unit_moments(y: Tensor, axis: int, name: str) -> tuple[Tensor, Tensor]:
+    """Per-unit mean and variance along ``axis``, over all ranks, in float64 (squares of 1e20 fit)."""
     axis = axis % y.dim()
-    if y.dtype not in (torch.float32, torch.float64):
-        y = y.float()
+    y = y.double()
     var, mean = torch.var_mean(y, dim=[d for d in range(y.dim()) if d != axis], correction=0)
-    if not (dist.is_available() and dist.is_initialized()):
-        return mean.double(), var.double()
     count = torch.full((1,), y.numel() // y.shape[axis], dtype=torch.float64, device=y.device)
-    sums = torch.cat([count, mean.double() * count, (var.double() + mean.double().square()) * count])
-    dist.all_reduce(sums)
-    count, total, total_sq = sums[0], sums[1 : 1 + mean.numel()], sums[1 + mean.numel() :]
-    mean = total / count
-    return mean, (total_sq / count - mean.square()).clamp_min(0.0)
+    if dist.is_available() and dist.is_initialized():
+        sums = torch.cat([count, mean * count, (var + mean.square()) * count])
+        dist.all_reduce(sums)
+        count, total, total_sq = sums[:1], sums[1 : 1 + mean.numel()], sums[1 + mean.numel() :]
+        mean = total / count
+        var = (total_sq / count - mean.square()).clamp_min(0.0)
+    if count.item() < 2:
+        raise ValueError(
+            f"Module `{name}` gives one value per output unit on the init batch: no variance to measure. "
+            "Pass a batch of several examples (the paper used a few hundred)."
+        )
+    if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+        raise ValueError(f"Module `{name}`'s outputs on the init batch are not finite (overflow): scale the inputs down.")
+    return mean, var
 
 
 def _scale_magnitude(module: nn.Module, scale: Tensor) -> None:

@@ -1,5 +1,6 @@
 """data_dependent_init: after it, every target's output is standardized on the init batch."""
 
+import copy
 import math
 import os
 import socket
@@ -176,6 +177,36 @@ def test_a_second_call_on_the_same_layers_warns():
         data_dependent_init(model, x)
     with pytest.warns(UserWarning, match="`0`, `2` were initialized by an earlier call; this one rescales them again"):
         data_dependent_init(model, x)
+
+
+def test_huge_inputs_do_not_overflow_the_statistics():
+    model = nn.Sequential(weight_norm(nn.Linear(8, 16)), nn.ReLU(), weight_norm(nn.Linear(16, 4)))
+    x = torch.randn(256, 8) * 1e20  # squares overflow float32
+    data_dependent_init(model, x)
+    with torch.no_grad():
+        out = model(x).double()
+    assert out.mean(0).abs().max() < 1e-3 and (out.std(0, unbiased=False) - 1).abs().max() < 1e-3
+
+
+def test_a_batch_of_one_is_an_error_not_a_silent_no_op():
+    model = nn.Sequential(weight_norm(nn.Linear(8, 16)))
+    g = model[0].parametrizations.weight.original0.detach().clone()
+    with pytest.raises(ValueError, match="Module `0` gives one value per output unit on the init batch"):
+        data_dependent_init(model, torch.randn(1, 8))
+    assert torch.equal(model[0].parametrizations.weight.original0, g)
+
+
+def test_a_forward_that_fails_halfway_leaves_the_model_as_it_was():
+    class Fails(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("a bug further down the network")
+
+    model = nn.Sequential(weight_norm(nn.Linear(8, 16)), nn.ReLU(), nn.Linear(16, 4), Fails())
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match="a bug further down"):
+        data_dependent_init(model, torch.randn(64, 8), modules=["0", "2"])
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
 
 
 def test_bad_input_raises_clear_errors():
