@@ -61,12 +61,17 @@ class WeightNorm(nn.Module):
         super().__init__()
         weight = weight.detach()
         magnitude = norm_except_dim(weight, dim)
+        zero = magnitude == 0
+        if zero.any():  # a zero unit (nn.init.zeros_) has no direction: give it one; g = 0 keeps w exactly 0
+            weight = torch.where(zero, torch.randn_like(weight), weight)
+            magnitude = torch.where(zero, 0.0, norm_except_dim(weight, dim))
         self.dim = dim
         self.log_scale_factor = log_scale_factor
         if log_scale_factor is None:
             self.original0 = nn.Parameter(magnitude)
         else:
-            self.s = nn.Parameter(magnitude.log() / log_scale_factor)
+            tiny = torch.finfo(magnitude.dtype).tiny  # g = 0 is exp(-inf): the smallest normal number instead
+            self.s = nn.Parameter(magnitude.clamp_min(tiny).log() / log_scale_factor)
             self.register_buffer("c", torch.tensor(float(log_scale_factor)))  # lets a state dict be folded alone
         self.original1 = nn.Parameter(weight)
         self._forget()

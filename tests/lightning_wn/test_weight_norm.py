@@ -209,6 +209,23 @@ def test_the_cached_weight_follows_which_tensors_are_used_not_only_their_version
 
 
 
+@pytest.mark.parametrize("make", [lambda: nn.Linear(6, 4), lambda: nn.Conv2d(3, 4, 3)], ids=["linear", "conv"])
+@pytest.mark.parametrize("log_scale_factor", [None, 3.0])
+def test_a_zero_initialized_layer_stays_finite_forward_and_backward(make, log_scale_factor):
+    layer = make()
+    nn.init.zeros_(layer.weight)
+    with torch.no_grad():
+        layer.weight[0] = 1.0  # one unit with a direction, the others without
+    plain = copy.deepcopy(layer)
+    weight_norm(layer, log_scale_factor=log_scale_factor)
+    x = torch.randn(2, *((6,) if isinstance(layer, nn.Linear) else (3, 5, 5)))
+    out = layer(x)
+    torch.testing.assert_close(out, plain(x))  # w is the zero weight, exactly as before
+    out.square().sum().backward()
+    grads = [p.grad for p in layer.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
 @pytest.mark.parametrize("kind", ["conv2d", "linear_output_scaled", "lstm_cell"])
 def test_second_forward_and_backward_without_a_step_accumulate_like_torch(kind):
     make, shape = LAYERS[kind]
