@@ -59,21 +59,34 @@ class WeightNorm(nn.Module):
 
     def __init__(self, weight: Tensor, dim: int, log_scale_factor: float | None = None) -> None:
         super().__init__()
-        weight = weight.detach()
-        magnitude = norm_except_dim(weight, dim)
-        zero = magnitude == 0
-        if zero.any():  # a zero unit (nn.init.zeros_) has no direction: give it one; g = 0 keeps w exactly 0
-            weight = torch.where(zero, torch.randn_like(weight), weight)
-            magnitude = torch.where(zero, 0.0, norm_except_dim(weight, dim))
         self.dim = dim
         self.log_scale_factor = log_scale_factor
+        v, magnitude = self._split(weight.detach())
         if log_scale_factor is None:
             self.original0 = nn.Parameter(magnitude)
         else:
-            tiny = torch.finfo(magnitude.dtype).tiny  # g = 0 is exp(-inf): the smallest normal number instead
-            self.s = nn.Parameter(magnitude.clamp_min(tiny).log() / log_scale_factor)
+            self.s = nn.Parameter(magnitude)
             self.register_buffer("c", torch.tensor(float(log_scale_factor)))  # lets a state dict be folded alone
-        self.original1 = nn.Parameter(weight)
+        self.original1 = nn.Parameter(v)
+        self._forget()
+
+    def _split(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """``v`` and the magnitude parameter (``g``, or ``s``) that give ``weight``."""
+        magnitude = norm_except_dim(weight, self.dim)
+        zero = magnitude == 0
+        if not weight.is_meta and zero.any():  # a zero unit (nn.init.zeros_) has no direction: give it one, g = 0
+            weight = torch.where(zero, torch.randn_like(weight), weight)
+            magnitude = torch.where(zero, 0.0, norm_except_dim(weight, self.dim))
+        if self.log_scale_factor is not None:  # g = 0 is exp(-inf): the smallest normal number instead
+            magnitude = magnitude.clamp_min(torch.finfo(magnitude.dtype).tiny).log() / self.log_scale_factor
+        return weight, magnitude
+
+    @torch.no_grad()
+    def reset(self, weight: Tensor) -> None:
+        """Set ``g`` and ``v`` in place so that they give ``weight``."""
+        v, magnitude = self._split(weight.detach().to(self.v.dtype))
+        self.v.copy_(v)
+        self.magnitude_param.copy_(magnitude)
         self._forget()
 
     # parameters are read from ``_parameters`` directly: nn.Module's attribute fallback costs
@@ -116,8 +129,11 @@ class WeightNorm(nn.Module):
         return nn.functional.linear(x, self._weight_for(v, key), bias)
 
     def _weight_for(self, v: Tensor, key: tuple) -> Tensor:
-        if key == self._key and self._weight is not None:
-            return self._weight
+        weight = self._weight
+        if weight is not None and key == self._key:
+            if weight._version != self._weight_version:
+                self._refuse_written_weight()
+            return weight
         if not key[0]:  # no grad mode: no graph to guard, so ATen's op, cached
             return self._remember(key, torch._weight_norm(v, self.g(), self.dim))
         if key != self._key:
@@ -146,12 +162,24 @@ class WeightNorm(nn.Module):
         return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), id(v), id(m), v._version, m._version, v, m)
 
     def _remember(self, key: tuple | None, weight: Tensor | None) -> Tensor | None:
+        self._refuse_written_weight()
         # straight into __dict__: nn.Module.__setattr__ costs about a microsecond per call
-        self.__dict__.update(_key=key, _weight=weight)
+        self.__dict__.update(_key=key, _weight=weight, _weight_version=None if weight is None else weight._version)
         return weight
 
+    def _refuse_written_weight(self) -> None:
+        """An in-place write into the computed ``w`` (``nn.init.*_(layer.weight)``) would silently vanish."""
+        weight = self._weight
+        if weight is not None and weight._version != self._weight_version:
+            self._forget()
+            raise RuntimeError(
+                "A weight-normalized layer's weight was written in place, but it is computed from g and v, so the "
+                "write would be lost. Re-initialize the layer with `layer.reset_parameters()`, or set a weight W "
+                "with `layer.parametrizations.weight.reset(W)`."
+            )
+
     def _forget(self) -> None:
-        self._remember(None, None)
+        self.__dict__.update(_key=None, _weight=None, _weight_version=None)
 
     def _apply(self, fn, recurse=True):
         self._forget()
@@ -448,12 +476,27 @@ def _normalized_class(base: type[nn.Module], names: tuple[str, ...]) -> type[nn.
         attrs["forward"] = _linear_forward
     if issubclass(base, nn.RNNBase):
         attrs["_flat_weights"] = property(_flat_weights, _ignore_assignment)
+    if hasattr(base, "reset_parameters"):
+        attrs["reset_parameters"] = _reset_parameters
     return type(f"WeightNormed{base.__name__}", (base,), attrs)
 
 
 def _normalized_tensor(module: nn.Module, name: str) -> Tensor:
     # .forward() skips nn.Module's hook dispatch; _modules skips its attribute fallback
     return module._modules["parametrizations"]._modules[name].forward()
+
+
+def _reset_parameters(self: nn.Module) -> None:
+    """The base layer's own init (the meta device -> ``to_empty`` -> ``reset_parameters`` path), drawn into
+    plain tensors on a stand-in that shares every other parameter, then split into ``g`` and ``v``."""
+    base, names = type(self)._wn_base, type(self)._wn_names
+    norms = self._modules["parametrizations"]._modules
+    plain = base.__new__(base)
+    plain.__dict__.update(self.__dict__)
+    plain._parameters = {**self._parameters, **{n: nn.Parameter(torch.empty_like(norms[n].v)) for n in names}}
+    base.reset_parameters(plain)
+    for name in names:
+        norms[name].reset(plain._parameters[name])
 
 
 def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:

@@ -226,6 +226,35 @@ def test_a_zero_initialized_layer_stays_finite_forward_and_backward(make, log_sc
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize(
+    "make", [lambda: nn.Linear(64, 32), lambda: nn.ConvTranspose2d(8, 4, 3), lambda: nn.LSTM(4, 8)], ids=["linear", "conv-transpose", "lstm"]
+)
+def test_reset_parameters_reinitializes_g_and_v_after_to_empty(make):
+    torch.manual_seed(0)
+    reference = make()  # the layer's own init, for its scale
+    with torch.device("meta"):
+        layer = weight_norm(make())
+    layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    for name in type(layer)._wn_names:
+        w, expected = getattr(layer, name), getattr(reference, name)
+        assert torch.isfinite(w).all() and w.abs().max().item() <= expected.abs().max().item() * 1.01
+        assert w.std().item() == pytest.approx(expected.std().item(), rel=0.15)  # drawn as the plain layer draws
+    assert all(torch.isfinite(p).all() for p in layer.parameters())
+
+
+def test_writing_into_the_computed_weight_is_refused_with_the_fix():
+    layer = weight_norm(nn.Linear(4, 3))
+    with torch.no_grad():
+        layer.weight.normal_()  # writes into a computed tensor, not into g or v
+    with pytest.raises(RuntimeError, match="weight was written in place.*`layer.reset_parameters\(\)`"):
+        layer(torch.randn(2, 4))
+    wanted = torch.randn(3, 4)
+    layer.parametrizations.weight.reset(wanted)
+    torch.testing.assert_close(layer.weight, wanted)
+    layer(torch.randn(2, 4)).sum().backward()  # and it trains from there
+
+
 @pytest.mark.parametrize("kind", ["conv2d", "linear_output_scaled", "lstm_cell"])
 def test_second_forward_and_backward_without_a_step_accumulate_like_torch(kind):
     make, shape = LAYERS[kind]
