@@ -379,6 +379,7 @@ def apply_weight_norm(
                 f"Module `{name}` ({type(modules[name]).__name__}) is already weight-normalized. "
                 "Leave it out with `exclude`, or call `remove_weight_norm` first."
             )
+    _refuse_tied_weights(modules, names)
     for name in names:
         weight_norm(modules[name], **options)
     return names
@@ -456,6 +457,25 @@ def limit_direction_norm(model: nn.Module, max_norm: float) -> int:
             normalized.v.mul_(torch.where(too_long, max_norm / norm, 1.0))
             rescaled += int(too_long.sum())
     return rescaled
+
+
+def _refuse_tied_weights(modules: dict[str, nn.Module], names: list[str]) -> None:
+    """A weight shared by two modules (tied embeddings) would be untied: two ``g``, and ``v`` stepped twice."""
+    owners: dict[int, list[str]] = {}
+    for module_name, module in modules.items():
+        for param_name, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append(f"{module_name}.{param_name}".lstrip("."))
+    for name in names:
+        for tensor_name in default_names(modules[name]):
+            param = modules[name]._parameters.get(tensor_name)
+            shared = owners.get(id(param), []) if param is not None else []
+            if len(shared) > 1:
+                layers = sorted({owner.rpartition(".")[0] for owner in shared})
+                raise ValueError(
+                    f"{' and '.join(f'`{s}`' for s in shared)} are one tensor (tied weights): weight norm would untie "
+                    f"it into two g and v. Leave the tied layers out: `exclude`={layers!r}."
+                )
 
 
 # --- the per-class machinery -------------------------------------------------------------------

@@ -255,6 +255,19 @@ def test_writing_into_the_computed_weight_is_refused_with_the_fix():
     layer(torch.randn(2, 4)).sum().backward()  # and it trains from there
 
 
+def test_tied_weights_are_refused_not_silently_untied():
+    class TiedAutoencoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.decode = nn.Linear(6, 6, bias=False), nn.Linear(6, 6)
+            self.decode.weight = self.embed.weight  # one tensor, two layers
+
+    model = TiedAutoencoder()
+    with pytest.raises(ValueError, match=r"`embed.weight` and `decode.weight` are one tensor \(tied weights\).*\['decode', 'embed'\]"):
+        apply_weight_norm(model)
+    assert not any(is_weight_normalized(m) for m in model.modules())  # refused before anything changed
+
+
 @pytest.mark.parametrize("kind", ["conv2d", "linear_output_scaled", "lstm_cell"])
 def test_second_forward_and_backward_without_a_step_accumulate_like_torch(kind):
     make, shape = LAYERS[kind]
