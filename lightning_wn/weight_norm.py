@@ -131,7 +131,8 @@ class WeightNorm(nn.Module):
     def _weight_for(self, v: Tensor, key: tuple) -> Tensor:
         weight = self._weight
         if weight is not None and key == self._key:
-            if weight._version != self._weight_version:
+            version = self._weight_version
+            if version is not None and weight._version != version:
                 self._refuse_written_weight()
             return weight
         if not key[0]:  # no grad mode: no graph to guard, so ATen's op, cached
@@ -164,13 +165,15 @@ class WeightNorm(nn.Module):
     def _remember(self, key: tuple | None, weight: Tensor | None) -> Tensor | None:
         self._refuse_written_weight()
         # straight into __dict__: nn.Module.__setattr__ costs about a microsecond per call
-        self.__dict__.update(_key=key, _weight=weight, _weight_version=None if weight is None else weight._version)
+        # inference tensors keep no version counter (and cannot be written outside inference mode)
+        version = None if weight is None or weight.is_inference() else weight._version
+        self.__dict__.update(_key=key, _weight=weight, _weight_version=version)
         return weight
 
     def _refuse_written_weight(self) -> None:
         """An in-place write into the computed ``w`` (``nn.init.*_(layer.weight)``) would silently vanish."""
-        weight = self._weight
-        if weight is not None and weight._version != self._weight_version:
+        weight, version = self._weight, self._weight_version
+        if version is not None and weight is not None and weight._version != version:
             self._forget()
             raise RuntimeError(
                 "A weight-normalized layer's weight was written in place, but it is computed from g and v, so the "
