@@ -171,7 +171,10 @@ class WeightNorm(nn.Module):
         return weight
 
     def _refuse_written_weight(self) -> None:
-        """An in-place write into the computed ``w`` (``nn.init.*_(layer.weight)``) would silently vanish."""
+        """An in-place write into a cached ``w`` (``with torch.no_grad(): layer.weight.normal_()``) would vanish.
+
+        A ``w`` that grad mode built for one use is not cached, and a write into it is not seen here.
+        """
         weight, version = self._weight, self._weight_version
         if version is not None and weight is not None and weight._version != version:
             self._forget()
