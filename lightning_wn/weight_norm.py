@@ -108,8 +108,8 @@ class WeightNorm(nn.Module):
     def forward(self) -> Tensor:
         """``w``; from a step's second call on, a cached one, until ``g``, ``v`` or the grad mode change."""
         v = self.v
-        if torch.compiler.is_compiling():  # the op torch's own weight norm compiles to (inductor's lowering of
-            return torch._weight_norm(v, self.g(), self.dim)  # _weight_norm_interface gave NaN on AVX2 kernels)
+        if torch.compiler.is_compiling():
+            return NormalizedWeight.apply(v, self.g(), self.dim)
         return self._weight_for(v, self._cache_key(v))
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
