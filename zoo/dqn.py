@@ -49,11 +49,15 @@ class DQN(LightningModule):
         num_envs: environments stepped together in each process.
         buffer_size: transitions the replay buffer keeps, per process.
         optimizer: a ``torch.optim`` class name; ``lr`` its learning rate.
+        lr_end_factor: the learning rate falls linearly to ``lr * lr_end_factor`` over the
+            trainer's ``max_steps`` updates; 1 keeps it constant.
         learning_starts: environment steps of play that fill the buffer before the first update.
         train_frequency: environment steps per collection, per process (a multiple of ``num_envs``).
         gradient_steps: updates after each collection (Stable-Baselines3's ``gradient_steps``); 1, the
             DQN paper's loop, acts before every update.
-        target_sync_every: updates between copies of the network into the target network.
+        target_sync_every: updates between target-network updates.
+        target_tau: each target update moves the target network this far towards the network
+            (Polyak averaging, ``target <- target + tau * (net - target)``); 1 copies it (the DQN paper).
         exploration_steps: environment steps over which epsilon falls from ``epsilon_start`` to ``epsilon_end``.
         clip_rewards: learn from the sign of each reward (the logged returns stay the game's score).
         life_loss_terminal: a lost life ends the bootstrapping (not the logged episode).
@@ -70,11 +74,13 @@ class DQN(LightningModule):
         batch_size: int = 32,
         optimizer: str = "Adamax",  # the paper's optimizer for DQN
         lr: float = 1e-4,
+        lr_end_factor: float = 1.0,
         gamma: float = 0.99,
         learning_starts: int = 80_000,
         train_frequency: int = 4,
         gradient_steps: int = 1,
         target_sync_every: int = 250,  # every 1000 environment steps, as CleanRL's 10M-step run
+        target_tau: float = 1.0,
         epsilon_start: float = 1.0,
         epsilon_end: float = 0.01,
         exploration_steps: int = 1_000_000,
@@ -197,15 +203,33 @@ class DQN(LightningModule):
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.global_step % self.hparams.target_sync_every == 0:
-            self.sync_target()
+            self.sync_target(self.hparams.target_tau)
 
     @torch.no_grad()
-    def sync_target(self) -> None:
-        self.target_net.load_state_dict(self.q_net.state_dict())
+    def sync_target(self, tau: float = 1.0) -> None:
+        """Copy the network into the target network, or move the target ``tau`` of the way there."""
+        if tau == 1.0:
+            self.target_net.load_state_dict(self.q_net.state_dict())
+            return
+        for target, online in zip(self.target_net.state_dict().values(), self.q_net.state_dict().values()):
+            if target.is_floating_point():
+                target.lerp_(online, tau)
+            else:
+                target.copy_(online)
 
     @override
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return getattr(torch.optim, self.hparams.optimizer)(self.q_net.parameters(), lr=self.hparams.lr)
+    def configure_optimizers(self) -> Any:
+        h = self.hparams
+        optimizer = getattr(torch.optim, h.optimizer)(self.q_net.parameters(), lr=h.lr)
+        if h.lr_end_factor == 1.0:
+            return optimizer
+        if self.trainer.max_steps < 1:
+            raise ValueError(
+                f"`lr_end_factor`={h.lr_end_factor} decays the learning rate over the trainer's `max_steps`, "
+                f"which is {self.trainer.max_steps}: set `--trainer.max_steps`."
+            )
+        decay = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, h.lr_end_factor, total_iters=self.trainer.max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
 
     def _log_training(self, loss: Tensor, q: Tensor) -> None:
         every = self.trainer.log_every_n_steps
@@ -311,6 +335,10 @@ def _check_arguments(args: dict[str, Any]) -> None:
     for name in ("epsilon_start", "epsilon_end", "eval_epsilon", "sticky_actions"):
         if not 0.0 <= args[name] <= 1.0:
             raise ValueError(f"`{name}` must be a probability in [0, 1], got {args[name]!r}.")
+    if not 0.0 < args["target_tau"] <= 1.0:
+        raise ValueError(f"`target_tau` must be in (0, 1], got {args['target_tau']!r}; 1 copies the network.")
+    if not 0.0 <= args["lr_end_factor"] <= 1.0:
+        raise ValueError(f"`lr_end_factor` must be in [0, 1], got {args['lr_end_factor']!r}; 1 keeps the learning rate.")
     if not 0.0 <= args["gamma"] <= 1.0:
         raise ValueError(f"`gamma` must be in [0, 1], got {args['gamma']!r}.")
     if args["loss"] not in ("huber", "mse"):

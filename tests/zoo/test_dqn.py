@@ -75,6 +75,10 @@ def test_bad_arguments_are_refused_with_the_fix():
         DQN(**cartpole, gradient_steps=0)
     with pytest.raises(ValueError, match=r"`epsilon_end` must be a probability in \[0, 1\]"):
         DQN(**cartpole, epsilon_end=1.5)
+    with pytest.raises(ValueError, match=r"`target_tau` must be in \(0, 1\], got 0"):
+        DQN(**cartpole, target_tau=0)
+    with pytest.raises(ValueError, match=r"`lr_end_factor` must be in \[0, 1\], got 2"):
+        DQN(**cartpole, lr_end_factor=2)
     with pytest.raises(ValueError, match="Unknown environment 'CartPol-v1'"):
         DQN(env_id="CartPol-v1", learning_starts=64)
     with pytest.raises(ValueError, match="no Atari ROM named 'space_invader'"):
@@ -121,6 +125,28 @@ def test_target_copies_of_a_weight_normalized_network_stay_correct():
     agent.sync_target()
     with torch.no_grad():  # both networks build w the same way: bitwise equal
         torch.testing.assert_close(agent.target_net(x), agent.q_net(x), rtol=0, atol=0)
+
+
+
+def test_a_soft_target_update_moves_the_target_tau_of_the_way():
+    agent = DQN(env_id="CartPole-v1", learning_starts=64, hidden=[16])
+    apply_weight_norm(agent)
+    torch.nn.init.normal_(agent.q_net[0].parametrizations.weight.original1)
+    before = {k: v.clone() for k, v in agent.target_net.state_dict().items()}
+    online = agent.q_net.state_dict()
+    agent.sync_target(0.25)
+    for key, value in agent.target_net.state_dict().items():
+        torch.testing.assert_close(value, before[key] + 0.25 * (online[key] - before[key]))
+    assert not torch.equal(agent.target_net.state_dict()["0.parametrizations.weight.original1"], before["0.parametrizations.weight.original1"])
+
+
+def test_the_learning_rate_falls_linearly_over_max_steps(tmp_path):
+    agent, trainer = _cartpole_fit(8, tmp_path, lr=1e-3, lr_end_factor=0.25)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 0.25)
+    agent, trainer = _cartpole_fit(4, tmp_path, lr=1e-3, lr_end_factor=1.0)
+    assert trainer.lr_scheduler_configs == [] and trainer.optimizers[0].param_groups[0]["lr"] == 1e-3
+    with pytest.raises(ValueError, match="`lr_end_factor`=0.5 decays the learning rate over the trainer's `max_steps`"):
+        _cartpole_fit(-1, tmp_path, lr_end_factor=0.5)
 
 
 class Probe(Callback):
