@@ -109,11 +109,10 @@ class WeightNormalization(Callback):
                         f"`{argument}`={value!r} needs weight norm, but `weight_norm`=False leaves the layers "
                         f"plain: set `weight_norm=True`, or leave `{argument}` out."
                     )
-        keys = input_key if isinstance(input_key, (list, tuple)) else [input_key]
-        if input_key is not None and (not keys or not all(isinstance(k, (int, str)) and not isinstance(k, bool) for k in keys)):
-            raise TypeError(
-                f"`input_key` must be an index, a key, or a non-empty list of them, got {input_key!r}."
-            )
+        keys = list(input_key) if isinstance(input_key, (list, tuple)) else [input_key]
+        valid = all(isinstance(key, (int, str)) and not isinstance(key, bool) for key in keys)
+        if input_key is not None and not (keys and valid):
+            raise TypeError(f"`input_key` must be an index, a key, or a non-empty list of them, got {input_key!r}.")
         for argument, value in (("include", include), ("exclude", exclude)):
             if isinstance(value, str):
                 raise TypeError(f"`{argument}` must be a list of names or patterns, got the string {value!r}.")
@@ -370,7 +369,9 @@ def _concatenate(chunks: list[Any], wanted: int) -> _Inputs:
     return torch.cat(chunks)[:wanted]
 
 
-def _refuse_pruning_of_normalized_layers(trainer: pl.Trainer, pl_module: pl.LightningModule, selected: list[str]) -> None:
+def _refuse_pruning_of_normalized_layers(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, selected: list[str]
+) -> None:
     """``ModelPruning`` cannot prune a weight-normalized weight: fail before training, not after an epoch.
 
     torch's pruning moves the parameter ``weight`` to ``weight_orig`` and recomputes ``weight`` in a

@@ -117,7 +117,8 @@ def test_pruning_a_weight_normalized_layer_is_refused_at_setup_in_either_order()
         model = NoTraining()
         pruning, wn = make_pruning(model), WeightNormalization(init_samples=32)
         with pytest.raises(RuntimeError, match=message):
-            trainer(max_epochs=1, callbacks=[pruning, wn] if pruning_first else [wn, pruning]).fit(model, RandomImages())
+            callbacks = [pruning, wn] if pruning_first else [wn, pruning]
+            trainer(max_epochs=1, callbacks=callbacks).fit(model, RandomImages())
 
     every_weight = "ModelPruning cannot prune weight-normalized layers \\(`net.0`, `net.2`, `net.6`\\).*`exclude`"
     for pruning_first in (True, False):
@@ -132,7 +133,7 @@ def test_pruning_a_weight_normalized_layer_is_refused_at_setup_in_either_order()
     model = NoTraining()
     apply_weight_norm(model, include=["net.0"])
     pruning = ModelPruning("l1_unstructured", parameters_to_prune=[(model.net[0].parametrizations.weight, "original1")])
-    with pytest.raises(RuntimeError, match="cannot prune weight-normalized layers \\(`net.0.parametrizations.weight`\\)"):
+    with pytest.raises(RuntimeError, match=r"weight-normalized layers \(`net.0.parametrizations.weight`\)"):
         trainer(max_epochs=1, callbacks=[WeightNormalization(init_samples=32), pruning]).fit(model, RandomImages())
 
 
@@ -206,7 +207,8 @@ def conditional_data(as_dict: bool, size: int = 96) -> tuple[DataLoader, dict[st
 def assert_standardized(model: nn.Module, names: list[str], *inputs: torch.Tensor) -> None:
     """Each unit's output (the pre-activation) of each named layer has mean 0 and std 1 on ``inputs``."""
     outputs = {}
-    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: outputs.setdefault(n, o)) for n in names]
+    modules = [model.get_submodule(name) for name in names]
+    handles = [m.register_forward_hook(lambda m, a, o, n=n: outputs.setdefault(n, o)) for m, n in zip(modules, names)]
     with torch.no_grad():
         model(*inputs)
     for handle in handles:
@@ -253,7 +255,8 @@ def test_bad_model_inputs_are_clear_errors():
     ]
     for model, input_key, message in cases:
         with pytest.raises(ValueError, match=message):
-            trainer(max_steps=1, callbacks=[WeightNormalization(input_key=input_key)]).fit(model, conditional_data(True)[0])
+            wn = WeightNormalization(input_key=input_key)
+            trainer(max_steps=1, callbacks=[wn]).fit(model, conditional_data(True)[0])
 
 
 @pytest.mark.parametrize("averaging", ["EMA", "SWA"])
