@@ -2,7 +2,8 @@
 
 * ``setup``: apply weight norm (and mean-only batch norm), before optimizers are built and DDP
   wraps the model, so the optimizer holds ``g`` and ``v`` and DDP all-reduces their gradients.
-  Layers built in ``configure_model`` are normalized right after that hook returns.
+  Layers built in ``configure_model`` are normalized right after that hook returns. A weight
+  averaging callback that copied the model before that is made to copy it again.
 * ``on_fit_start``: the data-dependent init, once per training run, on training examples.
 * ``on_train_batch_end``: the hard limit on ``||v||``, if asked for.
 * ``on_fit_end``: fold weight norm away, if asked for.
@@ -18,10 +19,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelPruning, StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from torch.optim.swa_utils import AveragedModel
 from typing_extensions import override
 
 from lightning_wn.checkpoint import read_checkpoint
@@ -29,11 +31,15 @@ from lightning_wn.init import data_dependent_init
 from lightning_wn.mean_only_bn import attach_mean_only_bn
 from lightning_wn.state_dict import fold_state_dict
 from lightning_wn.weight_norm import (
+    WeightNorm,
     apply_weight_norm,
+    default_names,
     is_weight_normalized,
     limit_direction_norm,
     remove_weight_norm,
     select_layers,
+    weight_normalized_modules,
+    weight_norms,
 )
 
 _REFUSED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)  # and their subclasses
@@ -54,7 +60,11 @@ class WeightNormalization(Callback):
         init_scale: the standard deviation each pre-activation starts with.
         input_key: where the model input sits in a batch: an index into a tuple or list batch,
             a key of a dict batch; default the batch itself if it is a tensor, else its first
-            element. The LightningModule's ``forward`` is called with it.
+            element. The LightningModule's ``forward`` is called with it. A list of indices or
+            keys (``["mel", "noise"]``) passes those entries as positional arguments, in order.
+            For anything else, the LightningModule may define ``data_init_inputs(batch)``,
+            returning a tensor, a tuple (``forward(*inputs)``) or a dict (``forward(**inputs)``)
+            of tensors that share their first (batch) axis; ``input_key`` is then left out.
         mean_only_bn: put the paper's mean-only batch norm after every normalized layer.
         max_norm: after each training batch, rescale any ``||v||`` above this (the paper's hard
             limit; the network's function is unchanged).
@@ -75,7 +85,7 @@ class WeightNormalization(Callback):
         data_init: bool = True,
         init_samples: int = 500,
         init_scale: float = 1.0,
-        input_key: int | str | None = None,
+        input_key: int | str | Sequence[int | str] | None = None,
         mean_only_bn: bool = False,
         max_norm: float | None = None,
         fold_on_fit_end: bool = False,
@@ -99,6 +109,10 @@ class WeightNormalization(Callback):
                         f"`{argument}`={value!r} needs weight norm, but `weight_norm`=False leaves the layers "
                         f"plain: set `weight_norm=True`, or leave `{argument}` out."
                     )
+        keys = list(input_key) if isinstance(input_key, (list, tuple)) else [input_key]
+        valid = all(isinstance(key, (int, str)) and not isinstance(key, bool) for key in keys)
+        if input_key is not None and not (keys and valid):
+            raise TypeError(f"`input_key` must be an index, a key, or a non-empty list of them, got {input_key!r}.")
         for argument, value in (("include", include), ("exclude", exclude)):
             if isinstance(value, str):
                 raise TypeError(f"`{argument}` must be a list of names or patterns, got the string {value!r}.")
@@ -108,7 +122,7 @@ class WeightNormalization(Callback):
         self.data_init = data_init
         self.init_samples = init_samples
         self.init_scale = init_scale
-        self.input_key = input_key
+        self.input_key = list(input_key) if isinstance(input_key, (list, tuple)) else input_key
         self.mean_only_bn = mean_only_bn
         self.max_norm = max_norm
         self.fold_on_fit_end = fold_on_fit_end
@@ -126,13 +140,24 @@ class WeightNormalization(Callback):
                 f"WeightNormalization does not support `{strategy}`: it shards or restores parameters "
                 "in ways the reparameterization cannot follow. Use a single device or `strategy='ddp'`."
             )
+        if self.input_key is not None and _init_inputs_hook(pl_module) is not None:
+            raise ValueError(
+                f"`input_key`={self.input_key!r} and `{type(pl_module).__name__}.data_init_inputs` both say what "
+                "the data-dependent init passes to `forward`: keep one (leave `input_key` out to use the method)."
+            )
         if _overrides_configure_model(pl_module):
-            _run_after_configure_model(pl_module, self._normalize)
+            _run_after_configure_model(pl_module, functools.partial(self._normalize, trainer, stage=stage))
         else:
-            self._normalize(pl_module)
+            self._normalize(trainer, pl_module, stage)
 
-    def _normalize(self, pl_module: pl.LightningModule) -> None:
+    def _normalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         selected = select_layers(pl_module, self.include, self.exclude)
+        if self.weight_norm:
+            _refuse_pruning_of_normalized_layers(trainer, pl_module, selected)
+        self._normalize_layers(pl_module, selected)
+        _recopy_averaged_models(trainer, pl_module, stage)
+
+    def _normalize_layers(self, pl_module: pl.LightningModule, selected: list[str]) -> None:
         self.normalized = selected
         if not self.weight_norm:
             return  # only initialized
@@ -164,20 +189,21 @@ class WeightNormalization(Callback):
             self.initialized = True
         if not self.data_init or self.initialized:
             return
-        inputs = self._init_inputs(trainer, pl_module)
+        inputs, count = self._init_inputs(trainer, pl_module)
         with trainer.precision_plugin.train_step_context():
             report = data_dependent_init(pl_module, inputs, modules=self._init_targets(), init_scale=self.init_scale)
         self.initialized = True
         stds = torch.cat([m.std for m in report.modules.values()])
         rank_zero_info(
-            f"WeightNormalization: data-dependent init on {len(inputs)} examples per rank; pre-init "
+            f"WeightNormalization: data-dependent init on {count} examples per rank; pre-init "
             f"std per unit from {stds.min().item():.3g} to {stds.max().item():.3g}.\n{report}"
         )
 
     def _init_targets(self) -> list[str] | None:
         return self.normalized or None  # a run resumed without our state: every normalized layer
 
-    def _init_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
+    def _init_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[_Inputs, int]:
+        """The first ``init_samples / world_size`` examples of this rank's shard, as ``forward`` takes them."""
         trainer.fit_loop.setup_data()  # the processed loader: DistributedSampler, each rank its shard
         loader = trainer.train_dataloader
         if loader is None or isinstance(loader, (list, tuple, dict)):
@@ -186,19 +212,30 @@ class WeightNormalization(Callback):
                 f"{type(loader).__name__}. Return a single DataLoader, or set `data_init=False`."
             )
         wanted = math.ceil(self.init_samples / trainer.world_size)
+        hook = _init_inputs_hook(pl_module)
         chunks, count = [], 0
         for batch in loader:
-            x = self._model_input(trainer.strategy.batch_to_device(batch))
+            batch = trainer.strategy.batch_to_device(batch)
+            if hook is not None:
+                x = hook(batch)
+                where = f"`{type(pl_module).__name__}.data_init_inputs(batch)`"
+            else:
+                x = self._model_input(batch)
+                where = f"the batch at `input_key`={self.input_key!r}"
             chunks.append(x)
-            count += len(x)
+            count += _example_count(x, where)
             if count >= wanted:
                 break
         if not chunks:
             raise ValueError("The training dataloader is empty: no examples for the data-dependent init.")
-        return torch.cat(chunks)[:wanted]
+        return _concatenate(chunks, wanted), min(count, wanted)
 
-    def _model_input(self, batch: Any) -> Tensor:
-        key = self.input_key
+    def _model_input(self, batch: Any) -> _Inputs:
+        if isinstance(self.input_key, list):  # several inputs: forward(*inputs)
+            return tuple(self._one_input(batch, key) for key in self.input_key)
+        return self._one_input(batch, self.input_key)
+
+    def _one_input(self, batch: Any, key: int | str | None) -> Tensor:
         try:
             if key is None:
                 x = batch if isinstance(batch, Tensor) else batch[0]
@@ -285,6 +322,114 @@ def _run_after_configure_model(pl_module: pl.LightningModule, then) -> None:
         then(pl_module)
 
     pl_module.configure_model = configure_model  # type: ignore[method-assign]
+
+
+_Inputs = Tensor | tuple[Tensor, ...] | dict[str, Tensor]  # forward(x), forward(*x), forward(**x)
+
+
+def _init_inputs_hook(pl_module: pl.LightningModule):
+    hook = getattr(pl_module, "data_init_inputs", None)
+    return hook if callable(hook) else None
+
+
+def _example_count(inputs: Any, where: str) -> int:
+    """The batch size of one batch of model inputs; every tensor in it must have it."""
+    if isinstance(inputs, dict):
+        entries = list(inputs.items())
+    elif isinstance(inputs, (tuple, list)):
+        entries = list(enumerate(inputs))
+    else:
+        entries = [(None, inputs)]
+    if not entries:
+        raise ValueError(f"{where} gave no model input (an empty {type(inputs).__name__}).")
+    sizes = {}
+    for name, value in entries:
+        entry = "" if name is None else f" entry {name!r}"
+        if not isinstance(value, Tensor) or value.dim() == 0:
+            shown = f"a {type(value).__name__}" if not isinstance(value, Tensor) else "a 0-d tensor"
+            raise ValueError(
+                f"{where} gave{entry} {shown}; the data-dependent init needs tensors with a batch axis "
+                "first (a tensor, a tuple or a dict of them)."
+            )
+        sizes[name] = len(value)
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            f"{where} gave tensors with different batch sizes {sizes}; every model input must hold the "
+            "same examples along its first axis."
+        )
+    return next(iter(sizes.values()))
+
+
+def _concatenate(chunks: list[Any], wanted: int) -> _Inputs:
+    first = chunks[0]
+    if isinstance(first, dict):
+        return {key: torch.cat([chunk[key] for chunk in chunks])[:wanted] for key in first}
+    if isinstance(first, (tuple, list)):
+        return tuple(torch.cat([chunk[i] for chunk in chunks])[:wanted] for i in range(len(first)))
+    return torch.cat(chunks)[:wanted]
+
+
+def _refuse_pruning_of_normalized_layers(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, selected: list[str]
+) -> None:
+    """``ModelPruning`` cannot prune a weight-normalized weight: fail before training, not after an epoch.
+
+    torch's pruning moves the parameter ``weight`` to ``weight_orig`` and recomputes ``weight`` in a
+    forward pre-hook; a normalized layer's ``weight`` is no parameter (it is computed from ``g`` and
+    ``v``), and ``v`` is read by the reparameterization itself, which runs no hooks. Pruned anyway, the
+    first pruning fails with a ``TypeError`` on ``weight_orig``; left to its default targets (every
+    ``weight`` *parameter*), ``ModelPruning`` set up after normalization skips these layers silently.
+    """
+    modules = dict(pl_module.named_modules())
+    names = {id(module): name for name, module in modules.items()}
+    normalized = {id(modules[name]): default_names(modules[name]) for name in selected}
+    normalized.update({id(m): list(weight_norms(m)) for _, m in weight_normalized_modules(pl_module)})
+    for callback in trainer.callbacks:
+        if not isinstance(callback, ModelPruning):
+            continue
+        # the user's list (empty: every weight and bias), or the list it resolved in its own setup
+        targets = callback._parameters_to_prune
+        if not targets:
+            wanted = callback._parameter_names
+            hit = [names[key] for key, tensors in normalized.items() if set(tensors) & set(wanted)]
+        else:
+            hit = [
+                names.get(id(module), type(module).__name__)
+                for module, tensor in targets
+                if tensor in normalized.get(id(module), ()) or isinstance(module, WeightNorm)
+            ]
+        if hit:
+            raise RuntimeError(
+                f"ModelPruning cannot prune weight-normalized layers ({', '.join(f'`{h}`' for h in hit)}): torch's "
+                "pruning replaces a `weight` parameter with `weight_orig` and a mask, but under weight norm the "
+                "weight is computed from g and v, which it cannot prune. Leave the layers to prune out of weight "
+                "norm (WeightNormalization `exclude`) and name them in ModelPruning's `parameters_to_prune`, or "
+                "prune after training (`fold_on_fit_end=True` gives plain layers)."
+            )
+
+
+def _recopy_averaged_models(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    """Make weight averaging callbacks copy ``pl_module`` again if their copy predates weight norm.
+
+    ``StochasticWeightAveraging`` and ``WeightAveraging`` (``EMAWeightAveraging``) copy the model in
+    their ``setup``; listed before this callback, or when the layers come from ``configure_model``,
+    they copied plain layers, and averaging ``g`` and ``v`` into them fails on the shapes. Their own
+    ``setup`` makes the copy again, now of the normalized model, before any state is restored.
+    """
+    layout = _layout(pl_module)
+    for callback in trainer.callbacks:
+        if not isinstance(callback, (StochasticWeightAveraging, WeightAveraging)):
+            continue
+        copy = callback._average_model  # no public accessor: the copy both callbacks make in setup
+        if isinstance(copy, AveragedModel):
+            copy = copy.module
+        if copy is not None and _layout(copy) != layout:
+            callback.setup(trainer, pl_module, stage)
+            rank_zero_info(f"WeightNormalization: {type(callback).__name__} copied the model again, now normalized.")
+
+
+def _layout(module: torch.nn.Module) -> list[str]:
+    return [name for name, _ in module.named_parameters()] + [name for name, _ in module.named_buffers()]
 
 
 def _describe(batch: Any) -> str:

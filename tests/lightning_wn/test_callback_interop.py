@@ -1,0 +1,280 @@
+"""WeightNormalization next to Lightning's weight averaging and pruning callbacks, and models with several inputs."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, ModelPruning, StochasticWeightAveraging
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_wn import WeightNormalization, apply_weight_norm, is_weight_normalized
+
+sys.path.insert(0, str(Path(__file__).parent))
+from lit_models import ConvClassifier, LazyHead, RandomImages  # noqa: E402
+
+
+def trainer(**kwargs) -> Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
+    return Trainer(**{**defaults, **kwargs})
+
+
+def parameters(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+class Record(Callback):
+    """The model's parameters after every optimizer step, and at the end of every epoch."""
+
+    def __init__(self) -> None:
+        self.steps, self.epochs = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.steps.append(parameters(pl_module))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epochs.append(parameters(pl_module))
+
+
+def assert_same_parameters(actual: dict, expected: dict) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+NORMALIZED_KEYS = {
+    ConvClassifier: [f"net.{i}.parametrizations.weight.original{j}" for i in (0, 2, 6) for j in (0, 1)],
+    LazyHead: [f"{m}.parametrizations.weight.original{j}" for m in ("net.0", "net.2", "net.6", "head") for j in (0, 1)],
+}
+
+
+# --- weight averaging ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_class", [ConvClassifier, LazyHead])
+@pytest.mark.parametrize("averaging_first", [True, False], ids=["averaging-first", "weight-norm-first"])
+def test_ema_in_either_order_averages_the_normalized_model(averaging_first, model_class):
+    seed_everything(0)
+    decay = 0.6  # far from 1, so that the average is far from the last step's parameters
+    model, ema, record = model_class(), EMAWeightAveraging(decay=decay), Record()
+    wn = WeightNormalization(init_samples=32)
+    callbacks = [ema, wn, record] if averaging_first else [wn, ema, record]
+    trainer(max_steps=5, callbacks=callbacks).fit(model, RandomImages(size=80, batch_size=16))
+
+    averaged = ema._average_model.module
+    assert all(is_weight_normalized(averaged.get_submodule(name)) for name in wn.normalized)
+    assert set(NORMALIZED_KEYS[model_class]) <= set(averaged.state_dict())
+    # torch's EMA: the first update copies, each later one is decay * average + (1 - decay) * current
+    expected = record.steps[0]
+    for step in record.steps[1:]:
+        expected = {name: decay * expected[name] + (1 - decay) * step[name] for name in step}
+    assert len(record.steps) == 5 and ema._average_model.n_averaged.item() == 5
+    assert_same_parameters(parameters(averaged), expected)
+    assert_same_parameters(parameters(model), expected)  # Lightning puts the average into the model when fit ends
+    assert any((record.steps[-1][n] - expected[n]).abs().max() > 1e-3 for n in expected)  # so this says something
+
+
+@pytest.mark.parametrize("model_class", [ConvClassifier, LazyHead])
+@pytest.mark.parametrize("averaging_first", [True, False], ids=["averaging-first", "weight-norm-first"])
+def test_swa_in_either_order_averages_the_normalized_model(averaging_first, model_class):
+    seed_everything(0)
+    # 4 epochs, SWA from the 2nd: it averages the parameters at the starts of epochs 1, 2 and 3 (0-based),
+    # the ends of epochs 0, 1 and 2, and puts that average into the model at the end of the last epoch
+    model, record = model_class(), Record()
+    swa = StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=2)
+    wn = WeightNormalization(init_samples=32)
+    callbacks = [swa, wn, record] if averaging_first else [wn, swa, record]
+    trainer(max_epochs=4, callbacks=callbacks).fit(model, RandomImages(size=32, batch_size=16))
+
+    assert all(is_weight_normalized(swa._average_model.get_submodule(name)) for name in wn.normalized)
+    assert set(NORMALIZED_KEYS[model_class]) <= set(swa._average_model.state_dict())
+    assert len(record.epochs) == 4 and swa.n_averaged.item() == 3
+    expected = {name: torch.stack([epoch[name] for epoch in record.epochs[:3]]).mean(0) for name in record.epochs[0]}
+    assert_same_parameters(parameters(swa._average_model), expected)
+    assert_same_parameters(parameters(model), expected)
+    assert any((record.epochs[-1][n] - expected[n]).abs().max() > 1e-3 for n in expected)
+
+
+# --- pruning ------------------------------------------------------------------------------------------------------
+
+
+def test_pruning_a_weight_normalized_layer_is_refused_at_setup_in_either_order():
+    class NoTraining(ConvClassifier):
+        def training_step(self, batch, batch_idx):
+            pytest.fail("training started although pruning cannot work")
+
+    def refused(make_pruning, pruning_first, message):
+        model = NoTraining()
+        pruning, wn = make_pruning(model), WeightNormalization(init_samples=32)
+        with pytest.raises(RuntimeError, match=message):
+            callbacks = [pruning, wn] if pruning_first else [wn, pruning]
+            trainer(max_epochs=1, callbacks=callbacks).fit(model, RandomImages())
+
+    every_weight = "ModelPruning cannot prune weight-normalized layers \\(`net.0`, `net.2`, `net.6`\\).*`exclude`"
+    for pruning_first in (True, False):
+        # default targets: every weight; after normalization they would silently be skipped
+        refused(lambda model: ModelPruning("l1_unstructured", amount=0.5), pruning_first, every_weight)
+        refused(
+            lambda model: ModelPruning("l1_unstructured", parameters_to_prune=[(model.net[2], "weight")]),
+            pruning_first,
+            "ModelPruning cannot prune weight-normalized layers \\(`net.2`\\)",
+        )
+    # v itself, the natural target; torch's pruning cannot reparameterize it either
+    model = NoTraining()
+    apply_weight_norm(model, include=["net.0"])
+    pruning = ModelPruning("l1_unstructured", parameters_to_prune=[(model.net[0].parametrizations.weight, "original1")])
+    with pytest.raises(RuntimeError, match=r"weight-normalized layers \(`net.0.parametrizations.weight`\)"):
+        trainer(max_epochs=1, callbacks=[WeightNormalization(init_samples=32), pruning]).fit(model, RandomImages())
+
+
+@pytest.mark.parametrize("pruning_first", [True, False], ids=["pruning-first", "weight-norm-first"])
+def test_pruning_layers_left_out_of_weight_norm_works_and_the_zeros_stay(pruning_first):
+    seed_everything(0)
+    model = ConvClassifier()
+    pruning = ModelPruning(
+        "l1_unstructured",
+        parameters_to_prune=[(model.net[6], "weight")],
+        amount=0.5,
+        apply_pruning=lambda epoch: epoch == 0,  # prune once, after the first epoch; the second trains on
+        use_lottery_ticket_hypothesis=False,
+    )
+    masks = []
+
+    class KeepMask(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            masks.append(pl_module.net[6].weight_mask.clone())
+
+    wn = WeightNormalization(exclude=["net.6"], init_samples=32)
+    callbacks = [pruning, wn, KeepMask()] if pruning_first else [wn, pruning, KeepMask()]
+    trainer(max_epochs=2, limit_train_batches=3, callbacks=callbacks).fit(model, RandomImages())
+    assert wn.normalized == ["net.0", "net.2"] and not is_weight_normalized(model.net[6])
+    weight, mask = model.net[6].weight, masks[0]
+    assert int((mask == 0).sum()) == weight.numel() // 2 == 80  # l1_unstructured, amount=0.5 of 5x32 weights
+    assert torch.equal(mask, masks[1])
+    assert torch.equal(weight == 0, mask == 0)  # exactly zero, after the second epoch's steps too
+
+
+# --- several model inputs -----------------------------------------------------------------------------------------
+
+
+class Conditional(LightningModule):
+    """A conditional model in the manner of vocoders: a mel spectrogram and noise, joined inside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mel = nn.Conv1d(4, 8, 3, padding=1)
+        self.noise = nn.Conv1d(2, 8, 1)
+        self.out = nn.Conv1d(8, 1, 3, padding=1)
+
+    def forward(self, mel: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.mel(mel) + self.noise(noise)))
+
+    def training_step(self, batch, batch_idx):
+        mel, noise, target = (batch["mel"], batch["noise"], batch["target"]) if isinstance(batch, dict) else batch
+        return nn.functional.mse_loss(self(mel, noise), target)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class ConditionalByHook(Conditional):
+    def data_init_inputs(self, batch):
+        return {"noise": batch["noise"], "mel": batch["mel"]}  # keywords, in an order of their own
+
+
+def conditional_data(as_dict: bool, size: int = 96) -> tuple[DataLoader, dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "mel": torch.randn(size, 4, 16, generator=generator) * 3 + 1,
+        "noise": torch.rand(size, 2, 16, generator=generator) * 5,  # another scale and mean than mel
+        "target": torch.randn(size, 1, 16, generator=generator),
+    }
+    if as_dict:
+        return DataLoader([{k: t[i] for k, t in tensors.items()} for i in range(size)], batch_size=32), tensors
+    return DataLoader(TensorDataset(*tensors.values()), batch_size=32), tensors
+
+
+def assert_standardized(model: nn.Module, names: list[str], *inputs: torch.Tensor) -> None:
+    """Each unit's output (the pre-activation) of each named layer has mean 0 and std 1 on ``inputs``."""
+    outputs = {}
+    modules = [model.get_submodule(name) for name in names]
+    handles = [m.register_forward_hook(lambda m, a, o, n=n: outputs.setdefault(n, o)) for m, n in zip(modules, names)]
+    with torch.no_grad():
+        model(*inputs)
+    for handle in handles:
+        handle.remove()
+    assert sorted(outputs) == sorted(names)
+    for name, out in outputs.items():
+        mean, std = out.double().mean((0, 2)), out.double().std((0, 2), unbiased=False)
+        assert mean.abs().max() < 1e-3 and (std - 1).abs().max() < 1e-3, (name, mean, std)
+
+
+@pytest.mark.parametrize(
+    "model_class, as_dict, input_key",
+    [(Conditional, True, ["mel", "noise"]), (Conditional, False, [0, 1]), (ConditionalByHook, True, None)],
+    ids=["dict-keys", "tuple-indices", "module-hook"],
+)
+def test_several_inputs_reach_forward_and_every_unit_starts_standardized(model_class, as_dict, input_key):
+    seed_everything(0)
+    model = model_class()
+    loader, tensors = conditional_data(as_dict)
+    wn = WeightNormalization(init_samples=64, input_key=input_key)  # two batches of 32
+    trainer(max_steps=0, callbacks=[wn]).fit(model, loader)
+    assert wn.normalized == ["mel", "noise", "out"] and wn.initialized
+    assert_standardized(model, wn.normalized, tensors["mel"][:64], tensors["noise"][:64])
+
+
+def test_bad_model_inputs_are_clear_errors():
+    for bad in ([], True, 1.5, ["mel", None]):
+        with pytest.raises(TypeError, match="`input_key` must be an index, a key, or a non-empty list of them"):
+            WeightNormalization(input_key=bad)
+
+    class Unequal(Conditional):
+        def data_init_inputs(self, batch):
+            return batch["mel"], batch["noise"][:-1]
+
+    class NotATensor(Conditional):
+        def data_init_inputs(self, batch):
+            return batch["mel"], 0.5
+
+    cases = [
+        (Unequal(), None, "different batch sizes \\{0: 32, 1: 31\\}"),
+        (NotATensor(), None, "`NotATensor.data_init_inputs\\(batch\\)` gave entry 1 a float"),
+        (ConditionalByHook(), ["mel"], "`input_key`=\\['mel'\\] and `ConditionalByHook.data_init_inputs` both"),
+        (Conditional(), ["mel", "spectrogram"], "cannot find the model input at `input_key`='spectrogram'"),
+    ]
+    for model, input_key, message in cases:
+        with pytest.raises(ValueError, match=message):
+            wn = WeightNormalization(input_key=input_key)
+            trainer(max_steps=1, callbacks=[wn]).fit(model, conditional_data(True)[0])
+
+
+@pytest.mark.parametrize("averaging", ["EMA", "SWA"])
+def test_a_resumed_run_with_the_averaging_callback_first_ends_as_the_straight_one(averaging, tmp_path):
+    def run(max_epochs, dirpath, ckpt_path=None):
+        seed_everything(0)
+        model = ConvClassifier()
+        if averaging == "EMA":
+            average = EMAWeightAveraging(decay=0.6)
+        else:
+            average = StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=2)
+        saver = ModelCheckpoint(dirpath=dirpath, save_last=True)
+        callbacks = [average, WeightNormalization(init_samples=32), saver]  # the order that copied plain layers
+        trainer(max_epochs=max_epochs, callbacks=callbacks, enable_checkpointing=True).fit(
+            model, RandomImages(size=32, batch_size=16), ckpt_path=ckpt_path
+        )
+        return parameters(model)
+
+    straight = run(4, tmp_path / "straight")
+    run(2, tmp_path / "halves")
+    assert_same_parameters(run(4, tmp_path / "halves", ckpt_path="last"), straight)
