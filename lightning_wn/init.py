@@ -20,10 +20,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_wn.mean_only_bn import MeanOnlyBatchNorm
+from lightning_wn.state_dict import WHOLE_TENSOR
 from lightning_wn.weight_norm import (
     DEFAULT_LAYERS,
     RECURRENT_LAYERS,
     SUPPORTED_LAYERS,
+    _torch_reparametrizations,
+    default_dim,
     is_weight_normalized,
     weight_norms,
 )
@@ -269,6 +272,7 @@ def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str
     targets = {}
     for name in chosen:
         module = named[name]
+        reparametrized = _torch_reparametrizations(module)
         if isinstance(module, RECURRENT_LAYERS):
             report.skipped[name] = "recurrent: the data-dependent init is for networks without recursion"
         elif not isinstance(module, SUPPORTED_LAYERS):
@@ -276,7 +280,17 @@ def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str
                 f"Module `{name}` ({type(module).__name__}) is not a layer data-dependent init can "
                 "rescale; name Linear, Conv* or ConvTranspose* layers in `modules`."
             )
+        elif reparametrized:
+            # its weight is recomputed from torch's parameters at each call: scaling it in place would be lost
+            why = f"reparametrized by torch ({', '.join(reparametrized)}): its weight cannot be rescaled in place"
+            if patterns is not None:
+                raise ValueError(
+                    f"Module `{name}` is {why}. Fold torch's weight norm first (`lightning_wn.remove_weight_norm`), "
+                    "or leave the module out of `modules`."
+                )
+            report.skipped[name] = why
         else:
+            _check_output_axis(name, module)
             targets[name] = module
     if not targets:
         raise ValueError(
@@ -285,6 +299,19 @@ def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str
         )
     targets.update({name: m for name, m in named.items() if isinstance(m, MeanOnlyBatchNorm)})
     return targets, report
+
+
+def _check_output_axis(name: str, module: nn.Module) -> None:
+    """The init sets one ``g`` per output unit, so ``g`` must be taken along the output-unit axis."""
+    for normalized in weight_norms(module).values():
+        if normalized.dim != default_dim(module):
+            whole = normalized.dim == WHOLE_TENSOR
+            axis = "one g for the whole tensor (dim=None)" if whole else f"dim={normalized.dim}"
+            raise ValueError(
+                f"Module `{name}` is weight-normalized with {axis}, but data-dependent init sets one g per output "
+                f"unit (dim={default_dim(module)} for {type(module)._wn_base.__name__}). Normalize it with `dim` left "
+                "out, or leave it out of `modules`."
+            )
 
 
 def _check_batch(inputs: object) -> None:

@@ -1,9 +1,15 @@
 """Fold weight-normalized entries of a state dict into plain weights, without the model.
 
 A checkpoint trained with weight norm then loads into the plain model class with
-``strict=True``: ``<layer>.parametrizations.<name>.original0`` (``g``) and ``original1`` (``v``),
-as written by this library or by ``torch.nn.utils.parametrizations.weight_norm``, become
-``<layer>.<name> = g * v / ||v||``.
+``strict=True``. Three spellings of ``g`` and ``v`` are folded into ``<layer>.<name> = g * v / ||v||``:
+
+* ``<layer>.parametrizations.<name>.original0`` (``g``) and ``original1`` (``v``), as written by
+  this library and by ``torch.nn.utils.parametrizations.weight_norm``;
+* ``...parametrizations.<name>.s`` and ``c`` instead of ``original0`` (this library's ``g = exp(c * s)``);
+* ``<layer>.<name>_g`` and ``<layer>.<name>_v``, as written by the legacy ``torch.nn.utils.weight_norm``.
+
+The axis ``g`` was taken along is read from its shape: one non-singleton axis, or a 0-d ``g``
+for torch's ``dim=None`` (one norm over the whole tensor).
 """
 
 from __future__ import annotations
@@ -13,16 +19,21 @@ from collections.abc import Container, Mapping
 import torch
 from torch import Tensor
 
-from lightning_wn._normalized_weight import NormalizedWeight
-
 _MARK = ".parametrizations."
+WHOLE_TENSOR = -1
+"""The axis of a ``g`` taken over the whole tensor: torch's own encoding of ``dim=None``."""
 
 
 def fold_state_dict(state_dict: Mapping[str, Tensor], keep: Container[str] = ()) -> dict[str, Tensor]:
     """A copy of ``state_dict`` with every weight-normalized tensor folded into a plain one.
 
     Entries whose keys are in ``keep`` stay as they are (pass a model's own ``state_dict()``
-    keys to fold only what that model does not expect).
+    keys to fold only what that model does not expect). A whole Lightning checkpoint (a dict
+    with a ``'state_dict'`` entry) gives its folded state dict.
+
+    Raises:
+        TypeError: ``state_dict`` is not a mapping of names to tensors, nor a Lightning checkpoint.
+        ValueError: entries under ``parametrizations.<name>`` are not a weight norm's ``g`` and ``v``.
 
     Example:
         >>> from torch import nn
@@ -31,13 +42,21 @@ def fold_state_dict(state_dict: Mapping[str, Tensor], keep: Container[str] = ())
         >>> folded = fold_state_dict(layer.state_dict())
         >>> sorted(folded), torch.allclose(folded["weight"], layer.weight)
         (['bias', 'weight'], True)
+        >>> legacy = {"weight_g": torch.tensor(2.0), "weight_v": torch.ones(3, 2, 1), "bias": torch.zeros(3)}
+        >>> folded = fold_state_dict({"epoch": 3, "state_dict": legacy})  # torch.nn.utils.weight_norm, dim=None
+        >>> sorted(folded), round(float(folded["weight"].norm()), 4)
+        (['bias', 'weight'], 2.0)
     """
+    state_dict = _state_dict_of(state_dict)
     folded: dict[str, Tensor] = {}
     groups: dict[str, dict[str, Tensor]] = {}
     for key, value in state_dict.items():
         if _MARK in f".{key}" and key not in keep:
             prefix, _, part = key.rpartition(".")
             groups.setdefault(prefix, {})[part] = value
+        elif key not in keep and (legacy := _legacy_pair(state_dict, key)) is not None:
+            if key.endswith("_g"):  # the pair is folded once, at its g
+                folded[key[: -len("_g")]] = fold(*legacy)
         else:
             folded[key] = value
     for prefix, parts in groups.items():
@@ -46,18 +65,73 @@ def fold_state_dict(state_dict: Mapping[str, Tensor], keep: Container[str] = ())
             raise ValueError(f"State dict entries under `{prefix}` are not a weight norm's g and v: {sorted(parts)}.")
         v = parts["original1"]
         g = parts["original0"] if "original0" in parts else torch.exp(parts["c"] * parts["s"])
-        with torch.no_grad():  # the kernel the normalized layer itself runs: bitwise the same weight
-            weight = NormalizedWeight.apply(v, g, _output_axis(g, v))
-        folded[f"{owner[1:]}.{name}" if owner else name] = weight
+        if norm_axis(g, v) is None:
+            raise ValueError(
+                f"Cannot tell the axis `{prefix}`'s g (shape {tuple(g.shape)}) was taken along for v of shape "
+                f"{tuple(v.shape)}: g must keep one axis of v and be 1 on the others, or be 0-d (torch's dim=None)."
+            )
+        folded[f"{owner[1:]}.{name}" if owner else name] = fold(g, v)
     return folded
 
 
-def _output_axis(g: Tensor, v: Tensor) -> int:
-    """The axis ``g`` was taken along: its one non-singleton axis (any size-1 axis of ``v`` if none)."""
-    matching = [d for d in range(v.dim()) if g.shape[d] == v.shape[d]] if g.dim() == v.dim() else []
-    wide = [d for d in matching if v.shape[d] > 1]
-    if len(wide) == 1:
-        return wide[0]
-    if not wide and matching:
-        return matching[0]  # a single output unit: the norm is over the whole tensor either way
-    raise ValueError(f"Cannot tell the output axis of g with shape {tuple(g.shape)} for v with shape {tuple(v.shape)}.")
+def fold(g: Tensor, v: Tensor) -> Tensor:
+    """``g * v / ||v||`` along the axis read from ``g``'s shape (see :func:`norm_axis`).
+
+    ``torch._weight_norm`` is the op torch's weight norms and this library's layers run without
+    gradients, so a folded layer computes bitwise what the normalized one computed in eval.
+
+    Example:
+        >>> fold(torch.tensor(3.0), torch.ones(2, 2)).norm().item()
+        3.0
+    """
+    with torch.no_grad():
+        return torch._weight_norm(v, g, norm_axis(g, v))
+
+
+def norm_axis(g: Tensor, v: Tensor) -> int | None:
+    """The axis ``g`` was taken along, :data:`WHOLE_TENSOR` for one norm, or None if ``g`` is no norm of ``v``.
+
+    A per-axis ``g`` keeps that axis of ``v`` and is 1 on the others; a 0-d ``g`` (torch's
+    ``dim=None``) or one of size 1 only (a single output unit, a 1-d ``v``) is the whole tensor's norm.
+
+    Example:
+        >>> norm_axis(torch.ones(1, 4, 1), torch.ones(3, 4, 5)), norm_axis(torch.tensor(1.0), torch.ones(3, 4))
+        (1, -1)
+    """
+    if g.dim() == 0:
+        return WHOLE_TENSOR
+    if g.dim() != v.dim() or any(size not in (1, full) for size, full in zip(g.shape, v.shape)):
+        return None
+    wide = [d for d in range(v.dim()) if g.shape[d] == v.shape[d] > 1]
+    if len(wide) > 1:
+        return None
+    return wide[0] if wide else WHOLE_TENSOR
+
+
+def _legacy_pair(state_dict: Mapping[str, Tensor], key: str) -> tuple[Tensor, Tensor] | None:
+    """``(g, v)`` if ``key`` is one of a legacy ``<name>_g``/``<name>_v`` pair of a weight norm, else None."""
+    stem, underscore, part = key.rpartition("_")
+    if not underscore or part not in ("g", "v") or stem in state_dict:
+        return None
+    g, v = state_dict.get(f"{stem}_g"), state_dict.get(f"{stem}_v")
+    if not (isinstance(g, Tensor) and isinstance(v, Tensor)) or norm_axis(g, v) is None:
+        return None  # not a weight norm's pair (spectral norm keeps a `weight_v` vector, and no `weight_g`)
+    return g, v
+
+
+def _state_dict_of(state_dict: object) -> Mapping[str, Tensor]:
+    if isinstance(state_dict, Mapping) and isinstance(state_dict.get("state_dict"), Mapping):
+        return state_dict["state_dict"]  # a whole Lightning checkpoint
+    if not isinstance(state_dict, Mapping):
+        hint = " Pass `model.state_dict()`." if isinstance(state_dict, torch.nn.Module) else ""
+        raise TypeError(
+            f"`state_dict` must be a state dict (a mapping of names to tensors) or a Lightning checkpoint, "
+            f"got {type(state_dict).__name__}.{hint}"
+        )
+    for key, value in state_dict.items():
+        if not isinstance(value, Tensor) and not str(key).endswith("_extra_state"):
+            raise TypeError(
+                f"`state_dict` must map names to tensors, but entry {key!r} is a {type(value).__name__}. "
+                f"Pass a model's `state_dict()`, or a Lightning checkpoint with a 'state_dict' entry."
+            )
+    return state_dict

@@ -24,13 +24,20 @@ from __future__ import annotations
 import fnmatch
 import functools
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
+from torch.nn.utils.parametrizations import _WeightNorm as _TorchWeightNorm
+from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm as _LegacyWeightNorm
 
 from lightning_wn._normalized_weight import NormalizedWeight, norm_except_dim
 from lightning_wn._scaled_linear import ScaledLinear
+from lightning_wn.state_dict import WHOLE_TENSOR, fold, norm_axis
 
 _Conv = nn.modules.conv._ConvNd
 _ConvTranspose = nn.modules.conv._ConvTransposeNd
@@ -48,7 +55,8 @@ class WeightNorm(nn.Module):
 
     ``original0`` is the magnitude ``g`` (or ``s`` with :math:`g = e^{c s}` when
     ``log_scale_factor`` ``c`` is set, kept in the buffer ``c``) and ``original1`` the direction
-    ``v``; ``dim`` is the output-unit axis, the one axis the norm is not taken over.
+    ``v``; ``dim`` is the output-unit axis, the one axis the norm is not taken over, or None for
+    one norm over the whole tensor (a 0-d ``g``), kept as ``dim == -1`` as torch keeps it.
 
     Example:
         >>> weight = torch.randn(4, 3)
@@ -57,9 +65,12 @@ class WeightNorm(nn.Module):
         True
     """
 
-    def __init__(self, weight: Tensor, dim: int, log_scale_factor: float | None = None) -> None:
+    def __init__(self, weight: Tensor, dim: int | None, log_scale_factor: float | None = None) -> None:
         super().__init__()
-        self.dim = dim
+        if dim is not None and not 0 <= dim < max(weight.dim(), 1):
+            raise ValueError(f"`dim`={dim} must be an axis of the weight (0 to {weight.dim() - 1}), or None.")
+        # torch._weight_norm reads -1 as "the whole tensor", so the op takes it as it is
+        self.dim = WHOLE_TENSOR if dim is None else dim
         self.log_scale_factor = log_scale_factor
         v, magnitude = self._split(weight.detach())
         if log_scale_factor is None:
@@ -72,14 +83,19 @@ class WeightNorm(nn.Module):
 
     def _split(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         """``v`` and the magnitude parameter (``g``, or ``s``) that give ``weight``."""
-        magnitude = norm_except_dim(weight, self.dim)
+        magnitude = self._norm(weight)
         zero = magnitude == 0
         if not weight.is_meta and zero.any():  # a zero unit (nn.init.zeros_) has no direction: give it one, g = 0
             weight = torch.where(zero, torch.randn_like(weight), weight)
-            magnitude = torch.where(zero, 0.0, norm_except_dim(weight, self.dim))
+            magnitude = torch.where(zero, 0.0, self._norm(weight))
         if self.log_scale_factor is not None:  # g = 0 is exp(-inf): the smallest normal number instead
             magnitude = magnitude.clamp_min(torch.finfo(magnitude.dtype).tiny).log() / self.log_scale_factor
         return weight, magnitude
+
+    def _norm(self, weight: Tensor) -> Tensor:
+        if self.dim == WHOLE_TENSOR:
+            return torch.linalg.vector_norm(weight)  # 0-d, the shape torch gives g for dim=None
+        return norm_except_dim(weight, self.dim)
 
     @torch.no_grad()
     def reset(self, weight: Tensor) -> None:
@@ -120,7 +136,7 @@ class WeightNorm(nn.Module):
         than the layer has inputs; a second call caches ``w``.
         """
         v = self.v
-        if not self._output_scaling_pays(v, x):
+        if not (self._output_scaling_pays(v, x) and self.dim == 0):  # the output is scaled per row: dim 0 only
             return nn.functional.linear(x, self.forward(), bias)
         key = self._cache_key(v)
         if key != self._key:
@@ -198,7 +214,7 @@ class WeightNorm(nn.Module):
 
     def extra_repr(self) -> str:
         extra = f", g=exp({self.log_scale_factor} * s)" if self.log_scale_factor else ""
-        return f"dim={self.dim}{extra}"
+        return f"dim={None if self.dim == WHOLE_TENSOR else self.dim}{extra}"
 
 
 class _Parametrizations(nn.Module):
@@ -247,10 +263,20 @@ def is_weight_normalized(module: nn.Module, name: str | None = None) -> bool:
     return bool(names) if name is None else name in names
 
 
+class _OutputAxis:
+    """``dim`` left out: the layer's output-unit axis. Not None, which means the whole tensor, as in torch."""
+
+    def __repr__(self) -> str:
+        return "<output-unit axis>"
+
+
+OUTPUT_AXIS = _OutputAxis()
+
+
 def weight_norm(
     module: nn.Module,
     name: str | Sequence[str] | None = None,
-    dim: int | None = None,
+    dim: int | None | _OutputAxis = OUTPUT_AXIS,
     *,
     log_scale_factor: float | None = None,
     paper_init: bool = False,
@@ -262,8 +288,11 @@ def weight_norm(
             any module whose forward reads ``module.<name>`` if ``dim`` is given.
         name: the tensor(s) to normalize; default ``weight``, or every ``weight_ih*`` and
             ``weight_hh*`` of a recurrent layer (each row, i.e. each gate unit, its own ``g``).
-        dim: the output-unit axis (the norm runs over all others); default 0, or 1 for
-            transposed convolutions, whose weights are laid out (in, out, ...).
+        dim: the output-unit axis (the norm runs over all others); left out, 0, or 1 for
+            transposed convolutions, whose weights are laid out (in, out, ...). ``None`` takes
+            one norm over the whole tensor (one ``g``), as in torch. Unlike torch's functions,
+            whose ``dim`` is 0 for every layer, leaving it out normalizes each output unit;
+            ``dim=-1`` is refused, since torch reads it as the whole tensor and Python as the last axis.
         log_scale_factor: ``c`` in the paper's :math:`g = e^{c s}`; ``s`` is learned instead of ``g``.
         paper_init: re-draw ``v`` from N(0, 0.05) as in the paper, with ``g = ||v||``; meant to
             be followed by :func:`~lightning_wn.data_dependent_init`.
@@ -279,10 +308,23 @@ def weight_norm(
         ['bias', 'parametrizations.weight.original0', 'parametrizations.weight.original1']
         >>> torch.allclose(layer(x), before, atol=1e-6)
         True
+        >>> weight_norm(nn.Linear(20, 40), dim=None).parametrizations.weight.original0.shape  # as torch's
+        torch.Size([])
     """
     names = default_names(module) if name is None else [name] if isinstance(name, str) else list(name)
-    if dim is None:
+    if dim is OUTPUT_AXIS:
         dim = default_dim(module)
+    if dim == -1:
+        raise ValueError(
+            "`dim`=-1 is ambiguous: torch's weight norm reads it as one norm over the whole tensor, Python as the "
+            "last axis. Pass `dim=None` for the whole tensor, or the last axis's positive index."
+        )
+    reparametrized = _torch_reparametrizations(module)
+    if reparametrized:
+        raise ValueError(
+            f"This {type(module).__name__} is already reparametrized by torch ({', '.join(reparametrized)}); weight "
+            f"norm on top would stack two reparametrizations. {_TORCH_FIX}"
+        )
     if log_scale_factor is not None and not (math.isfinite(log_scale_factor) and log_scale_factor > 0):
         raise ValueError(f"`log_scale_factor` must be a positive number, got {log_scale_factor!r}.")
     if isinstance(module, _ConvTranspose) and module.groups > 1 and dim == 1:
@@ -302,7 +344,7 @@ def weight_norm(
                 f"{type(module).__name__} has no parameter `{tensor_name}`; "
                 f"its parameters are {sorted(module._parameters)}."
             )
-        if not -param.dim() <= dim < max(param.dim(), 1):
+        if dim is not None and not -param.dim() <= dim < max(param.dim(), 1):
             raise ValueError(f"`dim`={dim} is out of range for `{tensor_name}` of shape {tuple(param.shape)}.")
 
     if "parametrizations" not in module._modules:
@@ -312,7 +354,7 @@ def weight_norm(
         if paper_init:
             with torch.no_grad():
                 param.normal_(0.0, 0.05)
-        normalized = WeightNorm(param, dim % max(param.dim(), 1), log_scale_factor)
+        normalized = WeightNorm(param, None if dim is None else dim % max(param.dim(), 1), log_scale_factor)
         normalized.original1.requires_grad_(param.requires_grad)
         normalized.magnitude_param.requires_grad_(param.requires_grad)
         setattr(module.parametrizations, tensor_name, normalized)
@@ -326,30 +368,65 @@ def weight_norm(
 def remove_weight_norm(model: nn.Module) -> list[str]:
     """Fold ``g`` and ``v`` back into plain weights everywhere in ``model``, for inference or export.
 
-    Returns the qualified names of the modules folded.
+    Folds weight norm whatever applied it: this library, ``torch.nn.utils.parametrizations.weight_norm``
+    or the legacy ``torch.nn.utils.weight_norm`` hook; other reparametrizations (spectral norm)
+    stay. Returns the qualified names of the modules folded.
+
+    Raises:
+        ValueError: a tensor's torch parametrization chains weight norm with another one.
 
     Example:
         >>> model = nn.Sequential(weight_norm(nn.Linear(2, 3)), nn.ReLU())
+        >>> model.append(nn.utils.parametrizations.weight_norm(nn.Linear(3, 1)))  # doctest: +ELLIPSIS
+        Sequential(...)
         >>> remove_weight_norm(model)
-        ['0']
+        ['0', '2']
         >>> sorted(name for name, _ in model.named_parameters())
-        ['0.bias', '0.weight']
+        ['0.bias', '0.weight', '2.bias', '2.weight']
     """
+    modules = list(model.named_modules())
+    for module_name, module in modules:  # checked before anything is folded: an error leaves the model as it was
+        for tensor_name, chain in _torch_parametrizations(module).items():
+            if len(chain) > 1 and any(isinstance(p, _TorchWeightNorm) for p in chain):
+                raise ValueError(
+                    f"`{module_name}.{tensor_name}` chains torch's weight norm with "
+                    f"{[type(p).__name__ for p in chain]}: folding would fold them all. Remove them with "
+                    "`torch.nn.utils.parametrize.remove_parametrizations` in the order you mean."
+                )
     folded = []
-    for module_name, module in list(model.named_modules()):
-        if not is_weight_normalized(module):
+    for module_name, module in modules:
+        if is_weight_normalized(module):
+            _remove_own_weight_norm(module)
+        elif not _remove_torch_weight_norm(module):
             continue
-        normalized = weight_norms(module)
-        with torch.no_grad():
-            weights = {name: nn.Parameter(wn().clone(), wn.v.requires_grad) for name, wn in normalized.items()}
-        module.__class__ = type(module)._wn_base
-        del module.parametrizations
-        for name, weight in weights.items():
-            module.register_parameter(name, weight)
-        if isinstance(module, nn.RNNBase):
-            module._init_flat_weights()
         folded.append(module_name)
     return folded
+
+
+def _remove_own_weight_norm(module: nn.Module) -> None:
+    normalized = weight_norms(module)
+    with torch.no_grad():
+        weights = {name: nn.Parameter(wn().clone(), wn.v.requires_grad) for name, wn in normalized.items()}
+    module.__class__ = type(module)._wn_base
+    del module.parametrizations
+    for name, weight in weights.items():
+        module.register_parameter(name, weight)
+    if isinstance(module, nn.RNNBase):
+        module._init_flat_weights()
+
+
+def _remove_torch_weight_norm(module: nn.Module) -> bool:
+    """Fold torch's weight norms of ``module``, parametrized or legacy hooks; whether there was one."""
+    found = False
+    for tensor_name, chain in _torch_parametrizations(module).items():
+        if isinstance(chain[0], _TorchWeightNorm):
+            parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+            found = True
+    for hook in list(module._forward_pre_hooks.values()):
+        if isinstance(hook, _LegacyWeightNorm):
+            nn.utils.remove_weight_norm(module, hook.name)
+            found = True
+    return found
 
 
 def apply_weight_norm(
@@ -368,9 +445,13 @@ def apply_weight_norm(
 
     Returns the qualified names of the modules normalized.
 
+    Layers already reparametrized by torch (its weight norm or spectral norm, parametrized or as
+    legacy hooks) are left alone with a warning naming them; naming one (its exact name in
+    ``include``) is an error.
+
     Raises:
         ValueError: a pattern matches no module, a selected module is not a supported layer,
-            is already normalized, or nothing at all is selected.
+            is already normalized (by this library, or by torch and named), or nothing at all is selected.
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Linear(8, 2))
@@ -398,6 +479,9 @@ def select_layers(
 ) -> list[str]:
     """The qualified names :func:`apply_weight_norm` would normalize, in module order.
 
+    Layers torch already reparametrizes are left out, with a warning naming them; naming one
+    (its exact name in ``include``) is a ``ValueError``.
+
     Example:
         >>> select_layers(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)), exclude="2")
         ['0']
@@ -406,10 +490,28 @@ def select_layers(
     modules = dict(model.named_modules())
     chosen = _select(modules, _as_list(include), "include")
     chosen -= _select(modules, _as_list(exclude), "exclude")
+    reparametrized = {n: found for n in modules if n in chosen and (found := _torch_reparametrizations(modules[n]))}
+    named = reparametrized.keys() & {e for e in _as_list(include) if isinstance(e, str) and not _is_glob(e)}
+    if named:
+        listed = ", ".join(f"`{name}` ({', '.join(reparametrized[name])})" for name in sorted(named))
+        raise ValueError(
+            f"`include` names {listed}, already reparametrized by torch: weight norm on top would stack two "
+            f"reparametrizations. {_TORCH_FIX}"
+        )
+    chosen -= reparametrized.keys()
     if not chosen:
+        skipped = f" ({len(reparametrized)} selected layers are reparametrized by torch)" if reparametrized else ""
         raise ValueError(
             f"No module of {type(model).__name__} is selected by `include`={include!r} and "
-            f"`exclude`={exclude!r}. Modules: {_preview(modules)}."
+            f"`exclude`={exclude!r}{skipped}. Modules: {_preview(modules)}."
+        )
+    if reparametrized:
+        listed = ", ".join(f"`{name}` ({', '.join(found)})" for name, found in reparametrized.items())
+        warnings.warn(
+            f"Weight norm leaves {len(reparametrized)} layers alone that torch already reparametrizes: {listed}. "
+            f"{_TORCH_FIX} Leave them out with `exclude` to silence this.",
+            UserWarning,
+            stacklevel=2,
         )
     return [name for name in modules if name in chosen]
 
@@ -484,6 +586,50 @@ def _refuse_tied_weights(modules: dict[str, nn.Module], names: list[str]) -> Non
                 )
 
 
+# --- torch's own reparametrizations ---------------------------------------------------------------
+
+_TORCH_FIX = (
+    "Fold torch's weight norm first with `lightning_wn.remove_weight_norm(model)` to normalize the layer here; "
+    "keep torch's spectral norm by leaving the layer out."
+)
+_TORCH_KINDS = {
+    _TorchWeightNorm: "torch.nn.utils.parametrizations.weight_norm",
+    _TorchSpectralNorm: "torch.nn.utils.parametrizations.spectral_norm",
+    _LegacyWeightNorm: "torch.nn.utils.weight_norm",
+    _LegacySpectralNorm: "torch.nn.utils.spectral_norm",
+}
+
+
+def _kind(reparametrization: object) -> str:
+    kind = type(reparametrization)
+    return next((how for cls, how in _TORCH_KINDS.items() if issubclass(kind, cls)), kind.__name__)
+
+
+def _torch_parametrizations(module: nn.Module) -> dict[str, nn.ModuleList]:
+    """Each tensor of ``module`` that ``torch.nn.utils.parametrize`` reparametrizes, with its chain."""
+    if not parametrize.is_parametrized(module):
+        return {}
+    return dict(module.parametrizations.items())
+
+
+def _torch_reparametrizations(module: nn.Module) -> list[str]:
+    """What torch reparametrizes in ``module``, as ``"<tensor>: <how>"``; empty if nothing."""
+    found = [
+        f"{name}: {' + '.join(_kind(p) for p in chain)}"
+        for name, chain in _torch_parametrizations(module).items()
+    ]
+    found += [
+        f"{hook.name}: {_kind(hook)}"
+        for hook in module._forward_pre_hooks.values()
+        if isinstance(hook, (_LegacyWeightNorm, _LegacySpectralNorm))
+    ]
+    return found
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(char in pattern for char in "*?[")
+
+
 # --- the per-class machinery -------------------------------------------------------------------
 
 
@@ -504,6 +650,7 @@ def _normalized_class(base: type[nn.Module], names: tuple[str, ...]) -> type[nn.
         attrs["_flat_weights"] = property(_flat_weights, _ignore_assignment)
     if hasattr(base, "reset_parameters"):
         attrs["reset_parameters"] = _reset_parameters
+    attrs["_load_from_state_dict"] = _load_from_state_dict
     return type(f"WeightNormed{base.__name__}", (base,), attrs)
 
 
@@ -523,6 +670,45 @@ def _reset_parameters(self: nn.Module) -> None:
     base.reset_parameters(plain)
     for name in names:
         norms[name].reset(plain._parameters[name])
+
+
+def _load_from_state_dict(self: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args) -> None:
+    """Loads torch's spellings of ``g`` and ``v`` too: ``load_state_dict(..., strict=True)`` takes them.
+
+    ``state_dict`` is ``load_state_dict``'s own copy, read by this module's children after this returns.
+    """
+    for name, normalized in weight_norms(self).items():
+        _adopt_torch_spelling(normalized, state_dict, f"{prefix}parametrizations.{name}.", f"{prefix}{name}")
+    type(self)._wn_base._load_from_state_dict(self, state_dict, prefix, *args)
+
+
+def _adopt_torch_spelling(normalized: WeightNorm, state_dict: dict[str, Tensor], ours: str, plain: str) -> None:
+    """Rewrite one tensor's entries into ``normalized``'s layout, computing the source's weight exactly.
+
+    The legacy ``<name>_g``/``<name>_v`` are renamed. Where the source's ``g`` is another shape than
+    ours (torch's ``dim=0`` on a ``ConvTranspose``, ``dim=None``'s one ``g``) or ``g`` must become
+    ``s`` (``log_scale_factor``), the source's ``w`` is folded along the source's axis and split
+    along ours: the layer then computes the source's function.
+    """
+    legacy_g, legacy_v = f"{plain}_g", f"{plain}_v"
+    if legacy_g in state_dict and legacy_v in state_dict and f"{ours}original1" not in state_dict:
+        state_dict[f"{ours}original0"] = state_dict.pop(legacy_g)
+        state_dict[f"{ours}original1"] = state_dict.pop(legacy_v)
+    g, v = state_dict.get(f"{ours}original0"), state_dict.get(f"{ours}original1")
+    if not (isinstance(g, Tensor) and isinstance(v, Tensor)) or v.shape != normalized.v.shape:
+        return  # not a weight norm's g and v for this tensor: load_state_dict reports what is wrong
+    if normalized.log_scale_factor is None and g.shape == normalized.original0.shape:
+        return  # our own layout (the axes agree, or g is the same whole-tensor norm either way)
+    if norm_axis(g, v) is None:
+        return
+    new_v, magnitude = normalized._split(fold(g, v).to(normalized.v.dtype))
+    del state_dict[f"{ours}original0"]
+    state_dict[f"{ours}original1"] = new_v
+    if normalized.log_scale_factor is None:
+        state_dict[f"{ours}original0"] = magnitude
+    else:
+        state_dict[f"{ours}s"] = magnitude
+        state_dict.setdefault(f"{ours}c", normalized.c.clone())
 
 
 def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
