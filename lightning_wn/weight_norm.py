@@ -41,6 +41,7 @@ _OUTPUT_SCALING_MIN_WEIGHTS = 1 << 18
 """Below this many weights, materializing ``w`` costs less than scaling the output (measured)."""
 DEFAULT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, _Conv)
 """What :func:`apply_weight_norm` normalizes when ``include`` is not given."""
+_is_tracing = torch._C._is_tracing  # torch.jit.is_tracing() outside TorchScript, without its two Python calls
 
 
 class WeightNorm(nn.Module):
@@ -110,6 +111,10 @@ class WeightNorm(nn.Module):
         v = self.v
         if torch.compiler.is_compiling():
             return NormalizedWeight.apply(v, self.g(), self.dim)
+        if _is_tracing():
+            # torch.jit.trace (and so torch.onnx's TorchScript exporter) records ATen ops: a cached w would be
+            # frozen into the graph as a constant, an autograd.Function kept as an opaque PythonOp
+            return torch._weight_norm(v, self.g(), self.dim)
         return self._weight_for(v, self._cache_key(v))
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
@@ -148,7 +153,8 @@ class WeightNorm(nn.Module):
     @staticmethod
     def _output_scaling_pays(v: Tensor, x: Tensor) -> bool:
         return (
-            v.numel() >= _OUTPUT_SCALING_MIN_WEIGHTS
+            not _is_tracing()  # first: traced, v.numel() is a tensor, and ScaledLinear and the cache cannot be traced
+            and v.numel() >= _OUTPUT_SCALING_MIN_WEIGHTS
             and x.dim() > 0
             and x.numel() < x.shape[-1] ** 2  # fewer rows than inputs
             and not torch.compiler.is_compiling()
