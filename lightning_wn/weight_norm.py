@@ -24,6 +24,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -501,6 +502,7 @@ def _normalized_class(base: type[nn.Module], names: tuple[str, ...]) -> type[nn.
         "_wn_names": names,
         "__reduce_ex__": _reduce_ex,
         "__module__": __name__,
+        "qconfig": _QCONFIG,
     }
     for name in names:
         attrs[name] = property(functools.partial(_normalized_tensor, name=name), doc=f"``{name}`` = g * v / ||v||")
@@ -529,6 +531,35 @@ def _reset_parameters(self: nn.Module) -> None:
     base.reset_parameters(plain)
     for name in names:
         norms[name].reset(plain._parameters[name])
+
+
+def _get_qconfig(self: nn.Module):
+    try:
+        return self.__dict__["qconfig"]
+    except KeyError:
+        raise AttributeError("qconfig") from None  # unset: nn.Module's own "has no attribute" error follows
+
+
+def _set_qconfig(self: nn.Module, qconfig) -> None:
+    # eager-mode quantization (quantize_dynamic, prepare, prepare_qat) sets `qconfig` on every module it visits,
+    # then swaps only modules of exactly the types it maps: this subclass is passed over, silently
+    warnings.warn(
+        f"torch.ao.quantization matches module types exactly, so it leaves `{type(self).__name__}` unquantized, "
+        f"in float, even where it would quantize a `{type(self)._wn_base.__name__}`. Fold weight norm first with "
+        "`lightning_wn.remove_weight_norm(model)`, then quantize.",
+        UserWarning,
+        stacklevel=3,  # past nn.Module.__setattr__: the line that set it
+    )
+    self.__dict__["qconfig"] = qconfig
+
+
+def _del_qconfig(self: nn.Module) -> None:
+    if "qconfig" not in self.__dict__:
+        raise AttributeError("qconfig")
+    del self.__dict__["qconfig"]
+
+
+_QCONFIG = property(_get_qconfig, _set_qconfig, _del_qconfig, doc="Quantization config; setting it warns.")
 
 
 def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:

@@ -1,7 +1,8 @@
-"""Deployment: torch.jit.trace, torch.export, and ONNX run by onnxruntime."""
+"""Deployment: torch.jit.trace, torch.export, ONNX run by onnxruntime, and dynamic quantization."""
 
 import copy
 import io
+import re
 import warnings
 
 import pytest
@@ -17,6 +18,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.save` is deprecated:FutureWarning"),
     pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning"),
     pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning"),  # inside torch.onnx
 ]
 
@@ -187,3 +189,37 @@ def test_an_unfolded_model_exported_to_onnx_computes_w_from_g_and_v():
         torch.testing.assert_close(out, model(X), rtol=0, atol=1e-5)
     assert "ReduceL2" in ops
     assert G_AND_V <= initializers and not {f"{layer}.weight" for layer in WEIGHT_NORMS} & initializers
+
+
+def test_dynamic_quantization_of_an_unfolded_model_warns_and_leaves_it_in_float():
+    quantize_dynamic = pytest.importorskip("torch.ao.quantization").quantize_dynamic
+    model = small_model().eval()
+    with torch.no_grad():
+        expected = model(X)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        quantized = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    messages = [str(w.message) for w in caught if "unquantized" in str(w.message)]
+    assert len(messages) == 3  # one per weight-normalized layer
+    assert re.search(r"leaves `WeightNormedLinear` unquantized, in float, even where it would quantize a `Linear`. "
+                     r"Fold weight norm first with `lightning_wn.remove_weight_norm\(model\)`", messages[-1])
+    # what the user gets: torch passed the subclass over, so it is still the float layer
+    assert type(quantized[5]).__name__ == "WeightNormedLinear" and not hasattr(quantized[5], "qconfig")
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(X), expected, rtol=0, atol=1e-6)
+
+
+def test_dynamic_quantization_after_folding_quantizes_the_linear_layer():
+    quantization = pytest.importorskip("torch.ao.quantization")
+    model = small_model().eval()
+    remove_weight_norm(model)
+    with torch.no_grad():
+        expected = model(X)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantized = quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    assert not [w for w in caught if "unquantized" in str(w.message)]
+    assert isinstance(quantized[5], torch.ao.nn.quantized.dynamic.Linear)
+    with torch.no_grad():
+        error = (quantized(X) - expected).abs().max() / expected.abs().max()
+    assert 0 < error < 0.05  # int8 weights and activations: close, not equal
