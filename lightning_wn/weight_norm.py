@@ -48,6 +48,7 @@ _OUTPUT_SCALING_MIN_WEIGHTS = 1 << 18
 """Below this many weights, materializing ``w`` costs less than scaling the output (measured)."""
 DEFAULT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, _Conv)
 """What :func:`apply_weight_norm` normalizes when ``include`` is not given."""
+_is_tracing = torch._C._is_tracing  # torch.jit.is_tracing() outside TorchScript, without its two Python calls
 
 
 class WeightNorm(nn.Module):
@@ -126,6 +127,10 @@ class WeightNorm(nn.Module):
         v = self.v
         if torch.compiler.is_compiling():
             return NormalizedWeight.apply(v, self.g(), self.dim)
+        if _is_tracing():
+            # torch.jit.trace (and so torch.onnx's TorchScript exporter) records ATen ops: a cached w would be
+            # frozen into the graph as a constant, an autograd.Function kept as an opaque PythonOp
+            return torch._weight_norm(v, self.g(), self.dim)
         return self._weight_for(v, self._cache_key(v))
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
@@ -164,7 +169,8 @@ class WeightNorm(nn.Module):
     @staticmethod
     def _output_scaling_pays(v: Tensor, x: Tensor) -> bool:
         return (
-            v.numel() >= _OUTPUT_SCALING_MIN_WEIGHTS
+            not _is_tracing()  # first: traced, v.numel() is a tensor, and ScaledLinear and the cache cannot be traced
+            and v.numel() >= _OUTPUT_SCALING_MIN_WEIGHTS
             and x.dim() > 0
             and x.numel() < x.shape[-1] ** 2  # fewer rows than inputs
             and not torch.compiler.is_compiling()
@@ -641,6 +647,7 @@ def _normalized_class(base: type[nn.Module], names: tuple[str, ...]) -> type[nn.
         "_wn_names": names,
         "__reduce_ex__": _reduce_ex,
         "__module__": __name__,
+        "qconfig": _QCONFIG,
     }
     for name in names:
         attrs[name] = property(functools.partial(_normalized_tensor, name=name), doc=f"``{name}`` = g * v / ||v||")
@@ -709,6 +716,35 @@ def _adopt_torch_spelling(normalized: WeightNorm, state_dict: dict[str, Tensor],
     else:
         state_dict[f"{ours}s"] = magnitude
         state_dict.setdefault(f"{ours}c", normalized.c.clone())
+
+
+def _get_qconfig(self: nn.Module):
+    try:
+        return self.__dict__["qconfig"]
+    except KeyError:
+        raise AttributeError("qconfig") from None  # unset: nn.Module's own "has no attribute" error follows
+
+
+def _set_qconfig(self: nn.Module, qconfig) -> None:
+    # eager-mode quantization (quantize_dynamic, prepare, prepare_qat) sets `qconfig` on every module it visits,
+    # then swaps only modules of exactly the types it maps: this subclass is passed over, silently
+    warnings.warn(
+        f"torch.ao.quantization matches module types exactly, so it leaves `{type(self).__name__}` unquantized, "
+        f"in float, even where it would quantize a `{type(self)._wn_base.__name__}`. Fold weight norm first with "
+        "`lightning_wn.remove_weight_norm(model)`, then quantize.",
+        UserWarning,
+        stacklevel=3,  # past nn.Module.__setattr__: the line that set it
+    )
+    self.__dict__["qconfig"] = qconfig
+
+
+def _del_qconfig(self: nn.Module) -> None:
+    if "qconfig" not in self.__dict__:
+        raise AttributeError("qconfig")
+    del self.__dict__["qconfig"]
+
+
+_QCONFIG = property(_get_qconfig, _set_qconfig, _del_qconfig, doc="Quantization config; setting it warns.")
 
 
 def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
