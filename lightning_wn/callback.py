@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelPruning, StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel
 from typing_extensions import override
@@ -131,6 +131,7 @@ class WeightNormalization(Callback):
         self.normalized: list[str] = []
         self.initialized = False
         self._restored: dict[str, Any] | None = None
+        self._plain_checkpoint: dict[str, Any] | None = None  # its optimizer states are for plain weights
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -176,6 +177,7 @@ class WeightNormalization(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restart_optimizer_states(trainer)
         # Whether the init ran is our own state, restored or not: a tuner (BatchSizeFinder, LearningRateFinder)
         # also restores a checkpoint, one saved before the init
         if self._restored is not None:  # restored state is applied here, not in load_state_dict
@@ -277,6 +279,39 @@ class WeightNormalization(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = dict(state_dict)
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Weights trained without weight norm (a plain layer's `weight`) have just loaded into g and v; the
+        # optimizers, built later, get theirs after on_fit_start, which is where they are rewritten
+        if self.state_key in checkpoint.get("callbacks", {}) or "optimizer_states" not in checkpoint:
+            return
+        tensors = [f"{n}.{t}" for n, m in weight_normalized_modules(pl_module) for t in weight_norms(m)]
+        if any(tensor in checkpoint["state_dict"] for tensor in tensors):
+            self._plain_checkpoint = checkpoint
+
+    def _restart_optimizer_states(self, trainer: pl.Trainer) -> None:
+        """The saved optimizer states hold moments of plain weights, which are now g and v: restart them.
+
+        Each group keeps its saved hyperparameters (a learning rate a scheduler lowered); the
+        per-parameter state (Adam's moments, momentum buffers) starts empty, as for a new parameter.
+        """
+        checkpoint, self._plain_checkpoint = self._plain_checkpoint, None
+        if checkpoint is None:
+            return
+        restarted = []
+        for saved, optimizer in zip(checkpoint["optimizer_states"], trainer.optimizers):
+            fresh = optimizer.state_dict()
+            groups = saved["param_groups"]
+            if len(groups) == len(fresh["param_groups"]):
+                fresh["param_groups"] = [{**old, "params": new["params"]} for old, new in zip(groups, fresh["param_groups"])]
+            restarted.append(fresh)
+        checkpoint["optimizer_states"] = restarted
+        rank_zero_warn(
+            f"WeightNormalization: {trainer.ckpt_path} was trained without weight norm; its plain weights now "
+            "load as g and v, so the optimizer state saved for them (momentum, Adam's moments) cannot apply "
+            "and restarts from zero. Learning rates and the loop's progress are restored."
+        )
 
 
 class FoldWeightNormOnLoad:

@@ -679,14 +679,54 @@ def _reset_parameters(self: nn.Module) -> None:
         norms[name].reset(plain._parameters[name])
 
 
-def _load_from_state_dict(self: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args) -> None:
-    """Loads torch's spellings of ``g`` and ``v`` too: ``load_state_dict(..., strict=True)`` takes them.
+def _load_from_state_dict(
+    self: nn.Module,
+    state_dict: dict[str, Tensor],
+    prefix: str,
+    local_metadata: dict,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Loads torch's spellings of ``g`` and ``v``, and a plain layer's weight: ``strict=True`` takes them all.
 
     ``state_dict`` is ``load_state_dict``'s own copy, read by this module's children after this returns.
     """
     for name, normalized in weight_norms(self).items():
-        _adopt_torch_spelling(normalized, state_dict, f"{prefix}parametrizations.{name}.", f"{prefix}{name}")
-    type(self)._wn_base._load_from_state_dict(self, state_dict, prefix, *args)
+        ours, plain = f"{prefix}parametrizations.{name}.", f"{prefix}{name}"
+        _adopt_torch_spelling(normalized, state_dict, ours, plain)
+        _adopt_plain_weight(normalized, state_dict, ours, plain, error_msgs)
+    type(self)._wn_base._load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    )
+
+
+def _adopt_plain_weight(
+    normalized: WeightNorm, state_dict: dict[str, Tensor], ours: str, plain: str, error_msgs: list[str]
+) -> None:
+    """A plain layer's ``<name>`` (weights trained without weight norm) split into ``g`` and ``v``.
+
+    The layer then computes exactly the plain layer's function. Only where the state dict holds no
+    ``g`` or ``v`` of this tensor: with both, the plain entry stays an unexpected key.
+    """
+    weight = state_dict.get(plain)
+    if not isinstance(weight, Tensor) or any(f"{ours}{part}" in state_dict for part in ("original0", "original1", "s")):
+        return
+    del state_dict[plain]  # a plain weight's shape mismatch is reported below, by the name the source gave it
+    if weight.shape != normalized.v.shape:
+        error_msgs.append(
+            f"size mismatch for {plain}: copying a plain weight of shape {tuple(weight.shape)} from the checkpoint "
+            f"into a weight-normalized layer whose weight has shape {tuple(normalized.v.shape)}."
+        )
+        return
+    v, magnitude = normalized._split(weight.to(normalized.v.dtype))
+    state_dict[f"{ours}original1"] = v
+    if normalized.log_scale_factor is None:
+        state_dict[f"{ours}original0"] = magnitude
+    else:
+        state_dict[f"{ours}s"] = magnitude
+        state_dict[f"{ours}c"] = normalized.c.clone()
 
 
 def _adopt_torch_spelling(normalized: WeightNorm, state_dict: dict[str, Tensor], ours: str, plain: str) -> None:

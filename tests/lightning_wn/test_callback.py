@@ -332,6 +332,36 @@ def test_a_checkpoint_without_the_callbacks_state_keeps_its_weights(tmp_path, mo
         assert torch.equal(probe.state[name], value), name
 
 
+def test_a_run_trained_without_weight_norm_resumes_with_it(tmp_path, monkeypatch):
+    seed_everything(0)
+    plain, data = ConvClassifier(), RandomImages(size=64, batch_size=16)
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(max_steps=4, callbacks=[saver], enable_checkpointing=True).fit(plain, data)  # one epoch, no weight norm
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert "net.0.weight" in saved["state_dict"] and "WeightNormalization" not in saved["callbacks"]
+
+    class Probe(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.step = trainer.global_step
+            (optimizer,) = trainer.optimizers
+            self.optimizer_state, self.lr = dict(optimizer.state), optimizer.param_groups[0]["lr"]
+            with torch.no_grad():
+                self.out = pl_module(data.x)
+
+    monkeypatch.setattr(callback_module, "data_dependent_init", lambda *a, **k: pytest.fail("trained weights re-initialized"))
+    probe, resumed = Probe(), ConvClassifier(lr=0.5)  # a wrong lr: the saved one must be restored
+    with pytest.warns(UserWarning, match="trained without weight norm.*restarts from zero"):
+        trainer(max_steps=6, callbacks=[WeightNormalization(init_samples=64), probe]).fit(
+            resumed, data, ckpt_path=tmp_path / "last.ckpt"
+        )
+    assert [name for name, _ in weight_normalized_modules(resumed)] == ["net.0", "net.2", "net.6"]
+    with torch.no_grad():
+        torch.testing.assert_close(probe.out, plain(data.x), rtol=0, atol=1e-5)  # the plain run's function
+    assert probe.step == 4 and probe.optimizer_state == {}  # the loop resumed, Adam's moments restarted
+    assert probe.lr == saved["optimizer_states"][0]["param_groups"][0]["lr"] == 1e-2
+    assert not torch.equal(resumed.net[0].weight, plain.net[0].weight)  # and it trained on, two steps
+
+
 @pytest.mark.slow
 def test_ddp_ranks_end_bitwise_identical_and_the_all_reduce_is_why(tmp_path):
     results = {}

@@ -20,6 +20,7 @@ from lightning_wn import (
     is_weight_normalized,
     remove_weight_norm,
     weight_norm,
+    weight_norms,
 )
 from lightning_wn.weight_norm import default_names, select_layers
 
@@ -311,3 +312,66 @@ def test_data_dependent_init_skips_torchs_layers_unless_named():
     with pytest.raises(ValueError, match=r"Module `0` is reparametrized by torch \(weight: torch.nn.utils.parametriz"
                                          r"ations.spectral_norm\): its weight cannot be rescaled in place"):
         data_dependent_init(model, x, modules=["0"])
+
+
+@pytest.mark.parametrize("ours", sorted(OURS))
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_a_plain_layers_state_dict_loads_strictly_and_computes_its_function(kind, ours):
+    torch.manual_seed(0)
+    make, shape = LAYERS[kind]
+    plain = randomized(make())
+    x = torch.randn(shape)
+    layer = OURS[ours](make())
+    result = layer.load_state_dict(plain.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    torch.testing.assert_close(first(layer(x)), first(plain(x)), rtol=0, atol=1e-6)
+    for name, normalized in weight_norms(layer).items():  # split into g = ||w|| along our axis and v = w
+        w = getattr(plain, name)
+        torch.testing.assert_close(normalized.v, w, rtol=0, atol=0)
+        others = [d for d in range(w.dim()) if d != normalized.dim]  # every axis for the whole tensor (dim -1)
+        norm = torch.linalg.vector_norm(w, dim=others)
+        torch.testing.assert_close(normalized.g().flatten(), norm.flatten(), rtol=1e-5, atol=1e-6)
+    assert {k: v.shape for k, v in layer.state_dict().items()} == {
+        k: v.shape for k, v in OURS[ours](make()).state_dict().items()
+    }
+
+
+def test_a_plain_conv_transpose_loads_split_along_its_output_axis():
+    torch.manual_seed(0)
+    plain = randomized(nn.ConvTranspose1d(3, 4, 3, stride=2))
+    layer = weight_norm(nn.ConvTranspose1d(3, 4, 3, stride=2))
+    layer.load_state_dict(plain.state_dict(), strict=True)
+    wn = layer.parametrizations.weight
+    assert wn.original0.shape == (1, 4, 1)
+    torch.testing.assert_close(wn.original0.flatten(), torch.linalg.vector_norm(plain.weight, dim=(0, 2)))
+    torch.testing.assert_close(layer.weight, plain.weight, rtol=0, atol=1e-6)
+
+
+def test_a_plain_model_loads_into_a_partly_normalized_one_and_trains_like_it():
+    torch.manual_seed(0)
+    plain = randomized(nn.Sequential(nn.Conv1d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(20, 2)))
+    model = copy.deepcopy(plain)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()  # the load, not the copy, must give the weights
+    apply_weight_norm(model, include=[nn.Conv1d])
+    model.load_state_dict(plain.state_dict(), strict=True)
+    x = torch.randn(6, 3, 7)
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=1e-6)
+    assert model[3].weight is model[3]._parameters["weight"]  # the plain layer loaded as it was
+    # a step on g and v then moves the function, as any training would (the loaded v is trainable)
+    model(x).square().sum().backward()
+    assert model[0].parametrizations.weight.original1.grad.abs().sum() > 0
+
+
+def test_a_plain_weight_of_the_wrong_shape_or_beside_g_and_v_is_an_error():
+    plain = nn.Linear(5, 4).state_dict()
+    with pytest.raises(RuntimeError, match=r"size mismatch for weight: copying a plain weight of shape \(4, 5\).*\(3, 5\)"):
+        weight_norm(nn.Linear(5, 3)).load_state_dict(plain)
+    layer = weight_norm(nn.Linear(5, 4))
+    both = {**layer.state_dict(), "weight": plain["weight"]}  # ambiguous: which one is the layer's?
+    before = layer.weight.clone()
+    with pytest.raises(RuntimeError, match='Unexpected key\\(s\\) in state_dict: "weight"'):
+        layer.load_state_dict(both, strict=True)
+    layer.load_state_dict(both, strict=False)  # g and v win; the plain entry is reported, not used
+    torch.testing.assert_close(layer.weight, before, rtol=0, atol=0)
