@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelPruning, StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel
@@ -284,7 +285,9 @@ class WeightNormalization(Callback):
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Weights trained without weight norm (a plain layer's `weight`) have just loaded into g and v; the
         # optimizers, built later, get theirs after on_fit_start, which is where they are rewritten
-        if self.state_key in checkpoint.get("callbacks", {}) or "optimizer_states" not in checkpoint:
+        if trainer.state.fn != TrainerFn.FITTING or "optimizer_states" not in checkpoint:
+            return  # only fit restores optimizer states
+        if self.state_key in checkpoint.get("callbacks", {}):
             return
         tensors = [f"{n}.{t}" for n, m in weight_normalized_modules(pl_module) for t in weight_norms(m)]
         if any(tensor in checkpoint["state_dict"] for tensor in tensors):

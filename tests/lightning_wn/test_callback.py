@@ -4,6 +4,7 @@ import copy
 import pickle
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -360,6 +361,26 @@ def test_a_run_trained_without_weight_norm_resumes_with_it(tmp_path, monkeypatch
     assert probe.step == 4 and probe.optimizer_state == {}  # the loop resumed, Adam's moments restarted
     assert probe.lr == saved["optimizer_states"][0]["param_groups"][0]["lr"] == 1e-2
     assert not torch.equal(resumed.net[0].weight, plain.net[0].weight)  # and it trained on, two steps
+
+
+def test_validating_a_run_trained_without_weight_norm_then_fitting_leaves_the_fit_alone(tmp_path):
+    class Validated(ConvClassifier):
+        def validation_step(self, batch, batch_idx):
+            self.log("val/loss", torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    seed_everything(0)
+    plain, data = Validated(), RandomImages(size=64, batch_size=16)
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(max_steps=4, callbacks=[saver], enable_checkpointing=True).fit(plain, data)
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(plain(data.x), data.y).item()
+    wn, model, loader = WeightNormalization(init_samples=64), Validated(), data.train_dataloader()
+    (metrics,) = trainer(callbacks=[wn]).validate(model, loader, ckpt_path=tmp_path / "last.ckpt")
+    assert metrics["val/loss"] == pytest.approx(expected, abs=1e-5)  # the plain weights, loaded as g and v
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=1, callbacks=[wn]).fit(model, data)  # no checkpoint: no optimizer state to restart
+    assert not [w for w in caught if "trained without weight norm" in str(w.message)]
 
 
 @pytest.mark.slow
