@@ -7,6 +7,8 @@
 * ``on_fit_start``: the data-dependent init, once per training run, on training examples.
 * ``on_train_batch_end``: the hard limit on ``||v||``, if asked for.
 * ``on_fit_end``: fold weight norm away, if asked for.
+* ``on_load_checkpoint``: a run trained without weight norm resumes with it; its optimizer states,
+  saved for plain weights, restart at ``on_fit_start``, before the trainer restores them.
 """
 
 from __future__ import annotations
@@ -307,7 +309,7 @@ class WeightNormalization(Callback):
             fresh = optimizer.state_dict()
             groups = saved["param_groups"]
             if len(groups) == len(fresh["param_groups"]):
-                fresh["param_groups"] = [{**old, "params": new["params"]} for old, new in zip(groups, fresh["param_groups"])]
+                fresh["param_groups"] = [_with_params_of(new, old) for old, new in zip(groups, fresh["param_groups"])]
             restarted.append(fresh)
         checkpoint["optimizer_states"] = restarted
         rank_zero_warn(
@@ -315,6 +317,12 @@ class WeightNormalization(Callback):
             "load as g and v, so the optimizer state saved for them (momentum, Adam's moments) cannot apply "
             "and restarts from zero. Learning rates and the loop's progress are restored."
         )
+
+
+def _with_params_of(group: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved``'s hyperparameters for ``group``'s parameters (and their names: the saved ones are plain weights')."""
+    hyperparameters = {key: value for key, value in saved.items() if key not in ("params", "param_names")}
+    return {**hyperparameters, **{key: group[key] for key in ("params", "param_names") if key in group}}
 
 
 class FoldWeightNormOnLoad:

@@ -333,9 +333,15 @@ def test_a_checkpoint_without_the_callbacks_state_keeps_its_weights(tmp_path, mo
         assert torch.equal(probe.state[name], value), name
 
 
-def test_a_run_trained_without_weight_norm_resumes_with_it(tmp_path, monkeypatch):
+class NamedAdam(ConvClassifier):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.named_parameters(), lr=self.hparams.lr)  # param groups keep "param_names"
+
+
+@pytest.mark.parametrize("model_class", [ConvClassifier, NamedAdam])
+def test_a_run_trained_without_weight_norm_resumes_with_it(tmp_path, monkeypatch, model_class):
     seed_everything(0)
-    plain, data = ConvClassifier(), RandomImages(size=64, batch_size=16)
+    plain, data = model_class(), RandomImages(size=64, batch_size=16)
     saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer(max_steps=4, callbacks=[saver], enable_checkpointing=True).fit(plain, data)  # one epoch, no weight norm
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
@@ -346,11 +352,12 @@ def test_a_run_trained_without_weight_norm_resumes_with_it(tmp_path, monkeypatch
             self.step = trainer.global_step
             (optimizer,) = trainer.optimizers
             self.optimizer_state, self.lr = dict(optimizer.state), optimizer.param_groups[0]["lr"]
+            self.param_names = optimizer.param_groups[0].get("param_names")
             with torch.no_grad():
                 self.out = pl_module(data.x)
 
     monkeypatch.setattr(callback_module, "data_dependent_init", lambda *a, **k: pytest.fail("trained weights re-initialized"))
-    probe, resumed = Probe(), ConvClassifier(lr=0.5)  # a wrong lr: the saved one must be restored
+    probe, resumed = Probe(), model_class(lr=0.5)  # a wrong lr: the saved one must be restored
     with pytest.warns(UserWarning, match="trained without weight norm.*restarts from zero"):
         trainer(max_steps=6, callbacks=[WeightNormalization(init_samples=64), probe]).fit(
             resumed, data, ckpt_path=tmp_path / "last.ckpt"
@@ -360,6 +367,9 @@ def test_a_run_trained_without_weight_norm_resumes_with_it(tmp_path, monkeypatch
         torch.testing.assert_close(probe.out, plain(data.x), rtol=0, atol=1e-5)  # the plain run's function
     assert probe.step == 4 and probe.optimizer_state == {}  # the loop resumed, Adam's moments restarted
     assert probe.lr == saved["optimizer_states"][0]["param_groups"][0]["lr"] == 1e-2
+    if model_class is NamedAdam:  # the names of g and v, not the saved plain weights'
+        assert probe.param_names == [name for name, _ in resumed.named_parameters()]
+        assert "net.0.parametrizations.weight.original1" in probe.param_names
     assert not torch.equal(resumed.net[0].weight, plain.net[0].weight)  # and it trained on, two steps
 
 
