@@ -3,7 +3,8 @@
 Residual conv blocks with ELU, stride-2 convs down to a latent feature map with a diagonal
 Gaussian posterior, transposed convs back up. Binarized MNIST gets a Bernoulli likelihood
 (reported in nats), CIFAR-10 a discretized logistic (reported in bits per dimension). Adamax,
-as in the paper. Weight norm comes from the ``WeightNormalization`` callback in the config.
+as in the paper. Weight norm comes from the ``WeightNormalization`` callback in the config, and
+the average of the weights that the authors evaluate from Lightning's ``EMAWeightAveraging``.
 
 Example:
     >>> vae = ConvVAE(channels=8, latent_channels=4)
