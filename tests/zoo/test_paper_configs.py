@@ -124,7 +124,7 @@ def test_init_std_draws_every_weight_from_the_authors_normal():
     layers = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     assert len(layers) == 10
     for m in layers[:-1]:  # the dense layer's 640 weights are too few for a tight check
-        assert abs(m.weight.std().item() - 0.05) < 0.05 * 0.05 and abs(m.weight.mean().item()) < 0.005
+        assert abs(m.weight.std().item() - 0.05) < 0.005 and abs(m.weight.mean().item()) < 0.006  # 864+ weights each
         assert (m.bias == 0).all()
 
 
