@@ -4,7 +4,8 @@
   wraps the model, so the optimizer holds ``g`` and ``v`` and DDP all-reduces their gradients.
   Layers built in ``configure_model`` are normalized right after that hook returns. A weight
   averaging callback that copied the model before that is made to copy it again.
-* ``on_fit_start``: the data-dependent init, once per training run, on training examples.
+* ``on_fit_start``: the data-dependent init, once per training run, on training examples
+  (``on_train_start`` under ``ModelParallelStrategy``, which restores a checkpoint after ``on_fit_start``).
 * ``on_train_batch_end``: the hard limit on ``||v||``, if asked for.
 * ``on_fit_end``: fold weight norm away, if asked for.
 * ``on_load_checkpoint``: a run trained without weight norm resumes with it; its optimizer states,
@@ -45,7 +46,26 @@ from lightning_wn.weight_norm import (
     weight_norms,
 )
 
-_REFUSED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)  # and their subclasses
+# and their subclasses: why each cannot carry weight norm, and what to use instead
+_REFUSED_STRATEGIES = {
+    FSDPStrategy: (
+        "FSDP1 flattens each wrapped module's parameters into one FlatParameter, so the data-dependent init's "
+        "writes to g and the bias land in gathered copies that are freed after the forward, and are lost. Use "
+        "`ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)` with `fully_shard` (FSDP2) in "
+        "`configure_model`, which WeightNormalization supports, or `strategy='ddp'`."
+    ),
+    DeepSpeedStrategy: (
+        "DeepSpeed partitions and re-creates parameters inside its own engine (ZeRO), which neither the "
+        "reparameterization nor the data-dependent init can follow. Use `ModelParallelStrategy` with "
+        "`fully_shard` (FSDP2) in `configure_model` to shard, or `strategy='ddp'`."
+    ),
+}
+# options that act on g, v or buffers per rank, which a sharded model does not keep in step across ranks
+_UNSHARDED_ONLY = {
+    "mean_only_bn": "its running mean is a buffer FSDP2 does not synchronize, so the ranks' copies would drift apart",
+    "max_norm": "it rescales each rank's shard of v by norms taken on that shard only",
+    "fold_on_fit_end": "it folds sharded g and v in place; fold the full checkpoint instead (`lightning_wn.load_from_checkpoint`)",
+}
 
 
 class WeightNormalization(Callback):
@@ -138,21 +158,44 @@ class WeightNormalization(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if isinstance(trainer.strategy, _REFUSED_STRATEGIES):
-            strategy = type(trainer.strategy).__name__
-            raise RuntimeError(
-                f"WeightNormalization does not support `{strategy}`: it shards or restores parameters "
-                "in ways the reparameterization cannot follow. Use a single device or `strategy='ddp'`."
-            )
+        strategy = trainer.strategy
+        for refused, why in _REFUSED_STRATEGIES.items():
+            if isinstance(strategy, refused):
+                raise RuntimeError(f"WeightNormalization does not support `{type(strategy).__name__}`: {why}")
+        sharded = isinstance(strategy, ModelParallelStrategy)
+        if sharded:
+            self._check_model_parallel(strategy)
         if self.input_key is not None and _init_inputs_hook(pl_module) is not None:
             raise ValueError(
                 f"`input_key`={self.input_key!r} and `{type(pl_module).__name__}.data_init_inputs` both say what "
                 "the data-dependent init passes to `forward`: keep one (leave `input_key` out to use the method)."
             )
+        if sharded:
+            # fully_shard runs in configure_model and turns every parameter into a shard: the layers that exist
+            # now are normalized before it; layers that configure_model builds and shards must be normalized there
+            self._normalize(trainer, pl_module, stage)
         if _overrides_configure_model(pl_module):
             _run_after_configure_model(pl_module, functools.partial(self._normalize, trainer, stage=stage))
         else:
             self._normalize(trainer, pl_module, stage)
+
+    def _check_model_parallel(self, strategy: ModelParallelStrategy) -> None:
+        mesh = strategy.device_mesh
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise RuntimeError(
+                f"WeightNormalization supports `ModelParallelStrategy` for data parallelism only (FSDP2's "
+                f"`fully_shard`), but its `tensor_parallel_size` is {mesh['tensor_parallel'].size()}: tensor "
+                "parallelism splits a layer's `weight` parameter, which weight norm computes from g and v, and its "
+                "output, whose per-unit statistics the init needs whole. Set `tensor_parallel_size=1` and "
+                "`data_parallel_size` to the number of devices."
+            )
+        for argument, why in _UNSHARDED_ONLY.items():
+            value = getattr(self, argument)
+            if value not in (None, False):
+                raise ValueError(
+                    f"`{argument}`={value!r} is not supported under `ModelParallelStrategy`: {why}. Leave "
+                    f"`{argument}` out, or train with `strategy='ddp'`."
+                )
 
     def _normalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         selected = select_layers(pl_module, self.include, self.exclude)
@@ -168,6 +211,7 @@ class WeightNormalization(Callback):
         modules = dict(pl_module.named_modules())
         # a second fit finds its layers normalized; a layer the user normalized by hand stays as it is
         plain = [name for name in selected if not is_weight_normalized(modules[name])]
+        _refuse_sharded_plain_layers(modules, plain)
         if plain:
             apply_weight_norm(pl_module, plain, log_scale_factor=self.log_scale_factor, paper_init=self.paper_init)
         attached = [name for name in selected if self.mean_only_bn and "mean_only_bn" not in modules[name]._modules]
@@ -181,6 +225,16 @@ class WeightNormalization(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restart_optimizer_states(trainer)
+        if not trainer.strategy.restore_checkpoint_after_setup:
+            self._data_init(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # ModelParallelStrategy restores a checkpoint after on_fit_start: only here is it known to be a resume
+        if trainer.strategy.restore_checkpoint_after_setup:
+            self._data_init(trainer, pl_module)
+
+    def _data_init(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Whether the init ran is our own state, restored or not: a tuner (BatchSizeFinder, LearningRateFinder)
         # also restores a checkpoint, one saved before the init
         if self._restored is not None:  # restored state is applied here, not in load_state_dict
@@ -335,6 +389,8 @@ class FoldWeightNormOnLoad:
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        if "state_dict" not in checkpoint:  # ModelParallelStrategy loaded the weights into the model itself
+            return
         own = self.state_dict().keys()  # type: ignore[attr-defined]
         checkpoint["state_dict"] = fold_state_dict(checkpoint["state_dict"], keep=own)
 
@@ -413,6 +469,22 @@ def _concatenate(chunks: list[Any], wanted: int) -> _Inputs:
     if isinstance(first, (tuple, list)):
         return tuple(torch.cat([chunk[i] for chunk in chunks])[:wanted] for i in range(len(first)))
     return torch.cat(chunks)[:wanted]
+
+
+def _refuse_sharded_plain_layers(modules: dict[str, torch.nn.Module], plain: list[str]) -> None:
+    """A layer sharded by ``fully_shard`` before weight norm reached it cannot be normalized any more."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    sharded = [name for name in plain if any(isinstance(p, DTensor) for p in modules[name].parameters())]
+    if sharded:
+        raise RuntimeError(
+            f"Layers {', '.join(f'`{name}`' for name in sharded)} were sharded (`fully_shard`) before weight norm "
+            "was applied: their parameters are now shards, and g and v must be made from the whole weight, then "
+            "sharded. Build such layers in `__init__`, or call `lightning_wn.apply_weight_norm(self, ...)` in "
+            "`configure_model` before `fully_shard`."
+        )
 
 
 def _refuse_pruning_of_normalized_layers(

@@ -8,6 +8,7 @@ inside torch or Lightning, naming neither the file nor the fault.
 
 from __future__ import annotations
 
+import tempfile
 import zipfile
 from os import PathLike
 from pathlib import Path
@@ -22,6 +23,7 @@ def read_checkpoint(path: str | PathLike, *, weights_only: bool = True) -> dict[
     """The Lightning checkpoint at ``path``; a ``ValueError`` naming the file and its fault otherwise.
 
     ``weights_only`` is passed to ``torch.load`` (``False`` unpickles any object: trusted files only).
+    A sharded checkpoint (the folder ``ModelParallelStrategy`` saves) is gathered into one full checkpoint.
 
     Example:
         >>> import tempfile
@@ -33,6 +35,8 @@ def read_checkpoint(path: str | PathLike, *, weights_only: bool = True) -> dict[
         ValueError: `.../model.pt` holds a bare state dict (`torch.save(model.state_dict())`), not a Lightning checkpoint: ...
     """
     path = Path(path)
+    if path.is_dir() and (path / _SHARDED_METADATA).is_file() and (path / _SHARDED_INDEX).is_file():
+        return _read_sharded(path, weights_only)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint `{path}` {'is a folder' if path.is_dir() else 'does not exist'}.")
     with path.open("rb") as file:
@@ -55,3 +59,22 @@ def read_checkpoint(path: str | PathLike, *, weights_only: bool = True) -> dict[
         )
     found = f"a dict with keys {sorted(map(str, checkpoint))[:8]}" if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}"
     raise ValueError(f"`{path}` is not a Lightning checkpoint (a dict with a 'state_dict'): it holds {found}.")
+
+
+_SHARDED_METADATA, _SHARDED_INDEX = "meta.pt", ".metadata"  # Lightning's own file; torch.distributed.checkpoint's
+
+
+def _read_sharded(path: Path, weights_only: bool) -> dict[str, Any]:
+    """The full checkpoint from a sharded one: every rank's shards of the weights and optimizer state, joined."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as folder:
+        full = Path(folder) / "full.pt"
+        dcp_to_torch_save(path, full)
+        tensors = torch.load(full, map_location="cpu", weights_only=weights_only)
+    checkpoint = torch.load(path / _SHARDED_METADATA, map_location="cpu", weights_only=weights_only)
+    checkpoint["state_dict"] = tensors.pop("state_dict")
+    optimizers = sorted((key for key in tensors if key.startswith("optimizer_")), key=lambda key: int(key[10:]))
+    checkpoint["optimizer_states"] = [tensors.pop(key) for key in optimizers]  # Lightning's full layout
+    checkpoint.update(tensors)
+    return checkpoint

@@ -5,6 +5,8 @@ per-unit mean and standard deviation of its output, rescales its own parameters 
 becomes zero-mean with standard deviation ``init_scale``, and hands the normalized output on:
 later layers see already-initialized inputs, exactly as a fresh forward pass would give them.
 Under ``torch.distributed`` the per-unit sums are all-reduced, so every rank sets the same values.
+A model sharded with FSDP2 (``fully_shard``) runs the pass on gathered parameters, which are freed
+after it: the same rescaling is then written into each rank's shard of the sharded parameters.
 """
 
 from __future__ import annotations
@@ -120,9 +122,14 @@ def data_dependent_init(
             UserWarning,
             stacklevel=2,
         )
+    # FSDP2: the forward runs on gathered copies of the parameters and frees them afterwards, so the shards are
+    # what the init must write; resharded first, the model's parameters are those shards
+    sharded = _fsdp_modules(model)
+    _reshard(sharded)
+    writes: list[tuple[nn.Module, Tensor, Tensor]] = []
     # prepended: a layer's own hooks (an attached mean-only batch norm) must see the initialized output
     handles = [
-        m.register_forward_hook(_InitHook(name, init_scale, min_std, report), prepend=True)
+        m.register_forward_hook(_InitHook(name, init_scale, min_std, report, writes), prepend=True)
         for name, m in targets.items()
     ]
     # what the hooks rescale, kept to put back if the forward fails halfway: the model is then as it was
@@ -136,12 +143,18 @@ def data_dependent_init(
         else:
             model(inputs)
     except BaseException:
+        _reshard(sharded)
         for key, tensor in touched.items():
             tensor.copy_(before[key])
         raise
     finally:
         for handle in handles:
             handle.remove()
+    if sharded:
+        # the hooks rescaled the gathered copies, which the rest of the pass read; now the shards themselves
+        _reshard(sharded)
+        for module, scale, shift in writes:
+            _rescale(module, scale, shift)
     for name, module in targets.items():
         if name in report.modules:
             setattr(module, _INITIALIZED, True)  # read by a second call, to warn
@@ -153,6 +166,11 @@ def data_dependent_init(
 _INITIALIZED = "_lightning_wn_data_initialized"
 
 
+def _reshard(modules: list[nn.Module]) -> None:
+    for module in modules:
+        module.reshard()  # FSDPModule.reshard: frees the gathered parameters, the module exposes its shards
+
+
 def _preview_names(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(f"`{name}`" for name in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -161,14 +179,16 @@ def _preview_names(names: list[str], limit: int = 5) -> str:
 class _InitHook:
     """Initializes one module on its first call and normalizes that call's output in place."""
 
-    def __init__(self, name: str, init_scale: float, min_std: float, report: InitReport) -> None:
+    def __init__(self, name: str, init_scale: float, min_std: float, report: InitReport, writes: list) -> None:
         self.name, self.init_scale, self.min_std, self.report = name, init_scale, min_std, report
+        self.writes = writes  # (module, scale, shift) of each rescaled module, made again on the shards
 
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         if self.name in self.report.modules:  # called again in the same forward: first call counts
             return
         if not isinstance(output, Tensor):
             raise TypeError(f"Module `{self.name}` returned {type(output).__name__}, not a tensor.")
+        _refuse_tensor_parallel(module, self.name)
         if isinstance(module, MeanOnlyBatchNorm):
             self._init_mean_only_bn(module, args[0], output)
             return
@@ -178,17 +198,12 @@ class _InitHook:
         tiny = std < self.min_std
         scale = torch.where(tiny, 1.0, self.init_scale / std)
         shift = torch.where(tiny, 0.0, mean)
-        if is_weight_normalized(module):
-            kind = "weight_norm"
-            _scale_magnitude(module, scale)
-        else:
-            kind = "plain"
-            _scale_weight_rows(module, scale)
         bias = getattr(module, "bias", None)
-        if isinstance(bias, Tensor):
-            bias.sub_(shift.to(bias.dtype)).mul_(scale.to(bias.dtype))
-        else:
+        if not isinstance(bias, Tensor):
             shift = torch.zeros_like(shift)
+        kind = "weight_norm" if is_weight_normalized(module) else "plain"
+        self.writes.append((module, scale, shift))
+        _rescale(module, scale, shift)
         shape = [1] * output.dim()
         shape[axis] = -1
         output.sub_(shift.view(shape).to(output.dtype)).mul_(scale.view(shape).to(output.dtype))
@@ -229,17 +244,29 @@ def _unit_moments(y: Tensor, axis: int, name: str) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
+def _rescale(module: nn.Module, scale: Tensor, shift: Tensor) -> None:
+    """Per output unit: ``g`` (or the weight's rows) times ``scale``, the bias ``(b - shift) * scale``."""
+    if is_weight_normalized(module):
+        _scale_magnitude(module, scale)
+    else:
+        _scale_weight_rows(module, scale)
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, Tensor):
+        local, (local_shift, local_scale) = _shards(bias, shift, scale)
+        local.sub_(local_shift).mul_(local_scale)
+
+
 def _scale_magnitude(module: nn.Module, scale: Tensor) -> None:
     normalized = weight_norms(module)
     if len(normalized) != 1:
         raise ValueError(f"Data-dependent init needs one normalized weight per layer, got {sorted(normalized)}.")
     (wn,) = normalized.values()
     param = wn.magnitude_param
-    scale = scale.reshape(param.shape).to(param.dtype)
+    local, (scale,) = _shards(param, scale.reshape(param.shape))
     if wn.log_scale_factor is None:
-        param.mul_(scale)
+        local.mul_(scale)
     else:
-        param.add_(scale.log() / wn.log_scale_factor)
+        local.add_(scale.log() / wn.log_scale_factor)
 
 
 def _scale_weight_rows(module: nn.Module, scale: Tensor) -> None:
@@ -247,10 +274,56 @@ def _scale_weight_rows(module: nn.Module, scale: Tensor) -> None:
     ones = [1] * (weight.dim() - 2)
     if isinstance(module, nn.modules.conv._ConvTransposeNd):  # weight: (in, out / groups, *kernel)
         groups = module.groups
-        grouped = weight.view(groups, weight.shape[0] // groups, *weight.shape[1:])
-        grouped.mul_(scale.view(groups, 1, -1, *ones).to(weight.dtype))
+        per_group = scale.view(groups, 1, -1, *ones).expand(groups, weight.shape[0] // groups, -1, *ones)
+        factor = per_group.reshape(weight.shape[0], weight.shape[1], *ones)
     else:
-        weight.mul_(scale.view(-1, 1, *ones).to(weight.dtype))
+        factor = scale.view(-1, 1, *ones)
+    local, (factor,) = _shards(weight, factor)
+    local.mul_(factor)
+
+
+def _shards(param: Tensor, *full: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """``param``'s own values and each of ``full`` (broadcast to its shape) cut as ``param`` is.
+
+    A plain parameter is its own values; a sharded one (an FSDP2 ``DTensor``) this rank's shard,
+    which is what an in-place write must reach.
+    """
+    full = [t.to(param.dtype) for t in full]
+    if not _is_dtensor(param):
+        return param, full
+    from torch.distributed.tensor import distribute_tensor
+
+    # each rank holds the same full tensor (all-reduced statistics): cut locally, no communication
+    cut = [distribute_tensor(t.expand(param.shape), param.device_mesh, param.placements, src_data_rank=None) for t in full]
+    return param.to_local(), [t.to_local() for t in cut]
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that ``fully_shard`` (FSDP2) manages."""
+    if not dist.is_available():
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def _refuse_tensor_parallel(module: nn.Module, name: str) -> None:
+    # inside its forward, an FSDP2 layer holds gathered plain tensors: a DTensor there is split across ranks by
+    # tensor parallelism, and so is the layer's output, whose per-unit statistics this rank cannot measure alone
+    if any(_is_dtensor(p) for p in module.parameters()):
+        raise RuntimeError(
+            f"Module `{name}` has parameters split across ranks by tensor parallelism (DTensors in its forward): "
+            "data-dependent init measures each unit's statistics on the whole output, so it supports data "
+            "parallelism (DDP, FSDP2's `fully_shard`) only. Leave the tensor-parallel layers out of `modules`."
+        )
 
 
 def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str, nn.Module], InitReport]:
