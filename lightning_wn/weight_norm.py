@@ -109,7 +109,9 @@ class WeightNorm(nn.Module):
         """``w``; from a step's second call on, a cached one, until ``g``, ``v`` or the grad mode change."""
         v = self.v
         if torch.compiler.is_compiling():
-            return NormalizedWeight.apply(v, self.g(), self.dim)
+            # ATen's op, as torch's own weight norm: dynamo detaches the create_graph backward of an
+            # autograd.Function, which silently dropped second derivatives (gradient penalties)
+            return torch._weight_norm(v, self.g(), self.dim)
         return self._weight_for(v, self._cache_key(v))
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
