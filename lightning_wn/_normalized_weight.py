@@ -89,7 +89,8 @@ class NormalizedWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v: Tensor, g: Tensor, dim: int, on_backward: Callable[[], None] | None = None) -> Tensor:
         ctx.v, ctx.g, ctx.dim, ctx.on_backward = v, g, dim, on_backward
-        ctx.fused = dim in (0, v.dim() - 1) and v.dtype in (torch.float32, torch.float64)
+        # ATen fuses dim 0 and the last axis; a 1-D v is one unit, which it would read as one unit per entry
+        ctx.fused = v.dim() > 1 and dim in (0, v.dim() - 1) and v.dtype in (torch.float32, torch.float64)
         if ctx.fused:  # ATen's fused kernels, the ones torch's own weight norm uses
             weight, ctx.norm = torch._weight_norm_interface(v, g, dim)
             return weight

@@ -28,6 +28,7 @@ WEIGHTS = {
     "conv_transpose2d": ((2, 3, 2, 2), 1),  # (in, out, ...): the output units are axis 1
     "last_axis": ((2, 2, 3), 2),
     "middle_axis": ((2, 3, 2, 2), 2),
+    "vector": ((5,), 0),  # a 1-D weight is one unit
 }
 LOG_SCALE = {"g": None, "exp_cs": 2.0}  # g learned directly, or g = exp(c * s)
 
@@ -270,3 +271,20 @@ def test_the_compiled_path_gives_second_derivatives_or_refuses_them():
         gradient_norm_penalty(torch.compile(ours, backend="aot_eager"), list(ours.parameters()), real, 1).backward()
     torch._dynamo.reset()
 
+
+def test_a_vector_weight_is_one_unit_on_every_path():
+    """ATen's fused op reads dim 0 of a 1-D tensor as one unit per entry: with one g it read (and
+    wrote) past the end of g, and the process aborted. Here a 1-D weight is one unit, one g."""
+    wn = WeightNorm(torch.randn(5, dtype=DOUBLE), dim=0)
+    _, (v, g) = inputs_of(wn)
+    wn.original1, wn.original0 = nn.Parameter(v.detach().clone()), nn.Parameter(g.detach().clone())
+    first, second = wn(), wn()  # ATen's op, then NormalizedWeight
+    with torch.no_grad():
+        no_grad = wn()
+    expected = expected_weight(v, g, 0)
+    for w in (first, second, no_grad):
+        torch.testing.assert_close(w, expected)
+    (first + 2 * second).sum().backward()
+    (3 * expected).sum().backward()
+    torch.testing.assert_close(wn.original1.grad, v.grad)
+    torch.testing.assert_close(wn.original0.grad, g.grad)
