@@ -125,12 +125,11 @@ class WeightNorm(nn.Module):
     def forward(self) -> Tensor:
         """``w``; from a step's second call on, a cached one, until ``g``, ``v`` or the grad mode change."""
         v = self.v
-        if torch.compiler.is_compiling():
-            return NormalizedWeight.apply(v, self.g(), self.dim)
-        if _is_tracing():
-            # torch.jit.trace (and so torch.onnx's TorchScript exporter) records ATen ops: a cached w would be
-            # frozen into the graph as a constant, an autograd.Function kept as an opaque PythonOp
-            return torch._weight_norm(v, self.g(), self.dim)
+        if torch.compiler.is_compiling() or _is_tracing():
+            # ATen's op, as torch's own weight norm. dynamo detaches the create_graph backward of an
+            # autograd.Function (second derivatives were silently dropped); torch.jit.trace (and so torch.onnx's
+            # TorchScript exporter) would freeze a cached w into the graph as a constant
+            return torch._weight_norm(v, self.g(), self.dim if v.dim() > 1 else -1)
         return self._weight_for(v, self._cache_key(v))
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
@@ -156,13 +155,15 @@ class WeightNorm(nn.Module):
             if version is not None and weight._version != version:
                 self._refuse_written_weight()
             return weight
+        # ATen's op reads a 1-D v with dim 0 as one unit per entry; dim -1 is its whole-tensor norm
+        aten_dim = self.dim if v.dim() > 1 else -1
         if not key[0]:  # no grad mode: no graph to guard, so ATen's op, cached
-            return self._remember(key, torch._weight_norm(v, self.g(), self.dim))
+            return self._remember(key, torch._weight_norm(v, self.g(), aten_dim))
         if key != self._key:
             # the step's first call takes ATen's op, whose backward runs without Python; its
             # graph serves one use, so only a second call in the same step fills the cache
             self._remember(key, None)
-            return torch._weight_norm(v, self.g(), self.dim)
+            return torch._weight_norm(v, self.g(), aten_dim)
         # backward is where a training step ends: a stale cache must not outlive it
         return self._remember(key, NormalizedWeight.apply(v, self.g(), self.dim, self._forget))
 
