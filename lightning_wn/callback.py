@@ -203,6 +203,7 @@ class WeightNormalization(Callback):
             _refuse_pruning_of_normalized_layers(trainer, pl_module, selected)
         self._normalize_layers(pl_module, selected)
         _recopy_averaged_models(trainer, pl_module, stage)
+        _forget_cached_weights_after_swaps(trainer)
 
     def _normalize_layers(self, pl_module: pl.LightningModule, selected: list[str]) -> None:
         self.normalized = selected
@@ -545,6 +546,35 @@ def _recopy_averaged_models(trainer: pl.Trainer, pl_module: pl.LightningModule, 
             callback.setup(trainer, pl_module, stage)
             rank_zero_info(f"WeightNormalization: {type(callback).__name__} copied the model again, now normalized.")
 
+
+
+_SWAPPING_HOOKS = ("on_validation_epoch_start", "on_validation_epoch_end", "on_train_end", "on_load_checkpoint")
+
+
+def _forget_cached_weights_after_swaps(trainer: pl.Trainer) -> None:
+    """After each hook in which ``WeightAveraging`` swaps weights, drop every cached ``w``.
+
+    It swaps through ``param.data``, which autograd's version counters (the cache key) do not see: a no-grad
+    forward after a swap (``on_validation_epoch_end`` drawing samples, a second validation) would reuse the ``w``
+    of the weights swapped out. Wrapping the callback's own hooks keeps this right in either callback order.
+    """
+    for callback in trainer.callbacks:
+        if not isinstance(callback, WeightAveraging):
+            continue
+        for hook in _SWAPPING_HOOKS:
+            original = getattr(callback, hook)
+            if getattr(original, "_forgets_cached_weights", False):
+                continue
+
+            def forgetting(trainer, pl_module, *args, _original=original, **kwargs):
+                result = _original(trainer, pl_module, *args, **kwargs)
+                for module in pl_module.modules():
+                    if isinstance(module, WeightNorm):
+                        module._forget()
+                return result
+
+            forgetting._forgets_cached_weights = True
+            setattr(callback, hook, forgetting)
 
 def _layout(module: torch.nn.Module) -> list[str]:
     return [name for name, _ in module.named_parameters()] + [name for name, _ in module.named_buffers()]

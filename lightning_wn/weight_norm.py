@@ -15,6 +15,9 @@ What is faster here than in ``torch.nn.utils.parametrizations``:
 * a step's first call takes ATen's fused op, whose backward runs without Python; a second
   call (or any call without gradients) caches ``w`` until ``g`` or ``v`` change, so a module
   called many times per step (an unrolled ``LSTMCell``) pays for two norms, not one per call;
+  the cache follows autograd's version counters, which a write through ``param.data`` bypasses:
+  write ``g`` and ``v`` with ``with torch.no_grad(): param.copy_(...)`` (the callback takes care of
+  Lightning's ``WeightAveraging``, which swaps weights through ``.data``);
 * a large ``Linear`` fed fewer rows than it has inputs scales its output by ``g / ||v||``
   instead of materializing ``w``, as the paper suggests.
 """

@@ -1,5 +1,6 @@
 """WeightNormalization next to Lightning's weight averaging and pruning callbacks, and models with several inputs."""
 
+import copy
 import sys
 from pathlib import Path
 
@@ -82,6 +83,36 @@ def test_ema_in_either_order_averages_the_normalized_model(averaging_first, mode
     assert_same_parameters(parameters(averaged), expected)
     assert_same_parameters(parameters(model), expected)  # Lightning puts the average into the model when fit ends
     assert any((record.steps[-1][n] - expected[n]).abs().max() > 1e-3 for n in expected)  # so this says something
+
+
+
+class DrawsAfterValidation(ConvClassifier):
+    """Like a model that draws samples in ``on_validation_epoch_end``: a no-grad forward after the average is swapped out."""
+
+    def validation_step(self, batch, batch_idx) -> None:
+        self(batch[0])
+
+    def on_validation_epoch_end(self) -> None:
+        x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            self.drawn = (self(x), copy.deepcopy(self)(x))  # a copy caches nothing: w fresh from g and v
+
+
+@pytest.mark.parametrize("averaging_first", [True, False], ids=["averaging-first", "weight-norm-first"])
+def test_no_cached_weight_outlives_the_averaging_callbacks_swaps(averaging_first):
+    # EMAWeightAveraging swaps weights through `param.data`, unseen by the version counters the cache is keyed on
+    seed_everything(0)
+    model, ema, wn = DrawsAfterValidation(), EMAWeightAveraging(decay=0.6), WeightNormalization(init_samples=32)
+    callbacks = [ema, wn] if averaging_first else [wn, ema]
+    trainer(max_steps=6, val_check_interval=3, callbacks=callbacks).fit(
+        model, train_dataloaders=RandomImages(size=48, batch_size=16).train_dataloader(),
+        val_dataloaders=RandomImages(size=16, batch_size=16).train_dataloader(),
+    )
+    drawn, fresh = model.drawn
+    torch.testing.assert_close(drawn, fresh, rtol=0, atol=0)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():  # after fit: the average, copied in through `.data` as well
+        torch.testing.assert_close(model(x), copy.deepcopy(model)(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("model_class", [ConvClassifier, LazyHead])
