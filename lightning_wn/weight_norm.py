@@ -135,6 +135,18 @@ class WeightNorm(nn.Module):
             return torch._weight_norm(v, self.g(), self.dim if v.dim() > 1 else -1)
         return self._weight_for(v, self._cache_key(v))
 
+    def handed_out(self) -> Tensor:
+        """``w`` for code outside the layer's forward (``nn.init.normal_(layer.weight)``, a penalty on it): cached.
+
+        Kept in grad mode too, so that an in-place write into it is refused at the layer's next use
+        instead of being lost with the uncached tensor; the cache is dropped when its backward runs.
+        """
+        v = self.v
+        key = self._cache_key(v)
+        if not key[0] or (key == self._key and self._weight is not None) or torch.compiler.is_compiling() or _is_tracing():
+            return self.forward()
+        return self._remember(key, NormalizedWeight.apply(v, self.g(), self.dim, self._forget))
+
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """``F.linear(x, w, bias)``, taking the paper's output-scaling path where it is cheaper.
 
@@ -199,7 +211,9 @@ class WeightNorm(nn.Module):
     def _refuse_written_weight(self) -> None:
         """An in-place write into a cached ``w`` (``with torch.no_grad(): layer.weight.normal_()``) would vanish.
 
-        A ``w`` that grad mode built for one use is not cached, and a write into it is not seen here.
+        Linear and Conv layers cache every ``w`` read from outside their forward (:meth:`handed_out`);
+        in other layers, whose forward reads the property, a ``w`` that grad mode built for one use is not
+        cached, and a write into it is not seen here.
         """
         weight, version = self._weight, self._weight_version
         if version is not None and weight is not None and weight._version != version:
@@ -653,10 +667,14 @@ def _normalized_class(base: type[nn.Module], names: tuple[str, ...]) -> type[nn.
         "__module__": __name__,
         "qconfig": _QCONFIG,
     }
-    for name in names:
-        attrs[name] = property(functools.partial(_normalized_tensor, name=name), doc=f"``{name}`` = g * v / ||v||")
-    if issubclass(base, nn.Linear) and base.forward is nn.Linear.forward and names == ("weight",):
+    if names == ("weight",) and base.forward is nn.Linear.forward:
         attrs["forward"] = _linear_forward
+    elif names == ("weight",) and base.forward in _STOCK_CONV_FORWARDS:
+        attrs["forward"] = _normalized_conv_forward
+    # where the forward computes w itself, whoever reads the property is outside it
+    read = _handed_out_tensor if "forward" in attrs else _normalized_tensor
+    for name in names:
+        attrs[name] = property(functools.partial(read, name=name), doc=f"``{name}`` = g * v / ||v||")
     if issubclass(base, nn.RNNBase):
         attrs["_flat_weights"] = property(_flat_weights, _ignore_assignment)
     if hasattr(base, "reset_parameters"):
@@ -668,6 +686,10 @@ def _normalized_class(base: type[nn.Module], names: tuple[str, ...]) -> type[nn.
 def _normalized_tensor(module: nn.Module, name: str) -> Tensor:
     # .forward() skips nn.Module's hook dispatch; _modules skips its attribute fallback
     return module._modules["parametrizations"]._modules[name].forward()
+
+
+def _handed_out_tensor(module: nn.Module, name: str) -> Tensor:
+    return module._modules["parametrizations"]._modules[name].handed_out()
 
 
 def _reset_parameters(self: nn.Module) -> None:
@@ -793,6 +815,13 @@ _QCONFIG = property(_get_qconfig, _set_qconfig, _del_qconfig, doc="Quantization 
 
 def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
     return self._modules["parametrizations"]._modules["weight"].linear(input, self._parameters["bias"])
+
+
+def _normalized_conv_forward(self: _Conv, input: Tensor) -> Tensor:
+    return self._conv_forward(input, self._modules["parametrizations"]._modules["weight"].forward(), self.bias)
+
+
+_STOCK_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
 
 
 def _flat_weights(self: nn.RNNBase) -> list[Tensor | None]:

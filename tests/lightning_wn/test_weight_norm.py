@@ -257,6 +257,34 @@ def test_writing_into_the_computed_weight_is_refused_with_the_fix():
         torch.testing.assert_close(layer(torch.ones(1, 4)), layer(torch.ones(1, 4)))
 
 
+@pytest.mark.parametrize("init", [nn.init.normal_, nn.init.kaiming_uniform_, nn.init.zeros_])
+@pytest.mark.parametrize("make, shape", [(lambda: nn.Linear(4, 3), (2, 4)), (lambda: nn.Conv2d(2, 3, 3), (2, 2, 5, 5)),
+                                         (lambda: nn.Conv1d(2, 3, 3), (2, 2, 5))], ids=["linear", "conv2d", "conv1d"])  # fmt: skip
+def test_nn_init_on_the_computed_weight_in_grad_mode_is_refused_not_lost(make, shape, init):
+    # right after construction, grad mode on: the w that nn.init writes is the first one computed
+    layer = weight_norm(make())
+    before = [p.clone() for p in layer.parameters()]
+    init(layer.weight)
+    with pytest.raises(RuntimeError, match="weight was written in place.*`layer.reset_parameters\\(\\)`"):
+        layer(torch.randn(shape))
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))  # g and v untouched
+    layer(torch.randn(shape)).sum().backward()  # refused once; the layer computes from g and v again
+
+
+def test_a_weight_read_outside_the_forward_gets_its_gradient():
+    torch.manual_seed(0)
+    layer, x = weight_norm(nn.Conv2d(2, 3, 3)), torch.randn(2, 2, 5, 5)
+    g, v = layer.parametrizations.weight.original0, layer.parametrizations.weight.original1
+    penalty = layer.weight.square().sum()  # read by the training step, outside the layer's forward
+    (layer(x).sum() + penalty).backward()
+    g_, v_ = g.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
+    w = g_ * v_ / torch.linalg.vector_norm(v_, dim=(1, 2, 3), keepdim=True)
+    (nn.functional.conv2d(x, w, layer.bias.detach()).sum() + w.square().sum()).backward()
+    torch.testing.assert_close(g.grad, g_.grad)
+    torch.testing.assert_close(v.grad, v_.grad)
+    layer(x).sum().backward()  # the cached w went with its backward: the next step builds a new graph
+
+
 def test_tied_weights_are_refused_not_silently_untied():
     class TiedAutoencoder(nn.Module):
         def __init__(self):
