@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-from lightning.pytorch import seed_everything
+from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 
@@ -144,6 +144,14 @@ def test_sharding_strategies_that_cannot_carry_weight_norm_are_refused_with_the_
     for strategy, message in cases:
         with pytest.raises(RuntimeError, match=message):
             WeightNormalization().setup(SimpleNamespace(strategy=strategy), ConvClassifier(), "fit")
+
+
+def test_lightning_runs_fsdp1_on_gpus_only_so_on_cpu_the_callback_refusal_is_the_clear_error():
+    # measured, not assumed: if a Lightning release runs FSDPStrategy on CPU, this fails, and the refusal
+    # above should become support tested here on 2 processes
+    for strategy in ("fsdp", FSDPStrategy()):
+        with pytest.raises(ValueError, match="requires a GPU accelerator"):
+            Trainer(accelerator="cpu", devices=2, strategy=strategy)
 
 
 class _FakeMesh:
