@@ -14,8 +14,10 @@ data:
 	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
 		|| (echo "Could not install Fashion-MNIST: run 'sudo apt-get install dataset-fashion-mnist'" && false)
 
+# pytest-xdist: one worker per core of a 2-core machine (each worker holds ~1.5 GB; more cores: TEST_WORKERS=N)
+TEST_WORKERS ?= 2
 test: $(VENV)/installed data
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 benchmark: $(VENV)/installed
 	$(PY) benchmarks/weight_norm_speed.py; missed=$$?; $(PY) benchmarks/dqn_speed.py && exit $$missed  # both run; fails if either missed a goal
