@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -72,3 +72,17 @@ class RandomImages(LightningDataModule):
             data = [{"image": x, "label": y} for x, y in zip(self.x, self.y)]
             return DataLoader(data, batch_size=self.batch_size)
         return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size)
+
+
+def trainer(**kwargs) -> Trainer:
+    """A quiet one-process CPU Trainer for the tests; ``kwargs`` override its defaults."""
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
+    return Trainer(**{**defaults, **kwargs})

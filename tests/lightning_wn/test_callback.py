@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import FSDPStrategy
@@ -20,22 +20,9 @@ import lightning_wn.callback as callback_module
 from lightning_wn import MeanOnlyBatchNorm, WeightNormalization, is_weight_normalized, weight_normalized_modules
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lit_models import ConvClassifier, DictBatches, LazyHead, RandomImages  # noqa: E402
+from lit_models import ConvClassifier, DictBatches, LazyHead, RandomImages, trainer  # noqa: E402
 
 HERE = Path(__file__).parent
-
-
-def trainer(**kwargs) -> Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-    )
-    return Trainer(**{**defaults, **kwargs})
 
 
 def standardized(model, x, names, atol=1e-3):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningModule, seed_everything
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, ModelPruning, StochasticWeightAveraging
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -14,20 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_wn import WeightNormalization, apply_weight_norm, is_weight_normalized
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lit_models import ConvClassifier, LazyHead, RandomImages  # noqa: E402
-
-
-def trainer(**kwargs) -> Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-    )
-    return Trainer(**{**defaults, **kwargs})
+from lit_models import ConvClassifier, LazyHead, RandomImages, trainer  # noqa: E402
 
 
 def parameters(module: nn.Module) -> dict[str, torch.Tensor]:
