@@ -77,6 +77,8 @@ class DRAW(LightningModule):
         write_size: size of the written patch.
         attention: False reads whole images and writes whole canvases (DRAW without attention).
         lr: Adam learning rate.
+        init_std: every weight drawn from N(0, init_std) and every bias zero, as jbornschein/draw
+            initializes (0.01); None keeps PyTorch's default init.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class DRAW(LightningModule):
         write_size: int = 5,
         attention: bool = True,
         lr: float = 1e-3,
+        init_std: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -101,6 +104,13 @@ class DRAW(LightningModule):
         if attention:
             self.read_attention = nn.Linear(hidden, 5)
             self.write_attention = nn.Linear(hidden, 5)
+        if init_std is not None:
+            with torch.no_grad():
+                for name, parameter in self.named_parameters():  # weight, weight_ih, weight_hh; bias, bias_ih, bias_hh
+                    if "weight" in name.rsplit(".", 1)[-1]:
+                        parameter.normal_(0.0, init_std)
+                    else:
+                        parameter.zero_()
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
         """Final canvas logits (B, 1, H, W), per-glimpse KL (B, T), and the canvases drawn."""

@@ -24,6 +24,7 @@ from lightning_wn import MeanOnlyBatchNorm, WeightNormalization
 from zoo.cli import main
 from zoo.data import MNISTData
 from zoo.data.images import AUTHORS_ZCA_EPS, ZCA
+from zoo.draw import DRAW
 from zoo.nets import CifarNet
 from zoo.vae import ConvVAE, ResidualBlock
 
@@ -326,9 +327,22 @@ def test_draw_configs_hold_the_authors_setup(variant, capsys):
     sizes = (model["glimpses"], model["hidden"], model["latent"], model["read_size"], model["write_size"])
     assert sizes == (64, 256, 100, 2, 5)
     assert data["batch_size"] == 100 and data["binarize"] == "all" and data["val_size"] == 10000
-    assert trainer["max_epochs"] == 100
+    assert trainer["max_epochs"] == 100 and model["init_std"] == 0.01
     assert_sourced(f"draw_mnist/{variant}.yaml", "lr", "gradient_clip_val", "glimpses", "hidden", "latent", "read_size",
-                   "batch_size", "binarize", "val_size", "max_epochs")  # fmt: skip
+                   "batch_size", "binarize", "val_size", "max_epochs", "init_std")  # fmt: skip
+
+
+def test_draws_init_std_draws_every_weight_from_the_authors_normal_and_zeroes_every_bias():
+    torch.manual_seed(0)
+    draw = DRAW(init_std=0.01)
+    weights = {n: p for n, p in draw.named_parameters() if "weight" in n}
+    biases = {n: p for n, p in draw.named_parameters() if "bias" in n}
+    assert len(weights) == 8 and len(biases) == 8  # 2 cells x (ih, hh) and 4 linear layers
+    for name, weight in weights.items():
+        assert abs(weight.std().item() - 0.01) < 0.0015 and abs(weight.mean().item()) < 0.003, name  # 1,280+ weights each
+    assert all((bias == 0).all() for bias in biases.values())
+    default = DRAW()
+    assert default.encoder.weight_ih.std() > 0.02 and (default.posterior.bias != 0).any()  # None: PyTorch's own init
 
 
 # -- DQN on Space Invaders (deepmind/dqn: run_gpu, dqn/NeuralQLearner.lua, dqn/train_agent.lua) --------
