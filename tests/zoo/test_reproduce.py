@@ -97,3 +97,18 @@ def test_full_swaps_in_the_paper_configs_and_every_config_named_exists():
     for spec in EXPERIMENTS.values():
         for path in [*spec.configs.values(), *spec.full_configs.values()]:
             assert (ROOT / path).is_file(), path
+
+
+@pytest.mark.slow
+def test_under_two_process_ddp_every_rank_runs_every_variant_and_one_writes(tmp_path):
+    # Lightning starts the second process by re-running this command: both run the same loop of fits
+    shrink = [*TINY, *SMALLER["cifar"], "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
+              f"--data.init_args.data_dir={tmp_path / 'data'}"]  # fmt: skip
+    command = [sys.executable, "-m", "zoo.reproduce", "cifar", "--seeds", "0", "--out", str(tmp_path)]
+    done = subprocess.run([*command, *(f"--override={o}" for o in shrink)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [r["variant"] for r in runs] == list(EXPERIMENTS["cifar"].configs)
+    batch = 100  # configs/fashion_mnist: batch 100 per process
+    assert all([row["examples"] for row in r["curve"]] == [3 * batch * 2, 6 * batch * 2] for r in runs)  # both ranks' examples
+    assert done.stdout.count("weight norm, seed 0: epoch 1,") == 1  # progress from rank 0 only
