@@ -68,8 +68,12 @@ EXPERIMENTS = {
             "weight norm + mean-only BN": "configs/cifar10/wn_mobn.yaml",
         },
         # 5 epochs of 6,000 images, the curves on 2,500 of the test images, the table on all 10,000
-        cpu_scale=("--trainer.max_epochs=5", "--model.init_args.width=16", "--data.init_args.train_size=6000",
-                   "--trainer.limit_val_batches=25"),  # fmt: skip
+        cpu_scale=(
+            "--trainer.max_epochs=5",
+            "--model.init_args.width=16",
+            "--data.init_args.train_size=6000",
+            "--trainer.limit_val_batches=25",
+        ),  # fmt: skip
         curves={"train/loss_epoch": "training loss", "val/error": "test error"},
         result="test/error",
         percent=True,
@@ -83,9 +87,15 @@ EXPERIMENTS = {
     "vae": Experiment(
         title="Convolutional VAE, binarized MNIST",
         configs={"plain": "configs/vae_mnist/plain.yaml", "weight norm": "configs/vae_mnist/wn.yaml"},
-        cpu_scale=(*OFFLINE_MNIST, "--trainer.max_epochs=8", "--model.init_args.channels=16",
-                   "--model.init_args.latent_channels=8", "--data.init_args.batch_size=32",
-                   "--trainer.callbacks.decay=0.99", "--model.init_args.iw_samples=20"),  # fmt: skip
+        cpu_scale=(
+            *OFFLINE_MNIST,
+            "--trainer.max_epochs=8",
+            "--model.init_args.channels=16",
+            "--model.init_args.latent_channels=8",
+            "--data.init_args.batch_size=32",
+            "--trainer.callbacks.decay=0.99",
+            "--model.init_args.iw_samples=20",
+        ),  # fmt: skip
         curves={"val/nats": "test -ELBO (nats)"},
         result="test/nats",
         paper={  # the paper shows curves of the test bound during training, no table
@@ -97,9 +107,15 @@ EXPERIMENTS = {
         title="DRAW, binarized MNIST",
         configs={"plain": "configs/draw_mnist/plain.yaml", "weight norm": "configs/draw_mnist/wn.yaml"},
         # without attention: with it, in 12,000 examples neither variant left the 208-nat plateau (measured)
-        cpu_scale=(*OFFLINE_MNIST, "--trainer.max_epochs=10", "--model.init_args.glimpses=16",
-                   "--model.init_args.hidden=128", "--model.init_args.attention=false",
-                   "--data.init_args.batch_size=25", "--model.init_args.lr=0.001"),  # fmt: skip
+        cpu_scale=(
+            *OFFLINE_MNIST,
+            "--trainer.max_epochs=10",
+            "--model.init_args.glimpses=16",
+            "--model.init_args.hidden=128",
+            "--model.init_args.attention=false",
+            "--data.init_args.batch_size=25",
+            "--model.init_args.lr=0.001",
+        ),  # fmt: skip
         curves={"val/nats": "test -ELBO (nats)"},
         result="test/nats",
         paper={  # the paper shows curves of the test bound during training, no table
@@ -197,7 +213,8 @@ def table(experiment: Experiment, rows: list[dict[str, object]]) -> str:
     lines = [f"{'variant':<30} {experiment.result + unit:>16} {'s / run':>8} {'step time':>9}   paper"]
     for row in rows:
         result = f"{row['mean'] * scale:.2f} +- {row['sd'] * scale:.2f}"
-        lines.append(f"{row['variant']:<30} {result:>16} {row['seconds_per_run']:>8.0f} {row['step_time']:>8.2f}x   {row['paper']}")
+        timing = f"{row['seconds_per_run']:>8.0f} {row['step_time']:>8.2f}x"
+        lines.append(f"{row['variant']:<30} {result:>16} {timing}   {row['paper']}")
     return "\n".join(lines)
 
 
@@ -220,15 +237,20 @@ def plot(experiment: Experiment, runs: list[Run], path: Path) -> None:
             if difference:
                 base = {r.seed: [row for row in r.curve if metric in row] for r in runs if r.variant == variants[0]}
                 seeds = [r.seed for r in runs if r.variant == variant]
-                curves = [[{**row, metric: row[metric] - b[metric]} for row, b in zip(c, base[seed])] for c, seed in zip(curves, seeds)]
+                curves = [
+                    [{**row, metric: row[metric] - b[metric]} for row, b in zip(c, base[seed])]
+                    for c, seed in zip(curves, seeds)
+                ]
             length = min(len(c) for c in curves)
             if length == 0:
                 continue
             examples = [curves[0][i]["examples"] for i in range(length)]
             values = [[c[i][metric] * scale for c in curves] for i in range(length)]
             mean = [statistics.mean(v) for v in values]
-            line, = axis.plot(examples, mean, marker="o", label=variant, color="C1" if difference else None)
-            axis.fill_between(examples, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
+            (line,) = axis.plot(examples, mean, marker="o", label=variant, color="C1" if difference else None)
+            axis.fill_between(
+                examples, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2
+            )
         if difference:
             axis.axhline(0, color="C0", linewidth=1)
         unit = " (%)" if scale == 100 else ""
@@ -248,7 +270,9 @@ def load_runs(path: Path) -> list[Run]:
 
 
 def write_numbers(runs: list[Run], rows: list[dict[str, object]], out: Path, meta: dict[str, object]) -> None:
-    (out / "results.json").write_text(json.dumps({**meta, "summary": rows, "runs": [r.__dict__ for r in runs]}, indent=1))
+    (out / "results.json").write_text(
+        json.dumps({**meta, "summary": rows, "runs": [r.__dict__ for r in runs]}, indent=1)
+    )
     with open(out / "results.csv", "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["variant", "config", "seed", "epoch", "examples", "metric", "value"])

