@@ -59,6 +59,8 @@ class DQN(LightningModule):
         target_tau: each target update moves the target network this far towards the network
             (Polyak averaging, ``target <- target + tau * (net - target)``); 1 copies it (the DQN paper).
         exploration_steps: environment steps over which epsilon falls from ``epsilon_start`` to ``epsilon_end``.
+        exploration_starts: environment steps before epsilon starts to fall (deepmind/dqn counts the
+            fall from its ``learn_start``; 0 counts it from the first step, as CleanRL and SB3 do).
         clip_rewards: learn from the sign of each reward (the logged returns stay the game's score).
         life_loss_terminal: a lost life ends the bootstrapping (not the logged episode).
         updates_per_epoch: training batches per epoch; validation runs after each epoch.
@@ -84,6 +86,7 @@ class DQN(LightningModule):
         epsilon_start: float = 1.0,
         epsilon_end: float = 0.01,
         exploration_steps: int = 1_000_000,
+        exploration_starts: int = 0,
         double_dqn: bool = False,
         loss: Literal["huber", "mse"] = "huber",  # Huber is the Nature paper's clipped TD error
         clip_rewards: bool = True,
@@ -125,7 +128,8 @@ class DQN(LightningModule):
     @property
     def epsilon(self) -> float:
         h = self.hparams
-        progress = min(self.env_steps / h.exploration_steps, 1.0) if h.exploration_steps else 1.0
+        steps = max(self.env_steps - h.exploration_starts, 0)
+        progress = min(steps / h.exploration_steps, 1.0) if h.exploration_steps else 1.0
         return h.epsilon_start + progress * (h.epsilon_end - h.epsilon_start)
 
     # -- acting ------------------------------------------------------------------------------
@@ -332,6 +336,8 @@ def _check_arguments(args: dict[str, Any]) -> None:
             f"`learning_starts`={args['learning_starts']} must be at most half of `buffer_size`={args['buffer_size']}: "
             "the buffer must hold the steps played before learning and then some."
         )
+    if args["exploration_starts"] < 0:
+        raise ValueError(f"`exploration_starts` must be 0 or more environment steps, got {args['exploration_starts']!r}.")
     for name in ("epsilon_start", "epsilon_end", "eval_epsilon", "sticky_actions"):
         if not 0.0 <= args[name] <= 1.0:
             raise ValueError(f"`{name}` must be a probability in [0, 1], got {args[name]!r}.")

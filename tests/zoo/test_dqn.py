@@ -59,6 +59,14 @@ def test_epsilon_falls_linearly_then_stays():
         agent.env_steps = steps
         values.append(agent.epsilon)
     assert values == pytest.approx([1.0, 0.55, 0.1, 0.1])
+    late = DQN(env_id="CartPole-v1", learning_starts=32, exploration_steps=1000, exploration_starts=200, epsilon_end=0.1)
+    late_values = []
+    for steps in (0, 200, 700, 1200, 5000):  # deepmind/dqn's schedule: flat until learning starts, then the same fall
+        late.env_steps = steps
+        late_values.append(late.epsilon)
+    assert late_values == pytest.approx([1.0, 1.0, 0.55, 0.1, 0.1])
+    with pytest.raises(ValueError, match="`exploration_starts` must be 0 or more"):
+        DQN(env_id="CartPole-v1", learning_starts=32, exploration_starts=-1)
 
 
 def test_bad_arguments_are_refused_with_the_fix():

@@ -354,11 +354,12 @@ def test_space_invaders_configs_hold_the_nature_dqn_schedule(variant, capsys):
     model = printed(capsys, config)["model"]["init_args"]
     assert model["train_frequency"] == 4 and model["target_sync_every"] * model["train_frequency"] == 10_000  # target_q
     assert model["epsilon_start"] == 1.0 and model["epsilon_end"] == 0.1 and model["exploration_steps"] == 1_000_000
+    assert model["exploration_starts"] == model["learning_starts"]  # the fall counts from learn_start
     assert model["learning_starts"] == 50_000 and model["eval_epsilon"] == 0.05
     assert model["buffer_size"] == 1_000_000 and model["batch_size"] == 32 and model["gamma"] == 0.99
     assert model["optimizer"] == "Adamax" and model["lr"] == (0.0003 if variant == "wn" else 0.0001)
-    assert_sourced(config, "learning_starts", "train_frequency", "epsilon_end", "exploration_steps", "eval_epsilon",
-                   "buffer_size", "batch_size", "gamma", "optimizer", "lr")  # fmt: skip
+    assert_sourced(config, "learning_starts", "train_frequency", "epsilon_end", "exploration_steps", "exploration_starts",
+                   "eval_epsilon", "buffer_size", "batch_size", "gamma", "optimizer", "lr")  # fmt: skip
     text = (CONFIGS / config).read_text()
     assert "target_q=10000" in text and "NeuralQLearner.lua" in text  # the chosen count, and why, beside it
 
@@ -366,5 +367,6 @@ def test_space_invaders_configs_hold_the_nature_dqn_schedule(variant, capsys):
 def test_cleanrl_preset_restores_cleanrls_schedule(capsys):
     model = printed(capsys, "dqn/space_invaders_wn.yaml", "presets/cleanrl_dqn.yaml")["model"]["init_args"]
     assert (model["target_sync_every"], model["epsilon_end"], model["learning_starts"]) == (250, 0.01, 80_000)
+    assert model["exploration_starts"] == 0  # CleanRL's epsilon falls from the first step
     assert model["lr"] == 0.0003 and model["eval_epsilon"] == 0.05  # the rest stays the config's
     assert math.isclose(model["exploration_steps"], 1_000_000)
