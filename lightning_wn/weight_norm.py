@@ -141,11 +141,13 @@ class WeightNorm(nn.Module):
         Kept in grad mode too, so that an in-place write into it is refused at the layer's next use
         instead of being lost with the uncached tensor; the cache is dropped when its backward runs.
         """
+        if torch.compiler.is_compiling() or _is_tracing():
+            return self.forward()
         v = self.v
         key = self._cache_key(v)
-        if not key[0] or (key == self._key and self._weight is not None) or torch.compiler.is_compiling() or _is_tracing():
-            return self.forward()
-        return self._remember(key, NormalizedWeight.apply(v, self.g(), self.dim, self._forget))
+        if key[0] and (key != self._key or self._weight is None):  # grad mode, nothing cached for this key
+            return self._remember(key, NormalizedWeight.apply(v, self.g(), self.dim, self._forget))
+        return self._weight_for(v, key)
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """``F.linear(x, w, bias)``, taking the paper's output-scaling path where it is cheaper.
@@ -818,7 +820,8 @@ def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
 
 
 def _normalized_conv_forward(self: _Conv, input: Tensor) -> Tensor:
-    return self._conv_forward(input, self._modules["parametrizations"]._modules["weight"].forward(), self.bias)
+    weight = self._modules["parametrizations"]._modules["weight"].forward()
+    return self._conv_forward(input, weight, self._parameters["bias"])  # bias: None when the layer has none
 
 
 _STOCK_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
