@@ -230,30 +230,16 @@ def plot(experiment: Experiment, runs: list[Run], path: Path) -> None:
         panels.append((panels[0][0], f"{variants[1]} minus {variants[0]}, seed by seed", True))
     figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 1, 4.5), squeeze=False)
     for axis, (metric, label, difference) in zip(axes[0], panels):
-        scale = 100 if experiment.percent and metric == experiment.result.replace("test/", "val/") else 1
-        shown = [variants[1]] if difference else variants
-        for variant in shown:
-            curves = [[row for row in r.curve if metric in row] for r in runs if r.variant == variant]
-            if difference:
-                base = {r.seed: [row for row in r.curve if metric in row] for r in runs if r.variant == variants[0]}
-                seeds = [r.seed for r in runs if r.variant == variant]
-                curves = [
-                    [{**row, metric: row[metric] - b[metric]} for row, b in zip(c, base[seed])]
-                    for c, seed in zip(curves, seeds)
-                ]
-            length = min(len(c) for c in curves)
-            if length == 0:
-                continue
-            examples = [curves[0][i]["examples"] for i in range(length)]
-            values = [[c[i][metric] * scale for c in curves] for i in range(length)]
-            mean = [statistics.mean(v) for v in values]
-            (line,) = axis.plot(examples, mean, marker="o", label=variant, color="C1" if difference else None)
-            axis.fill_between(
-                examples, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2
-            )
+        percent = experiment.percent and metric == experiment.result.replace("test/", "val/")
         if difference:
+            base, other = (_curves(runs, variant, metric) for variant in variants)
+            gaps = [[{**row, metric: row[metric] - b[metric]} for row, b in zip(other[s], base[s])] for s in other]
+            _band(axis, gaps, metric, 1, label=variants[1], color="C1")
             axis.axhline(0, color="C0", linewidth=1)
-        unit = " (%)" if scale == 100 else ""
+        else:
+            for variant in variants:
+                _band(axis, list(_curves(runs, variant, metric).values()), metric, 100 if percent else 1, label=variant)
+        unit = " (%)" if percent else ""
         axis.set(xlabel="training examples seen", ylabel=experiment.curves[metric] + unit, title=label)
         axis.grid(alpha=0.3)
     axes[0][0].legend()
@@ -262,6 +248,22 @@ def plot(experiment: Experiment, runs: list[Run], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _curves(runs: list[Run], variant: str, metric: str) -> dict[int, list[dict[str, float]]]:
+    """Per seed, the variant's epochs that logged ``metric``."""
+    return {r.seed: [row for row in r.curve if metric in row] for r in runs if r.variant == variant}
+
+
+def _band(axis, curves: list[list[dict[str, float]]], metric: str, scale: float, **style) -> None:
+    """The mean of ``curves`` over seeds as a line, their lowest to highest as a band, up to the shortest."""
+    length = min(len(c) for c in curves)
+    if length == 0:
+        return
+    examples = [curves[0][i]["examples"] for i in range(length)]
+    values = [[c[i][metric] * scale for c in curves] for i in range(length)]
+    (line,) = axis.plot(examples, [statistics.mean(v) for v in values], marker="o", **style)
+    axis.fill_between(examples, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
 
 
 def load_runs(path: Path) -> list[Run]:
@@ -282,7 +284,8 @@ def write_numbers(runs: list[Run], rows: list[dict[str, object]], out: Path, met
                     if metric not in ("epoch", "examples"):
                         writer.writerow([r.variant, r.config, r.seed, row["epoch"], row["examples"], metric, value])
             for metric, value in r.test.items():
-                writer.writerow([r.variant, r.config, r.seed, "test", row["examples"] if r.curve else 0, metric, value])
+                examples = r.curve[-1]["examples"] if r.curve else 0  # the test follows the last epoch
+                writer.writerow([r.variant, r.config, r.seed, "test", examples, metric, value])
             writer.writerow([r.variant, r.config, r.seed, "", "", "seconds", r.seconds])
 
 
