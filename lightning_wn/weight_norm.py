@@ -213,9 +213,8 @@ class WeightNorm(nn.Module):
     def _refuse_written_weight(self) -> None:
         """An in-place write into a cached ``w`` (``with torch.no_grad(): layer.weight.normal_()``) would vanish.
 
-        Linear and Conv layers cache every ``w`` read from outside their forward (:meth:`handed_out`);
-        in other layers, whose forward reads the property, a ``w`` that grad mode built for one use is not
-        cached, and a write into it is not seen here.
+        Every normalized layer caches each ``w`` read from outside its forward (:meth:`handed_out`), so a
+        write is seen here; writes through ``.data`` are not (a new version counter).
         """
         weight, version = self._weight, self._weight_version
         if version is not None and weight is not None and weight._version != version:
@@ -434,6 +433,7 @@ def _remove_own_weight_norm(module: nn.Module) -> None:
     with torch.no_grad():
         weights = {name: nn.Parameter(wn().clone(), wn.v.requires_grad) for name, wn in normalized.items()}
     module.__class__ = type(module)._wn_base
+    module.__dict__.pop("_wn_in_forward", None)
     del module.parametrizations
     for name, weight in weights.items():
         module.register_parameter(name, weight)
@@ -673,12 +673,16 @@ def _normalized_class(base: type[nn.Module], names: tuple[str, ...]) -> type[nn.
         attrs["forward"] = _linear_forward
     elif names == ("weight",) and base.forward in _STOCK_CONV_FORWARDS:
         attrs["forward"] = _normalized_conv_forward
-    # where the forward computes w itself, whoever reads the property is outside it
-    read = _handed_out_tensor if "forward" in attrs else _normalized_tensor
+    elif issubclass(base, nn.RNNBase):
+        attrs["_flat_weights"] = property(_flat_weights, _ignore_assignment)
+        attrs["_update_flat_weights"] = _flat_weights_are_computed
+    else:  # ConvTranspose, the RNN cells, any other layer: their own forward reads the properties
+        attrs["forward"] = _forward_reading_the_properties
+    # the forward computes w itself (or says when it reads the property): whoever else reads it is outside
+    marked = attrs.get("forward") is _forward_reading_the_properties
+    read = _internal_tensor_or_handed_out if marked else _handed_out_tensor
     for name in names:
         attrs[name] = property(functools.partial(read, name=name), doc=f"``{name}`` = g * v / ||v||")
-    if issubclass(base, nn.RNNBase):
-        attrs["_flat_weights"] = property(_flat_weights, _ignore_assignment)
     if hasattr(base, "reset_parameters"):
         attrs["reset_parameters"] = _reset_parameters
     attrs["_load_from_state_dict"] = _load_from_state_dict
@@ -692,6 +696,24 @@ def _normalized_tensor(module: nn.Module, name: str) -> Tensor:
 
 def _handed_out_tensor(module: nn.Module, name: str) -> Tensor:
     return module._modules["parametrizations"]._modules[name].handed_out()
+
+
+def _internal_tensor_or_handed_out(module: nn.Module, name: str) -> Tensor:
+    if module.__dict__.get("_wn_in_forward"):
+        return _normalized_tensor(module, name)
+    return _handed_out_tensor(module, name)
+
+
+def _forward_reading_the_properties(self: nn.Module, *args, **kwargs):
+    """The base layer's forward, marked as running: its reads of ``weight`` are its own, not handed out."""
+    if torch.compiler.is_compiling():  # dynamo would trace the flag; compiled, the property takes ATen's op anyway
+        return type(self)._wn_base.forward(self, *args, **kwargs)
+    outer = self.__dict__.get("_wn_in_forward", False)
+    self.__dict__["_wn_in_forward"] = True
+    try:
+        return type(self)._wn_base.forward(self, *args, **kwargs)
+    finally:
+        self.__dict__["_wn_in_forward"] = outer
 
 
 def _reset_parameters(self: nn.Module) -> None:
@@ -828,7 +850,13 @@ _STOCK_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
 
 
 def _flat_weights(self: nn.RNNBase) -> list[Tensor | None]:
-    return [getattr(self, name, None) for name in self._flat_weights_names]
+    """What ``RNNBase.forward`` runs on: the normalized tensors computed internally, the rest as they are."""
+    norms = self._modules["parametrizations"]._modules
+    return [norms[name].forward() if name in norms else getattr(self, name, None) for name in self._flat_weights_names]
+
+
+def _flat_weights_are_computed(self: nn.RNNBase) -> None:
+    """``RNNBase`` re-reads every weight before each forward to see whether one was swapped; these are computed."""
 
 
 def _ignore_assignment(self: nn.Module, value: object) -> None:

@@ -257,18 +257,33 @@ def test_writing_into_the_computed_weight_is_refused_with_the_fix():
         torch.testing.assert_close(layer(torch.ones(1, 4)), layer(torch.ones(1, 4)))
 
 
+GRAD_MODE_WRITES = {  # layer, input shape, the computed tensor written
+    "linear": (lambda: nn.Linear(4, 3), (2, 4), "weight"),
+    "conv2d": (lambda: nn.Conv2d(2, 3, 3), (2, 2, 5, 5), "weight"),
+    "conv1d": (lambda: nn.Conv1d(2, 3, 3), (2, 2, 5), "weight"),
+    "conv_transpose2d": (lambda: nn.ConvTranspose2d(2, 3, 3), (2, 2, 5, 5), "weight"),
+    "lstm_cell": (lambda: nn.LSTMCell(4, 3), (2, 4), "weight_ih"),
+    "gru_cell": (lambda: nn.GRUCell(4, 3), (2, 4), "weight_hh"),
+    "rnn_cell": (lambda: nn.RNNCell(4, 3), (2, 4), "weight_ih"),
+    "lstm": (lambda: nn.LSTM(4, 3), (5, 2, 4), "weight_ih_l0"),
+    "gru_2_layers": (lambda: nn.GRU(4, 3, num_layers=2), (5, 2, 4), "weight_hh_l1"),
+}
+
+
 @pytest.mark.parametrize("init", [nn.init.normal_, nn.init.kaiming_uniform_, nn.init.zeros_])
-@pytest.mark.parametrize("make, shape", [(lambda: nn.Linear(4, 3), (2, 4)), (lambda: nn.Conv2d(2, 3, 3), (2, 2, 5, 5)),
-                                         (lambda: nn.Conv1d(2, 3, 3), (2, 2, 5))], ids=["linear", "conv2d", "conv1d"])  # fmt: skip
-def test_nn_init_on_the_computed_weight_in_grad_mode_is_refused_not_lost(make, shape, init):
+@pytest.mark.parametrize("case", GRAD_MODE_WRITES)
+def test_nn_init_on_the_computed_weight_in_grad_mode_is_refused_not_lost(case, init):
     # right after construction, grad mode on: the w that nn.init writes is the first one computed
+    make, shape, name = GRAD_MODE_WRITES[case]
     layer = weight_norm(make())
     before = [p.clone() for p in layer.parameters()]
-    init(layer.weight)
+    init(getattr(layer, name))
     with pytest.raises(RuntimeError, match="weight was written in place.*`layer.reset_parameters\\(\\)`"):
         layer(torch.randn(shape))
     assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))  # g and v untouched
-    layer(torch.randn(shape)).sum().backward()  # refused once; the layer computes from g and v again
+    out = layer(torch.randn(shape))  # refused once; the layer computes from g and v again
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
 
 
 def test_a_weight_read_outside_the_forward_gets_its_gradient():
