@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
-from zoo.data.envs import Episode, EnvRunner, make_vector_env
+from zoo.data.envs import Episode, EnvRunner, frames_per_step, make_vector_env
 from zoo.data.replay import ReplayBuffer, Transitions
 from zoo.nets import MLP, NatureDQN
 from zoo.visuals import log_image_grid
@@ -124,6 +124,11 @@ class DQN(LightningModule):
     def forward(self, obs: Tensor) -> Tensor:
         """Q-values of every action."""
         return self.q_net(obs)
+
+    @property
+    def frames(self) -> int:
+        """Emulator frames this process has played in training (Atari: 4 per environment step)."""
+        return self.env_steps * frames_per_step(self.hparams.env_id)
 
     @property
     def epsilon(self) -> float:

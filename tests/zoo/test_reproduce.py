@@ -17,7 +17,10 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
         "--trainer.limit_test_batches=2", "--trainer.logger=false", "--trainer.enable_checkpointing=false"]  # fmt: skip
 SMALLER = {"cifar": ["--data.init_args.train_size=1000", "--model.init_args.width=4"],
-           "vae": ["--model.init_args.iw_samples=2"], "draw": ["--model.init_args.glimpses=2"]}  # fmt: skip
+           "vae": ["--model.init_args.iw_samples=2"], "draw": ["--model.init_args.glimpses=2"],
+           "dqn": ["--model.init_args.learning_starts=64", "--model.init_args.exploration_starts=64",
+                   "--model.init_args.buffer_size=1000", "--model.init_args.eval_episodes=1",
+                   "--model.init_args.max_episode_frames=2000"]}  # fmt: skip
 
 
 OFFLINE_FULL = {  # --full runs the paper's configs, whose data sets download: offline ones stand in here
@@ -53,7 +56,8 @@ def test_every_readme_command_runs_every_variant_and_seed_and_writes_every_numbe
     monkeypatch.chdir(ROOT)  # the configs' paths are relative to the repository
     experiment, spec = command[0], EXPERIMENTS[command[0]]
     shrink = TINY + (OFFLINE_FULL[experiment] if "--full" in command else SMALLER[experiment])
-    shrink.append(f"--data.init_args.data_dir={tmp_path / 'data'}")
+    if experiment != "dqn":  # DQN's data is its own play
+        shrink.append(f"--data.init_args.data_dir={tmp_path / 'data'}")
     main([*command, "--seeds", "0", "1", "--out", str(tmp_path), *(f"--override={o}" for o in shrink)])
     printed = capsys.readouterr().out
     variants = {**spec.configs, **spec.full_configs} if "--full" in command else spec.configs
@@ -66,8 +70,12 @@ def test_every_readme_command_runs_every_variant_and_seed_and_writes_every_numbe
     ]
     for run in runs:
         assert [row["epoch"] for row in run["curve"]] == [1, 2]
-        batch = run["curve"][0]["examples"] // 3
-        assert batch > 0 and [row["examples"] for row in run["curve"]] == [3 * batch, 6 * batch]
+        if spec.seen == "frames":  # 3 updates an epoch, each after 4 environment steps of 4 frames
+            first, second = (row["frames"] for row in run["curve"])
+            assert first > 64 * 4 and second - first == 3 * 4 * 4
+        else:
+            batch = run["curve"][0]["examples"] // 3
+            assert batch > 0 and [row["examples"] for row in run["curve"]] == [3 * batch, 6 * batch]
         assert all(metric in row for row in run["curve"] for metric in spec.curves)
         assert spec.result in run["test"] and run["seconds"] > 0
     first = [r for r in runs if r["variant"] == next(iter(spec.configs))]
@@ -92,7 +100,7 @@ def test_every_readme_command_runs_every_variant_and_seed_and_writes_every_numbe
 
 def test_the_module_runs_as_a_command_and_lists_the_experiments():
     done = subprocess.run([sys.executable, "-m", "zoo.reproduce", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0 and "{cifar,draw,vae}" in done.stdout and "--full" in done.stdout
+    assert done.returncode == 0 and "{cifar,dqn,draw,vae}" in done.stdout and "--full" in done.stdout
 
 
 def test_full_swaps_in_the_paper_configs_and_every_config_named_exists():

@@ -24,6 +24,14 @@ import numpy as np
 
 from zoo.data.replay import ReplayBuffer
 
+ATARI_FRAME_SKIP = 4  # emulator frames per environment step (each action repeated, the last two max-pooled)
+
+
+def frames_per_step(env_id: str) -> int:
+    """Emulator frames one environment step plays: the frame skip for Atari, 1 for other environments."""
+    return ATARI_FRAME_SKIP if _atari_game(env_id) is not None else 1
+
+
 class Episode(NamedTuple):
     env: int  # which of the vector's environments
     ret: float  # sum of raw rewards
@@ -60,6 +68,7 @@ def make_vector_env(
         num_threads=min(num_envs, os.cpu_count() or 1),
         repeat_action_probability=sticky_actions,
         max_num_frames_per_episode=max_episode_frames,
+        frameskip=ATARI_FRAME_SKIP,
         reward_clipping=False,  # the learner clips; episode returns are the game's score
     )
 
