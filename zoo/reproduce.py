@@ -128,16 +128,16 @@ EXPERIMENTS = {
     "dqn": Experiment(
         title="DQN, Atari Space Invaders",
         configs={"plain": "configs/dqn/space_invaders_plain.yaml", "weight norm": "configs/dqn/space_invaders_wn.yaml"},
-        # 32,000 learning steps (128,000 frames) after 5,000 random ones, the paper's schedule compressed into
-        # them: epsilon 1 -> 0.1 over the first 20,000, the target network every 1,000 steps (CleanRL's)
+        # 24,000 learning steps (96,000 frames) after 5,000 random ones, the paper's schedule compressed into
+        # them: epsilon 1 -> 0.1 over the first 15,000, the target network every 1,000 steps (CleanRL's)
         cpu_scale=(
-            "--trainer.max_steps=8000",
+            "--trainer.max_steps=6000",
             "--model.init_args.buffer_size=100000",
             "--model.init_args.learning_starts=5000",
             "--model.init_args.exploration_starts=5000",
-            "--model.init_args.exploration_steps=20000",
+            "--model.init_args.exploration_steps=15000",
             "--model.init_args.target_sync_every=250",
-            "--model.init_args.updates_per_epoch=1000",
+            "--model.init_args.updates_per_epoch=750",
             "--model.init_args.eval_episodes=5",
             "--trainer.log_every_n_steps=500",
         ),  # fmt: skip
