@@ -12,6 +12,7 @@ Example:
     ['0', '3']
 """
 
+from lightning_wn._computed_weight import ComputedWeight
 from lightning_wn.checkpoint import read_checkpoint
 from lightning_wn.init import InitReport, ModuleInit, data_dependent_init
 from lightning_wn.state_dict import fold_state_dict
@@ -42,6 +43,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "ComputedWeight",
     "FoldWeightNormOnLoad",
     "WeightNormalization",
     "load_from_checkpoint",

@@ -38,6 +38,7 @@ from torch.nn.utils.parametrizations import _WeightNorm as _TorchWeightNorm
 from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm as _LegacyWeightNorm
 
+from lightning_wn._computed_weight import WRITTEN_WEIGHT, ComputedWeight
 from lightning_wn._normalized_weight import NormalizedWeight, norm_except_dim
 from lightning_wn._scaled_linear import ScaledLinear
 from lightning_wn.state_dict import WHOLE_TENSOR, fold, norm_axis
@@ -146,8 +147,11 @@ class WeightNorm(nn.Module):
         v = self.v
         key = self._cache_key(v)
         if key[0] and (key != self._key or self._weight is None):  # grad mode, nothing cached for this key
-            return self._remember(key, NormalizedWeight.apply(v, self.g(), self.dim, self._forget))
-        return self._weight_for(v, key)
+            weight = NormalizedWeight.apply(v, self.g(), self.dim, self._forget).as_subclass(ComputedWeight)
+            return self._remember(key, weight)
+        weight = self._weight_for(v, key)
+        # an alias: it shares the cache's version counter, so writes through its views are still seen
+        return weight if isinstance(weight, ComputedWeight) else weight.as_subclass(ComputedWeight)
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """``F.linear(x, w, bias)``, taking the paper's output-scaling path where it is cheaper.
@@ -213,17 +217,14 @@ class WeightNorm(nn.Module):
     def _refuse_written_weight(self) -> None:
         """An in-place write into a cached ``w`` (``with torch.no_grad(): layer.weight.normal_()``) would vanish.
 
-        Every normalized layer caches each ``w`` read from outside its forward (:meth:`handed_out`), so a
-        write is seen here; writes through ``.data`` are not (a new version counter).
+        Every normalized layer caches each ``w`` read from outside its forward (:meth:`handed_out`), a
+        :class:`ComputedWeight` that refuses writes as they happen; a write it cannot see, through an alias
+        made another way, bumps the version counter it shares with the cache and is refused here.
         """
         weight, version = self._weight, self._weight_version
         if version is not None and weight is not None and weight._version != version:
             self._forget()
-            raise RuntimeError(
-                "A weight-normalized layer's weight was written in place, but it is computed from g and v, so the "
-                "write would be lost. Re-initialize the layer with `layer.reset_parameters()`, or set a weight W "
-                "with `layer.parametrizations.weight.reset(W)`."
-            )
+            raise RuntimeError(WRITTEN_WEIGHT)
 
     def _forget(self) -> None:
         self.__dict__.update(_key=None, _weight=None, _weight_version=None)

@@ -243,12 +243,31 @@ def test_reset_parameters_reinitializes_g_and_v_after_to_empty(make):
     assert all(torch.isfinite(p).all() for p in layer.parameters())
 
 
-def test_writing_into_the_computed_weight_is_refused_with_the_fix():
+WRITES = {  # into the computed tensor, not into g or v
+    "normal_": lambda w: w.normal_(),
+    "through .data": lambda w: w.data.normal_(),  # a tensor with a version counter of its own
+    "through a view": lambda w: w.view(-1)[1:].zero_(),
+    "through a chunk": lambda w: w.chunk(3)[0].fill_(2.0),
+    "setitem": lambda w: w.__setitem__(0, 1.0),
+    "out=": lambda w: torch.add(w, 1, out=w),
+    "orthogonal_": nn.init.orthogonal_,
+}
+
+
+@pytest.mark.parametrize("write", WRITES)
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_writing_into_the_computed_weight_is_refused_with_the_fix(write, grad):
     layer = weight_norm(nn.Linear(4, 3))
-    with torch.no_grad():
-        layer.weight.normal_()  # writes into a computed tensor, not into g or v
+    layer(torch.randn(2, 4))  # a cached w, as after any call
+    before = [p.clone() for p in layer.parameters()]
     with pytest.raises(RuntimeError, match="weight was written in place.*`layer.reset_parameters\(\)`"):
-        layer(torch.randn(2, 4))
+        with torch.set_grad_enabled(grad), torch.no_grad():  # nn.init's way: no grad, from either mode
+            WRITES[write](layer.weight)
+        layer(torch.randn(2, 4))  # where the write itself was not seen, the next call refuses it
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
+    bias, g, v = before
+    expected = nn.functional.linear(torch.ones(1, 4), g * v / v.norm(dim=1, keepdim=True), bias)
+    torch.testing.assert_close(layer(torch.ones(1, 4)), expected)  # computed from g and v, as before the write
     wanted = torch.randn(3, 4)
     layer.parametrizations.weight.reset(wanted)
     torch.testing.assert_close(layer.weight, wanted)
@@ -277,11 +296,10 @@ def test_nn_init_on_the_computed_weight_in_grad_mode_is_refused_not_lost(case, i
     make, shape, name = GRAD_MODE_WRITES[case]
     layer = weight_norm(make())
     before = [p.clone() for p in layer.parameters()]
-    init(getattr(layer, name))
     with pytest.raises(RuntimeError, match="weight was written in place.*`layer.reset_parameters\\(\\)`"):
-        layer(torch.randn(shape))
+        init(getattr(layer, name))  # refused as it writes
     assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))  # g and v untouched
-    out = layer(torch.randn(shape))  # refused once; the layer computes from g and v again
+    out = layer(torch.randn(shape))  # the layer computes from g and v, as before
     (out[0] if isinstance(out, tuple) else out).sum().backward()
     assert all(p.grad is not None for p in layer.parameters())
 
