@@ -159,12 +159,18 @@ def test_torch_export_of_a_folded_model_has_plain_weights():
     torch.testing.assert_close(program.module()(X), expected, rtol=0, atol=1e-6)
 
 
-def onnx_run(model: nn.Module, x: torch.Tensor):
-    """The model exported by torch's TorchScript-based exporter (no onnxscript needed), then run by onnxruntime."""
+def onnx_run(model: nn.Module, x: torch.Tensor, dynamo: bool = False):
+    """The model exported to ONNX, then run by onnxruntime: its output, op types and initializer names.
+
+    ``dynamo=False`` takes torch's TorchScript-based exporter, ``dynamo=True`` the default one (torch.export
+    and onnxscript).
+    """
     onnx = pytest.importorskip("onnx")
     onnxruntime = pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
     buffer = io.BytesIO()
-    torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["x"])
+    torch.onnx.export(model, (x,), buffer, dynamo=dynamo, input_names=["x"])
     graph = onnx.load_from_string(buffer.getvalue()).graph
     session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {"x": x.numpy()})
@@ -179,6 +185,21 @@ def test_a_folded_model_exported_to_onnx_matches_torch():
         torch.testing.assert_close(out, model(X), rtol=0, atol=1e-5)
     assert ops == {"Conv", "ConvTranspose", "Relu", "Flatten", "Gemm"}
     assert PLAIN <= initializers
+
+
+@pytest.mark.parametrize("folded", [True, False], ids=["folded", "unfolded"])
+def test_the_default_dynamo_exporter_matches_torch(folded):
+    # torch.onnx.export's default since torch 2.9: torch.export, then onnxscript's translation
+    model = small_model().eval()
+    with torch.no_grad():
+        expected = model(X)
+    if folded:
+        remove_weight_norm(model)
+    out, ops, initializers = onnx_run(model, X, dynamo=True)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    if folded:  # plain weights, no norm computed at run time
+        assert PLAIN <= initializers and not {"ReduceL2", "ReduceSumSquare", "Sqrt"} & ops, (ops, initializers)
+    # unfolded, the exporter's constant folding computes w from g and v once, at export
 
 
 def test_an_unfolded_model_exported_to_onnx_computes_w_from_g_and_v():

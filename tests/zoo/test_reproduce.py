@@ -29,6 +29,7 @@ OFFLINE_FULL = {  # --full runs the paper's configs, whose data sets download: o
     "vae": ["--config=configs/presets/offline_mnist.yaml", "--model.init_args.iw_samples=2",
             "--model.init_args.channels=8"],
     "draw": ["--config=configs/presets/offline_mnist.yaml", "--model.init_args.glimpses=2"],
+    "dqn": SMALLER["dqn"],  # the paper's schedule, shortened: a 1M buffer would not fit a test
 }  # fmt: skip
 
 
