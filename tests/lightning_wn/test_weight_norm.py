@@ -260,7 +260,7 @@ def test_writing_into_the_computed_weight_is_refused_with_the_fix(write, grad):
     layer = weight_norm(nn.Linear(4, 3))
     layer(torch.randn(2, 4))  # a cached w, as after any call
     before = [p.clone() for p in layer.parameters()]
-    with pytest.raises(RuntimeError, match="weight was written in place.*`layer.reset_parameters\(\)`"):
+    with pytest.raises(RuntimeError, match=r"weight was written in place.*`layer.reset_parameters\(\)`"):
         with torch.set_grad_enabled(grad), torch.no_grad():  # nn.init's way: no grad, from either mode
             WRITES[write](layer.weight)
         layer(torch.randn(2, 4))  # where the write itself was not seen, the next call refuses it
