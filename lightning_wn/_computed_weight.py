@@ -69,13 +69,13 @@ def _property(func) -> tuple[str, str] | None:
 
 def _writes_into(cls: type, func, args: tuple, kwargs: dict) -> bool:
     outs = kwargs.get("out")
-    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-    if any(isinstance(out, cls) for out in outs):
+    if any(isinstance(out, cls) for out in (outs if isinstance(outs, (tuple, list)) else (outs,))):
         return True
     target = args[0] if args else kwargs.get("tensor")  # nn.init passes its tensor by keyword
     if not isinstance(target, cls):  # a write into another tensor that reads this one (other.copy_(w))
         return False
+    accessor = _property(func)
+    if accessor is not None:
+        return accessor == ("data", "__set__")
     name = getattr(func, "__name__", "")
-    if _property(func) is not None:
-        return _property(func)[1] == "__set__" and _property(func)[0] == "data"
     return name in _WRITING_DUNDERS or (name.endswith("_") and not name.startswith("__") and name not in _NOT_WRITES)
