@@ -44,9 +44,9 @@ class AutoregressiveConv2d(nn.Conv2d):
     """A same-size conv whose kernel is multiplied by :func:`autoregressive_mask` in every forward.
 
     The mask is applied to the weight the layer computes with, so weight norm (which replaces
-    ``weight`` by ``g * v / ||v||``) keeps the layer autoregressive; ``||v||`` then runs over the
-    whole kernel, where the authors' code takes it over the masked one (a per-unit constant that
-    ``g`` and the data-dependent init absorb).
+    ``weight`` by ``g * v / ||v||``) keeps the layer autoregressive. ``||v||`` then includes the
+    masked taps, where the authors' code leaves them out: that scales each unit's effective ``g``
+    by ``||v unmasked|| / ||v||`` and leaves its direction as theirs.
 
     Example:
         >>> conv = AutoregressiveConv2d(2, 2, latent_channels=2, strict=True)
