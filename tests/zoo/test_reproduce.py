@@ -11,6 +11,10 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
+from lightning.pytorch.callbacks import EarlyStopping
+
+from lightning_wn import WeightNormalization
+from zoo.cli import main as zoo_cli
 from zoo.reproduce import EXPERIMENTS, main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,7 +24,10 @@ SMALLER = {"cifar": ["--data.init_args.train_size=1000", "--model.init_args.widt
            "vae": ["--model.init_args.iw_samples=2"], "draw": ["--model.init_args.glimpses=2"],
            "dqn": ["--model.init_args.learning_starts=64", "--model.init_args.exploration_starts=64",
                    "--model.init_args.buffer_size=1000", "--model.init_args.eval_episodes=1",
-                   "--model.init_args.max_episode_frames=2000"]}  # fmt: skip
+                   "--model.init_args.max_episode_frames=2000"],
+           "cartpole": ["--model.init_args.learning_starts=64", "--model.init_args.train_frequency=4",
+                        "--model.init_args.gradient_steps=1", "--model.init_args.eval_episodes=1"]}  # fmt: skip
+FRAMES_PER_STEP = {"dqn": 4, "cartpole": 1}  # Atari's frame skip
 
 
 OFFLINE_FULL = {  # --full runs the paper's configs, whose data sets download: offline ones stand in here
@@ -57,7 +64,7 @@ def test_every_readme_command_runs_every_variant_and_seed_and_writes_every_numbe
     monkeypatch.chdir(ROOT)  # the configs' paths are relative to the repository
     experiment, spec = command[0], EXPERIMENTS[command[0]]
     shrink = TINY + (OFFLINE_FULL[experiment] if "--full" in command else SMALLER[experiment])
-    if experiment != "dqn":  # DQN's data is its own play
+    if spec.seen != "frames":  # DQN's data is its own play
         shrink.append(f"--data.init_args.data_dir={tmp_path / 'data'}")
     main([*command, "--seeds", "0", "1", "--out", str(tmp_path), *(f"--override={o}" for o in shrink)])
     printed = capsys.readouterr().out
@@ -71,9 +78,10 @@ def test_every_readme_command_runs_every_variant_and_seed_and_writes_every_numbe
     ]
     for run in runs:
         assert [row["epoch"] for row in run["curve"]] == [1, 2]
-        if spec.seen == "frames":  # 3 updates an epoch, each after 4 environment steps of 4 frames
+        if spec.seen == "frames":  # 3 updates an epoch, each after 4 environment steps (Atari: of 4 frames)
             first, second = (row["frames"] for row in run["curve"])
-            assert first > 64 * 4 and second - first == 3 * 4 * 4
+            per_step = FRAMES_PER_STEP[experiment]
+            assert first > 64 * per_step and second - first == 3 * 4 * per_step
         else:
             batch = run["curve"][0]["examples"] // 3
             assert batch > 0 and [row["examples"] for row in run["curve"]] == [3 * batch, 6 * batch]
@@ -101,7 +109,7 @@ def test_every_readme_command_runs_every_variant_and_seed_and_writes_every_numbe
 
 def test_the_module_runs_as_a_command_and_lists_the_experiments():
     done = subprocess.run([sys.executable, "-m", "zoo.reproduce", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0 and "{cifar,dqn,draw,vae}" in done.stdout and "--full" in done.stdout
+    assert done.returncode == 0 and "{cartpole,cifar,dqn,draw,vae}" in done.stdout and "--full" in done.stdout
 
 
 def test_full_swaps_in_the_paper_configs_and_every_config_named_exists():
@@ -130,3 +138,13 @@ def test_under_two_process_ddp_every_rank_runs_every_variant_and_one_writes(tmp_
         [row["examples"] for row in r["curve"]] == [3 * batch * 2, 6 * batch * 2] for r in runs
     )  # both ranks' examples
     assert done.stdout.count("weight norm, seed 0: epoch 1,") == 1  # progress from rank 0 only
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS["cartpole"].configs.values())
+def test_cartpole_runs_its_whole_budget_with_the_configs_callbacks_otherwise_kept(config, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cli = zoo_cli(["--config", config, *EXPERIMENTS["cartpole"].cpu_scale, "--trainer.logger=false"], run=False)
+    (stopping,) = [c for c in cli.trainer.callbacks if isinstance(c, EarlyStopping)]
+    assert stopping.stopping_threshold == 501 and stopping.monitor == "eval/return"  # CartPole-v1 tops out at 500
+    normalized = [c for c in cli.trainer.callbacks if isinstance(c, WeightNormalization)]
+    assert len(normalized) == ("wn" in config) and cli.trainer.max_steps == 25_000
