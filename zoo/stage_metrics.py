@@ -9,8 +9,9 @@ from torch import Tensor
 def log_stage_metrics(module: LightningModule, stage: str, metrics: dict[str, Tensor], prog_bar: str) -> None:
     """Log ``metrics`` as ``<stage>/<name>``: per step and epoch in training, per epoch otherwise.
 
-    Outside training the epoch means are averaged over processes (``sync_dist``); the metric
-    named ``prog_bar`` also goes to the progress bar.
+    Every value is averaged over processes (``sync_dist``): the epoch means, and in training each
+    step's value too (one all-reduce per metric and step under DDP, none on one device). The
+    metric named ``prog_bar`` also goes to the progress bar.
 
     Example:
         >>> from unittest import mock
@@ -22,4 +23,4 @@ def log_stage_metrics(module: LightningModule, stage: str, metrics: dict[str, Te
     """
     on_step = stage == "train"
     for name, value in metrics.items():
-        module.log(f"{stage}/{name}", value, prog_bar=name == prog_bar, on_step=on_step, on_epoch=True, sync_dist=not on_step)
+        module.log(f"{stage}/{name}", value, prog_bar=name == prog_bar, on_step=on_step, on_epoch=True, sync_dist=True)

@@ -1,6 +1,9 @@
 """The convolutional VAE and DRAW: likelihood maths, attention by hand, and that both learn."""
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,3 +183,15 @@ def test_vae_test_step_reports_the_importance_weighted_bound_below_the_elbo():
                         enable_model_summary=False).test(model, data, verbose=False)  # fmt: skip
     assert set(result) >= {"test/nats", "test/nats_iw", "test/kl", "test/reconstruction"}
     assert result["test/nats_iw"] <= result["test/nats"]  # k samples bound log p(x) more tightly
+
+
+@pytest.mark.slow
+def test_training_epoch_means_are_over_every_process_under_ddp(tmp_path):
+    script = Path(__file__).with_name("vae_ddp.py")
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, cwd=tmp_path, timeout=300)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert [len(r["steps"]) for r in ranks] == [2, 2]  # 80 digits, batches of 20, split between 2 processes
+    assert ranks[0]["steps"] != ranks[1]["steps"]  # each saw its own digits
+    everyone = sum(ranks[0]["steps"] + ranks[1]["steps"]) / 4
+    for rank in ranks:
+        assert rank["logged"]["train/nats_epoch"] == pytest.approx(everyone, rel=1e-5)
