@@ -83,6 +83,13 @@ class ZooCLI(LightningCLI):
                 "pass the config it was trained with (its run folder keeps a copy, config.yaml)."
             )
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        with warnings.catch_warnings():
+            if subcommand == "fit" and self.config[subcommand].ckpt_path:
+                # a resumed run writes on into the folder it resumed from: Lightning's warning is for new runs
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            super()._run_subcommand(subcommand)
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
         # Lightning refuses a ModelCheckpoint without checkpointing, and its `on_train_end` would still write
         # last.ckpt after a fast_dev_run: drop ours in both cases

@@ -6,6 +6,7 @@ run's; a resumed run continues its counters and optimizer and never re-runs the 
 
 import logging
 import shlex
+import warnings
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,10 @@ def test_the_readme_commands_fit_then_resume_then_test_the_trained_model(tmp_pat
     for name, value in state(same).items():
         assert torch.equal(value, trained[name]), name
 
-    resumed = main(resume)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = main(resume)
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]  # resuming is no surprise
     assert "data-dependent init" not in caplog.text
     assert resumed.trainer.global_step == 2 * STEPS_PER_EPOCH and resumed.trainer.current_epoch == 2
     adam = resumed.trainer.optimizers[0].state_dict()["state"]
@@ -96,7 +100,8 @@ def test_a_new_run_in_the_same_folder_writes_beside_the_old_checkpoints(tmp_path
     with pytest.warns(UserWarning, match="`--ckpt_path last`: no checkpoint in .* yet, so this fit starts a new run"):
         main(["fit", *args, "--ckpt_path", "last"])
     old = (tmp_path / "checkpoints/last.ckpt").read_bytes()
-    fresh = main(["fit", *args, "--seed_everything=1"])
+    with pytest.warns(UserWarning, match="Checkpoint directory .* exists and is not empty"):  # a new run still hears
+        fresh = main(["fit", *args, "--seed_everything=1"])
     assert (tmp_path / "checkpoints/last.ckpt").read_bytes() == old
     assert (tmp_path / "checkpoints/last-v1.ckpt").is_file()
     tested = main(["test", "--config", str(FASHION_MNIST), *small(tmp_path, data_dir), "--ckpt_path", "last"])
