@@ -119,9 +119,12 @@ class ConvVAE(LightningModule):
 
         The KL term is the closed form for the diagonal Gaussian, log q(z|x) - log p(z) with IAF.
         """
-        out = self.encoder(x)
+        return self._sample(self.encoder(x))
+
+    def _sample(self, encoded: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`posterior_sample` from the encoder's output, which several samples can share."""
         k = self.hparams.latent_channels
-        mean, log_std, context = out[:, :k], out[:, k : 2 * k], out[:, 2 * k :]
+        mean, log_std, context = encoded[:, :k], encoded[:, k : 2 * k], encoded[:, 2 * k :]
         noise = torch.randn_like(mean)
         z = mean + noise * log_std.exp()
         log_q = standard_normal_log_prob(noise) - log_std
@@ -178,9 +181,9 @@ class ConvVAE(LightningModule):
     def importance_weighted_bound(self, x: Tensor, samples: int | None = None) -> Tensor:
         """log (1/k) sum_i p(x, z_i) / q(z_i | x), per example (Burda et al., 2016)."""
         samples = samples or self.hparams.iw_samples
-        weights = []
+        encoded, weights = self.encoder(x), []  # once: every sample is drawn from the same q(z|x)
         for _ in range(samples):
-            z, log_q, _ = self.posterior_sample(x)
+            z, log_q, _ = self._sample(encoded)
             log_prior = standard_normal_log_prob(z)
             weights.append(self.log_likelihood(self.decoder(z), x) + (log_prior - log_q).flatten(1).sum(1))
         return torch.logsumexp(torch.stack(weights), 0) - math.log(samples)
