@@ -34,7 +34,8 @@ from zoo.dqn import DQN  # noqa: E402
 
 ENV = "ALE/SpaceInvaders-v5"
 SETTINGS = {"env_id": ENV, "num_envs": 4, "train_frequency": 4, "batch_size": 32, "optimizer": "Adamax",
-            "buffer_size": 20_000, "learning_starts": 2_000, "epsilon_start": 0.01, "epsilon_end": 0.01}  # fmt: skip
+            "buffer_size": 20_000, "learning_starts": 2_000, "epsilon_start": 0.01, "epsilon_end": 0.01,
+            "compile_optimizer": True}  # as the Space Invaders configs  # fmt: skip
 
 
 def env_steps_per_second(seconds: float) -> float:

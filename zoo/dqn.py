@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
+from zoo.compiled_optim import with_compiled_update
 from zoo.data.envs import Episode, EnvRunner, frames_per_step, make_vector_env
 from zoo.data.replay import ReplayBuffer, Transitions
 from zoo.nets import MLP, NatureDQN
@@ -49,6 +50,8 @@ class DQN(LightningModule):
         num_envs: environments stepped together in each process.
         buffer_size: transitions the replay buffer keeps, per process.
         optimizer: a ``torch.optim`` class name; ``lr`` its learning rate.
+        compile_optimizer: run the optimizer's update compiled (``torch.compile``, which needs a C++
+            compiler on CPU): Adamax's update on the Nature network takes about 1 ms instead of 5-6.
         lr_end_factor: the learning rate falls linearly to ``lr * lr_end_factor`` over the
             trainer's ``max_steps`` updates; 1 keeps it constant.
         learning_starts: environment steps of play that fill the buffer before the first update.
@@ -76,6 +79,7 @@ class DQN(LightningModule):
         batch_size: int = 32,
         optimizer: str = "Adamax",  # the paper's optimizer for DQN
         lr: float = 1e-4,
+        compile_optimizer: bool = False,
         lr_end_factor: float = 1.0,
         gamma: float = 0.99,
         learning_starts: int = 80_000,
@@ -229,7 +233,10 @@ class DQN(LightningModule):
     @override
     def configure_optimizers(self) -> Any:
         h = self.hparams
-        optimizer = getattr(torch.optim, h.optimizer)(self.q_net.parameters(), lr=h.lr)
+        optimizer_class = getattr(torch.optim, h.optimizer)
+        if h.compile_optimizer:
+            optimizer_class = with_compiled_update(optimizer_class)
+        optimizer = optimizer_class(self.q_net.parameters(), lr=h.lr)
         if h.lr_end_factor == 1.0:
             return optimizer
         if self.trainer.max_steps < 1:

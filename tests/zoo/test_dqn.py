@@ -157,6 +157,19 @@ def test_the_learning_rate_falls_linearly_over_max_steps(tmp_path):
         _cartpole_fit(-1, tmp_path, lr_end_factor=0.5)
 
 
+def test_compile_optimizer_trains_the_same_agent_with_the_compiled_update(tmp_path):
+    agents = {}
+    for compiled in (False, True):
+        seed_everything(0)
+        agents[compiled], trainer = _cartpole_fit(8, tmp_path, compile_optimizer=compiled, lr=1e-3, lr_end_factor=0.25)
+    assert type(trainer.optimizers[0]).__name__ == "CompiledAdamax"
+    assert float(trainer.optimizers[0].param_groups[0]["lr"]) == pytest.approx(1e-3 * 0.25)  # the scheduler reached it
+    eager, compiled = (agents[c].q_net.state_dict() for c in (False, True))
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(compiled["0.weight"], agents[False].target_net.state_dict()["0.weight"])  # it learned
+
+
 class Probe(Callback):
     def on_train_start(self, trainer, pl_module):
         self.start = {"global_step": trainer.global_step, "env_steps": pl_module.env_steps}

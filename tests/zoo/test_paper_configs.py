@@ -362,6 +362,7 @@ def test_space_invaders_configs_hold_the_nature_dqn_schedule(variant, capsys):
     assert model["learning_starts"] == 50_000 and model["eval_epsilon"] == 0.05
     assert model["buffer_size"] == 1_000_000 and model["batch_size"] == 32 and model["gamma"] == 0.99
     assert model["optimizer"] == "Adamax" and model["lr"] == (0.0003 if variant == "wn" else 0.0001)
+    assert model["compile_optimizer"] is True  # Adamax's update fused: not a paper setting, said so on its line
     assert_sourced(config, "learning_starts", "train_frequency", "epsilon_end", "exploration_steps", "exploration_starts",
                    "eval_epsilon", "buffer_size", "batch_size", "gamma", "optimizer", "lr")  # fmt: skip
     text = (CONFIGS / config).read_text()
