@@ -12,11 +12,14 @@ Example:
     >>> optimizer = with_compiled_update(torch.optim.Adamax)(net.parameters(), lr=0.1)
     >>> type(optimizer).__name__, type(optimizer.param_groups[0]["lr"]).__name__
     ('CompiledAdamax', 'Tensor')
+    >>> float(with_compiled_update(torch.optim.Adamax)(net.parameters()).param_groups[0]["lr"])  # Adamax's default
+    0.002
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -33,7 +36,9 @@ NO_COMPILER = (
 def with_compiled_update(optimizer_class: type[Optimizer]) -> type[Optimizer]:
     """A subclass of ``optimizer_class`` whose ``step`` runs the closure eagerly, then the update compiled."""
 
-    def __init__(self, params, lr: float | torch.Tensor = 1e-3, **kwargs) -> None:
+    default_lr = inspect.signature(optimizer_class).parameters["lr"].default
+
+    def __init__(self, params, lr: float | torch.Tensor = default_lr, **kwargs) -> None:
         optimizer_class.__init__(self, params, lr=torch.as_tensor(lr, dtype=torch.float64), **kwargs)
         update = optimizer_class.step
         if getattr(update, "hooked", False):  # torch's step-hook wrapper: the hooks run once, around this step
