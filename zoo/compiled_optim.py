@@ -43,7 +43,9 @@ def with_compiled_update(optimizer_class: type[Optimizer]) -> type[Optimizer]:
         update = optimizer_class.step
         if getattr(update, "hooked", False):  # torch's step-hook wrapper: the hooks run once, around this step
             update = update.__wrapped__
-        self._compiled_update = torch.compile(functools.partial(update, self))
+        # inductor's FX graph cache is keyed without the CPU's vector ISA: a step compiled under the default
+        # kernels, loaded under ATEN_CPU_CAPABILITY=avx2, made wrong updates (torch 2.14). Its C++ cache is right
+        self._compiled_update = torch.compile(functools.partial(update, self), options={"fx_graph_cache": False})
 
     def step(self, closure: Callable[[], float] | None = None):
         loss = None

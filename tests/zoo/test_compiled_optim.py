@@ -88,3 +88,32 @@ def test_without_a_cpp_compiler_the_step_fails_naming_the_fix_and_changes_nothin
     assert "could not be built: InvalidCxxCompiler: No working C++ compiler found" in out
     assert "`apt install g++`" in out and "--model.compile_optimizer false" in out
     assert "unchanged True" in out
+
+
+MATCHES_EAGER = """
+import torch
+from zoo.compiled_optim import with_compiled_update
+nets = []
+for _ in range(2):
+    torch.manual_seed(0)
+    nets.append(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)))
+optimizers = [torch.optim.Adamax(nets[0].parameters(), lr=0.01),
+              with_compiled_update(torch.optim.Adamax)(nets[1].parameters(), lr=0.01)]
+for step in range(3):
+    for net, optimizer in zip(nets, optimizers):
+        optimizer.zero_grad()
+        net(torch.randn(4, 6, generator=torch.Generator().manual_seed(step))).square().sum().backward()
+        optimizer.step()
+print(max((a - b).abs().max().item() for a, b in zip(nets[0].parameters(), nets[1].parameters())))
+"""
+
+
+def test_a_step_compiled_under_one_kernel_set_is_not_reused_under_another(tmp_path):
+    # inductor's FX graph cache once handed the default kernels' step to an AVX2 run: updates off by the lr
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path)  # one cache for both runs, as one machine has
+    for capability in ({}, {"ATEN_CPU_CAPABILITY": "avx2"}):
+        command = [sys.executable, "-c", MATCHES_EAGER]
+        run = subprocess.run(command, capture_output=True, text=True, env=env | capability)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert float(run.stdout.split()[-1]) < 1e-6, capability
