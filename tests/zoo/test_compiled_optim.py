@@ -48,7 +48,8 @@ def test_the_compiled_update_matches_eager_under_a_scheduler_and_after_a_reload_
     assert optimizers[1].state[next(compiled.parameters())]["step"] == 6
 
 
-def test_the_closure_runs_eagerly_before_the_update_and_its_loss_is_returned():
+def test_the_closure_runs_eagerly_before_the_update_its_loss_is_returned_and_hooks_run_once():
+    torch.optim.Adamax(_net().parameters())  # torch wraps Adamax.step in its hook runner at the first Adamax
     net = _net()
     optimizer = with_compiled_update(torch.optim.Adamax)(net.parameters(), lr=0.01)
     before = net[0].weight.detach().clone()
@@ -59,9 +60,13 @@ def test_the_closure_runs_eagerly_before_the_update_and_its_loss_is_returned():
         loss.backward()
         return loss
 
+    calls = []
+    optimizer.register_step_pre_hook(lambda *args: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda *args: calls.append("post"))
     loss = optimizer.step(closure)
     assert loss.requires_grad and net[0].weight.grad is not None
     assert not torch.equal(net[0].weight, before)
+    assert calls == ["pre", "post"]  # once each: the compiled part is Adamax's update without the hook runner
 
 
 NO_COMPILER = """
