@@ -236,11 +236,12 @@ def normalized_cnn() -> nn.Module:
 
 def _init_on_rank(rank: int, port: int, shards: list, sync: bool, results) -> None:
     model = normalized_cnn()  # built here: a model sent to a process would share its storage
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # without sync, no process group: what the ranks would get without the all-reduce. (Making one and
+    # destroying it at once raced: a rank could close it while the other was still connecting.)
+    if sync:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        if not sync:  # what the ranks would get without the all-reduce
-            dist.destroy_process_group()
         data_dependent_init(model, shards[rank])
         results[rank] = {k: v.clone() for k, v in model.state_dict().items()}
     finally:
