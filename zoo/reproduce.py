@@ -70,11 +70,11 @@ EXPERIMENTS = {
             "batch norm": "configs/cifar10/bn.yaml",
             "weight norm + mean-only BN": "configs/cifar10/wn_mobn.yaml",
         },
-        # 5 epochs of 6,000 images, the curves on 2,500 of the test images, the table on all 10,000
+        # 4 epochs of 5,000 images, the curves on 2,500 of the test images, the table on all 10,000
         cpu_scale=(
-            "--trainer.max_epochs=5",
+            "--trainer.max_epochs=4",
             "--model.init_args.width=16",
-            "--data.init_args.train_size=6000",
+            "--data.init_args.train_size=5000",
             "--trainer.limit_val_batches=25",
         ),  # fmt: skip
         curves={"train/loss_epoch": "training loss", "val/error": "test error"},
