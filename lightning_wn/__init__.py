@@ -13,20 +13,24 @@ Example:
 """
 
 from lightning_wn._computed_weight import ComputedWeight
+from lightning_wn.cache import cached
 from lightning_wn.checkpoint import read_checkpoint
 from lightning_wn.init import InitReport, ModuleInit, data_dependent_init
-from lightning_wn.state_dict import fold_state_dict
 from lightning_wn.mean_only_bn import MeanOnlyBatchNorm, attach_mean_only_bn
+from lightning_wn.models import (
+    apply_weight_norm,
+    limit_direction_norm,
+    remove_weight_norm,
+    select_layers,
+    weight_normalized_modules,
+)
+from lightning_wn.state_dict import fold_state_dict
 from lightning_wn.weight_norm import (
     DEFAULT_LAYERS,
     SUPPORTED_LAYERS,
     WeightNorm,
-    apply_weight_norm,
     is_weight_normalized,
-    limit_direction_norm,
-    remove_weight_norm,
     weight_norm,
-    weight_normalized_modules,
     weight_norms,
 )
 
@@ -43,25 +47,27 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "ComputedWeight",
-    "FoldWeightNormOnLoad",
-    "WeightNormalization",
-    "load_from_checkpoint",
     "DEFAULT_LAYERS",
     "SUPPORTED_LAYERS",
+    "ComputedWeight",
+    "FoldWeightNormOnLoad",
     "InitReport",
     "MeanOnlyBatchNorm",
     "ModuleInit",
     "WeightNorm",
+    "WeightNormalization",
     "apply_weight_norm",
     "attach_mean_only_bn",
+    "cached",
     "data_dependent_init",
     "fold_state_dict",
     "is_weight_normalized",
     "limit_direction_norm",
+    "load_from_checkpoint",
     "read_checkpoint",
     "remove_weight_norm",
+    "select_layers",
     "weight_norm",
-    "weight_normalized_modules",
     "weight_norms",
+    "weight_normalized_modules",
 ]

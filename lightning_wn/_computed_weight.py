@@ -24,7 +24,7 @@ import torch
 WRITTEN_WEIGHT = (
     "A weight-normalized layer's weight was written in place, but it is computed from g and v, so the "
     "write would be lost. Re-initialize the layer with `layer.reset_parameters()`, or set a weight W "
-    "with `layer.parametrizations.weight.reset(W)`."
+    "with `layer.weight = W` (g and v are then set to give W)."
 )
 
 # methods ending in "_" that change no values

@@ -2,10 +2,12 @@
 
 * ``setup``: apply weight norm (and mean-only batch norm), before optimizers are built and DDP
   wraps the model, so the optimizer holds ``g`` and ``v`` and DDP all-reduces their gradients.
-  Layers built in ``configure_model`` are normalized right after that hook returns. A weight
-  averaging callback that copied the model before that is made to copy it again.
+  What cannot work is refused here: a weight-averaging callback listed first (it copies the model
+  in its own ``setup``), pruning beside weight norm.
 * ``on_fit_start``: the data-dependent init, once per training run, on training examples
   (``on_train_start`` under ``ModelParallelStrategy``, which restores a checkpoint after ``on_fit_start``).
+  Layers that ``configure_model`` built and left plain are refused here, the first moment they exist.
+* ``on_*_batch_start`` / ``on_*_batch_end``: every step runs inside :func:`lightning_wn.cached`.
 * ``on_train_batch_end``: the hard limit on ``||v||``, if asked for.
 * ``on_fit_end``: fold weight norm away, if asked for.
 * ``on_load_checkpoint``: a run trained without weight norm resumes with it; its optimizer states,
@@ -14,10 +16,10 @@
 
 from __future__ import annotations
 
-import functools
 import io
 import math
 from collections.abc import Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import lightning.pytorch as pl
@@ -27,24 +29,21 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.optim.swa_utils import AveragedModel
 from typing_extensions import override
 
+from lightning_wn.cache import cached
 from lightning_wn.checkpoint import read_checkpoint
 from lightning_wn.init import data_dependent_init
 from lightning_wn.mean_only_bn import attach_mean_only_bn
-from lightning_wn.state_dict import fold_state_dict
-from lightning_wn.weight_norm import (
-    WeightNorm,
+from lightning_wn.models import (
     apply_weight_norm,
-    default_names,
-    is_weight_normalized,
     limit_direction_norm,
     remove_weight_norm,
     select_layers,
     weight_normalized_modules,
-    weight_norms,
 )
+from lightning_wn.state_dict import fold_state_dict
+from lightning_wn.weight_norm import is_weight_normalized, positive_number, weight_norms
 
 # and their subclasses: why each cannot carry weight norm, and what to use instead
 _REFUSED_STRATEGIES = {
@@ -115,14 +114,13 @@ class WeightNormalization(Callback):
         log_scale_factor: float | None = None,
         paper_init: bool = False,
     ) -> None:
-        if isinstance(init_samples, bool) or not isinstance(init_samples, int) or init_samples < 1:
+        if isinstance(init_samples, bool) or not isinstance(init_samples, int):
+            raise TypeError(f"`init_samples` must be an integer, got {init_samples!r} ({type(init_samples).__name__}).")
+        if init_samples < 1:
             raise ValueError(f"`init_samples` must be a positive integer, got {init_samples!r}.")
-        if not (init_scale > 0 and math.isfinite(init_scale)):
-            raise ValueError(f"`init_scale` must be a positive number, got {init_scale!r}.")
-        if max_norm is not None and not (max_norm > 0 and math.isfinite(max_norm)):
-            raise ValueError(f"`max_norm` must be a positive number or None, got {max_norm!r}.")
-        if log_scale_factor is not None and not (log_scale_factor > 0 and math.isfinite(log_scale_factor)):
-            raise ValueError(f"`log_scale_factor` must be a positive number or None, got {log_scale_factor!r}.")
+        init_scale = positive_number("init_scale", init_scale)
+        max_norm = None if max_norm is None else positive_number("max_norm", max_norm)
+        log_scale_factor = None if log_scale_factor is None else positive_number("log_scale_factor", log_scale_factor)
         if not weight_norm:  # each of these acts on g or v, which a plain layer does not have
             ignored = {"mean_only_bn": mean_only_bn, "max_norm": max_norm, "log_scale_factor": log_scale_factor,
                        "paper_init": paper_init}  # fmt: skip
@@ -155,6 +153,7 @@ class WeightNormalization(Callback):
         self.initialized = False
         self._restored: dict[str, Any] | None = None
         self._plain_checkpoint: dict[str, Any] | None = None  # its optimizer states are for plain weights
+        self._cache = ExitStack()  # the open cached() scope of the current step, if any
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -170,14 +169,11 @@ class WeightNormalization(Callback):
                 f"`input_key`={self.input_key!r} and `{type(pl_module).__name__}.data_init_inputs` both say what "
                 "the data-dependent init passes to `forward`: keep one (leave `input_key` out to use the method)."
             )
-        if sharded:
-            # fully_shard runs in configure_model and turns every parameter into a shard: the layers that exist
-            # now are normalized before it; layers that configure_model builds and shards must be normalized there
-            self._normalize(trainer, pl_module, stage)
-        if _overrides_configure_model(pl_module):
-            _run_after_configure_model(pl_module, functools.partial(self._normalize, trainer, stage=stage))
-        else:
-            self._normalize(trainer, pl_module, stage)
+        _refuse_averaging_listed_first(trainer, self)
+        selected = select_layers(pl_module, self.include, self.exclude)
+        if self.weight_norm:
+            _refuse_pruning(trainer, selected)
+        self._normalize_layers(pl_module, selected)
 
     def _check_model_parallel(self, strategy: ModelParallelStrategy) -> None:
         mesh = strategy.device_mesh
@@ -196,14 +192,6 @@ class WeightNormalization(Callback):
                     f"`{argument}`={value!r} is not supported under `ModelParallelStrategy`: {why}. Leave "
                     f"`{argument}` out, or train with `strategy='ddp'`."
                 )
-
-    def _normalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        selected = select_layers(pl_module, self.include, self.exclude)
-        if self.weight_norm:
-            _refuse_pruning_of_normalized_layers(trainer, pl_module, selected)
-        self._normalize_layers(pl_module, selected)
-        _recopy_averaged_models(trainer, pl_module, stage)
-        _forget_cached_weights_after_swaps(trainer)
 
     def _normalize_layers(self, pl_module: pl.LightningModule, selected: list[str]) -> None:
         self.normalized = selected
@@ -225,6 +213,7 @@ class WeightNormalization(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._refuse_plain_layers_from_configure_model(pl_module)
         self._restart_optimizer_states(trainer)
         if not trainer.strategy.restore_checkpoint_after_setup:
             self._data_init(trainer, pl_module)
@@ -234,6 +223,55 @@ class WeightNormalization(Callback):
         # ModelParallelStrategy restores a checkpoint after on_fit_start: only here is it known to be a resume
         if trainer.strategy.restore_checkpoint_after_setup:
             self._data_init(trainer, pl_module)
+
+    def _refuse_plain_layers_from_configure_model(self, pl_module: pl.LightningModule) -> None:
+        selected = select_layers(pl_module, self.include, self.exclude)
+        modules = dict(pl_module.named_modules())
+        plain = [name for name in selected if self.weight_norm and not is_weight_normalized(modules[name])]
+        if plain:
+            raise RuntimeError(
+                f"Layers {', '.join(f'`{name}`' for name in plain)} were built after WeightNormalization's `setup` "
+                "(in `configure_model`) and are left plain. Normalize them where they are built: call "
+                "`lightning_wn.apply_weight_norm(self, ...)` at the end of `configure_model` (before `fully_shard`)."
+            )
+        self.normalized = selected  # the init's targets, with the layers configure_model built
+
+    # every step runs inside one cache scope: a module called many times per step computes its weight once
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._enter_cache()
+
+    @override
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._enter_cache()
+
+    @override
+    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._enter_cache()
+
+    @override
+    def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._enter_cache()
+
+    @override
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._cache.close()
+
+    @override
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._cache.close()
+
+    @override
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._cache.close()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._cache.close()
+
+    def _enter_cache(self) -> None:
+        self._cache.close()  # a step that ended without its batch-end hook (a skipped batch) leaves no scope open
+        self._cache.enter_context(cached())
 
     def _data_init(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Whether the init ran is our own state, restored or not: a tuner (BatchSizeFinder, LearningRateFinder)
@@ -316,6 +354,7 @@ class WeightNormalization(Callback):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._cache.close()
         if self.max_norm is not None:
             limit_direction_norm(pl_module, self.max_norm)
 
@@ -410,23 +449,6 @@ def load_from_checkpoint(model_class: type[pl.LightningModule], path: str, **kwa
     return model_class.load_from_checkpoint(buffer, **kwargs)
 
 
-def _overrides_configure_model(pl_module: pl.LightningModule) -> bool:
-    return type(pl_module).configure_model is not pl.LightningModule.configure_model
-
-
-def _run_after_configure_model(pl_module: pl.LightningModule, then) -> None:
-    """Call ``then(pl_module)`` right after the module's own ``configure_model`` returns, once."""
-    original = pl_module.configure_model
-
-    @functools.wraps(original)
-    def configure_model() -> None:
-        del pl_module.configure_model  # back to the class's method: the module stays picklable
-        original()
-        then(pl_module)
-
-    pl_module.configure_model = configure_model  # type: ignore[method-assign]
-
-
 _Inputs = Tensor | tuple[Tensor, ...] | dict[str, Tensor]  # forward(x), forward(*x), forward(**x)
 
 
@@ -488,96 +510,27 @@ def _refuse_sharded_plain_layers(modules: dict[str, torch.nn.Module], plain: lis
         )
 
 
-def _refuse_pruning_of_normalized_layers(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, selected: list[str]
-) -> None:
-    """``ModelPruning`` cannot prune a weight-normalized weight: fail before training, not after an epoch.
-
-    torch's pruning moves the parameter ``weight`` to ``weight_orig`` and recomputes ``weight`` in a
-    forward pre-hook; a normalized layer's ``weight`` is no parameter (it is computed from ``g`` and
-    ``v``), and ``v`` is read by the reparameterization itself, which runs no hooks. Pruned anyway, the
-    first pruning fails with a ``TypeError`` on ``weight_orig``; left to its default targets (every
-    ``weight`` *parameter*), ``ModelPruning`` set up after normalization skips these layers silently.
-    """
-    modules = dict(pl_module.named_modules())
-    names = {id(module): name for name, module in modules.items()}
-    normalized = {id(modules[name]): default_names(modules[name]) for name in selected}
-    normalized.update({id(m): list(weight_norms(m)) for _, m in weight_normalized_modules(pl_module)})
-    for callback in trainer.callbacks:
-        if not isinstance(callback, ModelPruning):
-            continue
-        # the user's list (empty: every weight and bias), or the list it resolved in its own setup
-        targets = callback._parameters_to_prune
-        if not targets:
-            wanted = callback._parameter_names
-            hit = [names[key] for key, tensors in normalized.items() if set(tensors) & set(wanted)]
-        else:
-            hit = [
-                names.get(id(module), type(module).__name__)
-                for module, tensor in targets
-                if tensor in normalized.get(id(module), ()) or isinstance(module, WeightNorm)
-            ]
-        if hit:
-            raise RuntimeError(
-                f"ModelPruning cannot prune weight-normalized layers ({', '.join(f'`{h}`' for h in hit)}): torch's "
-                "pruning replaces a `weight` parameter with `weight_orig` and a mask, but under weight norm the "
-                "weight is computed from g and v, which it cannot prune. Leave the layers to prune out of weight "
-                "norm (WeightNormalization `exclude`) and name them in ModelPruning's `parameters_to_prune`, or "
-                "prune after training (`fold_on_fit_end=True` gives plain layers)."
-            )
+def _refuse_averaging_listed_first(trainer: pl.Trainer, weight_normalization: Callback) -> None:
+    """A weight-averaging callback copies the model in its own ``setup``: before ours, it copies plain layers."""
+    callbacks = list(trainer.callbacks)
+    ours = callbacks.index(weight_normalization)
+    first = [c for c in callbacks[:ours] if isinstance(c, (StochasticWeightAveraging, WeightAveraging))]
+    if first:
+        raise RuntimeError(
+            f"{type(first[0]).__name__} is listed before WeightNormalization, so it copies the model before its "
+            "layers are weight-normalized, and cannot average g and v into that copy. List WeightNormalization "
+            "first: `callbacks=[WeightNormalization(...), ...]`."
+        )
 
 
-def _recopy_averaged_models(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-    """Make weight averaging callbacks copy ``pl_module`` again if their copy predates weight norm.
-
-    ``StochasticWeightAveraging`` and ``WeightAveraging`` (``EMAWeightAveraging``) copy the model in
-    their ``setup``; listed before this callback, or when the layers come from ``configure_model``,
-    they copied plain layers, and averaging ``g`` and ``v`` into them fails on the shapes. Their own
-    ``setup`` makes the copy again, now of the normalized model, before any state is restored.
-    """
-    layout = _layout(pl_module)
-    for callback in trainer.callbacks:
-        if not isinstance(callback, (StochasticWeightAveraging, WeightAveraging)):
-            continue
-        copy = callback._average_model  # no public accessor: the copy both callbacks make in setup
-        if isinstance(copy, AveragedModel):
-            copy = copy.module
-        if copy is not None and _layout(copy) != layout:
-            callback.setup(trainer, pl_module, stage)
-            rank_zero_info(f"WeightNormalization: {type(callback).__name__} copied the model again, now normalized.")
-
-
-
-_SWAPPING_HOOKS = ("on_validation_epoch_start", "on_validation_epoch_end", "on_train_end", "on_load_checkpoint")
-
-
-def _forget_cached_weights_after_swaps(trainer: pl.Trainer) -> None:
-    """After each hook in which ``WeightAveraging`` swaps weights, drop every cached ``w``.
-
-    It swaps through ``param.data``, which autograd's version counters (the cache key) do not see: a no-grad
-    forward after a swap (``on_validation_epoch_end`` drawing samples, a second validation) would reuse the ``w``
-    of the weights swapped out. Wrapping the callback's own hooks keeps this right in either callback order.
-    """
-    for callback in trainer.callbacks:
-        if not isinstance(callback, WeightAveraging):
-            continue
-        for hook in _SWAPPING_HOOKS:
-            original = getattr(callback, hook)
-            if getattr(original, "_forgets_cached_weights", False):
-                continue
-
-            def forgetting(trainer, pl_module, *args, _original=original, **kwargs):
-                result = _original(trainer, pl_module, *args, **kwargs)
-                for module in pl_module.modules():
-                    if isinstance(module, WeightNorm):
-                        module._forget()
-                return result
-
-            forgetting._forgets_cached_weights = True
-            setattr(callback, hook, forgetting)
-
-def _layout(module: torch.nn.Module) -> list[str]:
-    return [name for name, _ in module.named_parameters()] + [name for name, _ in module.named_buffers()]
+def _refuse_pruning(trainer: pl.Trainer, normalized: list[str]) -> None:
+    """Pruning replaces a ``weight`` parameter by ``weight_orig`` and a mask; a normalized weight is computed."""
+    if normalized and any(isinstance(c, ModelPruning) for c in trainer.callbacks):
+        raise RuntimeError(
+            "ModelPruning cannot prune weight-normalized layers (their weight is computed from g and v, not a "
+            "parameter), and which layers it prunes is its own private state. Prune without weight norm: fit with "
+            "`WeightNormalization(fold_on_fit_end=True)`, then prune the plain layers in a run of their own."
+        )
 
 
 def _describe(batch: Any) -> str:

@@ -23,11 +23,11 @@ from torch import Tensor, nn
 
 from lightning_wn.mean_only_bn import MeanOnlyBatchNorm
 from lightning_wn.state_dict import WHOLE_TENSOR
+from lightning_wn.torch_norms import TORCH_FIX, torch_reparametrizations
 from lightning_wn.weight_norm import (
     DEFAULT_LAYERS,
     RECURRENT_LAYERS,
     SUPPORTED_LAYERS,
-    _torch_reparametrizations,
     default_dim,
     is_weight_normalized,
     weight_norms,
@@ -345,7 +345,7 @@ def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str
     targets = {}
     for name in chosen:
         module = named[name]
-        reparametrized = _torch_reparametrizations(module)
+        reparametrized = torch_reparametrizations(module)
         if isinstance(module, RECURRENT_LAYERS):
             report.skipped[name] = "recurrent: the data-dependent init is for networks without recursion"
         elif not isinstance(module, SUPPORTED_LAYERS):
@@ -366,9 +366,11 @@ def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str
             _check_output_axis(name, module)
             targets[name] = module
     if not targets:
+        under_torch = [name for name, why in report.skipped.items() if why.startswith("reparametrized by torch")]
+        why = f" {len(under_torch)} layers are under torch's weight or spectral norm. {TORCH_FIX}" if under_torch else ""
         raise ValueError(
             f"No module of {type(model).__name__} to initialize: it has no weight-normalized, "
-            "Linear or Conv* layer matching `modules` (recurrent layers are skipped)."
+            f"Linear or Conv* layer matching `modules` (recurrent layers are skipped).{why}"
         )
     targets.update({name: m for name, m in named.items() if isinstance(m, MeanOnlyBatchNorm)})
     return targets, report

@@ -135,3 +135,43 @@ def _state_dict_of(state_dict: object) -> Mapping[str, Tensor]:
                 f"Pass a model's `state_dict()`, or a Lightning checkpoint with a 'state_dict' entry."
             )
     return state_dict
+
+
+def adopt_other_spellings(normalized, state_dict: dict[str, Tensor], prefix: str, name: str, error_msgs: list[str]) -> None:
+    """Rewrite one normalized tensor's entries of ``state_dict`` into ``normalized``'s own layout, in place.
+
+    Taken, each computing exactly the function it was saved with: torch's legacy ``<name>_g``/``<name>_v``;
+    a ``g`` along another axis than ours (torch's ``dim=0`` on a ``ConvTranspose``, ``dim=None``'s one
+    ``g``) or a ``g`` where ours is ``s`` (``g = exp(c * s)``), folded and split again; and a plain layer's
+    ``<name>`` (weights trained without weight norm), where the state dict holds no ``g`` or ``v`` for it.
+    """
+    ours, plain = f"{prefix}parametrizations.{name}.", f"{prefix}{name}"
+    legacy_g, legacy_v = f"{plain}_g", f"{plain}_v"
+    if legacy_g in state_dict and legacy_v in state_dict and f"{ours}original1" not in state_dict:
+        state_dict[f"{ours}original0"] = state_dict.pop(legacy_g)
+        state_dict[f"{ours}original1"] = state_dict.pop(legacy_v)
+    g, v = state_dict.get(f"{ours}original0"), state_dict.get(f"{ours}original1")
+    weight = state_dict.get(plain)
+    if isinstance(g, Tensor) and isinstance(v, Tensor):
+        same_layout = normalized.log_scale_factor is None and g.shape == normalized.original0.shape
+        if v.shape != normalized.v.shape or same_layout or norm_axis(g, v) is None:
+            return  # ours already, or not a weight norm of this tensor: load_state_dict reports what is wrong
+        weight = fold(g, v)
+        del state_dict[f"{ours}original0"]
+    elif isinstance(weight, Tensor) and not any(f"{ours}{part}" in state_dict for part in ("original0", "original1", "s")):
+        del state_dict[plain]  # its shape mismatch is reported by the name the source gave it
+        if weight.shape != normalized.v.shape:
+            error_msgs.append(
+                f"size mismatch for {plain}: copying a plain weight of shape {tuple(weight.shape)} from the checkpoint "
+                f"into a weight-normalized layer whose weight has shape {tuple(normalized.v.shape)}."
+            )
+            return
+    else:
+        return
+    v, magnitude = normalized.split(weight.to(normalized.v.dtype))
+    state_dict[f"{ours}original1"] = v
+    if normalized.log_scale_factor is None:
+        state_dict[f"{ours}original0"] = magnitude
+    else:
+        state_dict[f"{ours}s"] = magnitude
+        state_dict.setdefault(f"{ours}c", normalized.c.clone())

@@ -7,7 +7,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_wn import FoldWeightNormOnLoad
+from lightning_wn import FoldWeightNormOnLoad, apply_weight_norm
 
 
 class ConvClassifier(FoldWeightNormOnLoad, LightningModule):
@@ -50,6 +50,15 @@ class LazyHead(ConvClassifier):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.net(x))
+
+
+class LazyNormalizedHead(LazyHead):
+    """Builds its head in ``configure_model`` and normalizes it there, as the callback asks of such layers."""
+
+    def configure_model(self) -> None:
+        if self.head is None:
+            self.head = nn.Linear(5, 5)
+            apply_weight_norm(self, include=["head"])
 
 
 class DictBatches(ConvClassifier):

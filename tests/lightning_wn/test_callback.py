@@ -20,7 +20,7 @@ import lightning_wn.callback as callback_module
 from lightning_wn import MeanOnlyBatchNorm, WeightNormalization, is_weight_normalized, weight_normalized_modules
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lit_models import ConvClassifier, DictBatches, LazyHead, RandomImages, trainer  # noqa: E402
+from lit_models import ConvClassifier, DictBatches, LazyHead, LazyNormalizedHead, RandomImages, trainer  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -53,14 +53,20 @@ def test_normalizes_before_optimizers_and_inits_on_training_examples():
     assert len(optimized) == 9  # g, v and bias of three layers
 
 
-def test_layers_built_in_configure_model_are_normalized():
-    model = LazyHead()
-    t = trainer(max_steps=2, callbacks=[WeightNormalization(init_samples=64)])
-    t.fit(model, RandomImages())
-    assert is_weight_normalized(model.head)
+def test_layers_built_in_configure_model_and_left_plain_are_refused_with_the_fix():
+    with pytest.raises(RuntimeError, match=r"Layers `head` were built after .*call `lightning_wn.apply_weight_norm\(self, ...\)`"):
+        trainer(max_steps=2, callbacks=[WeightNormalization(init_samples=64)]).fit(LazyHead(), RandomImages())
+
+
+def test_layers_normalized_in_configure_model_train_and_are_initialized():
+    model, data = LazyNormalizedHead(), RandomImages()
+    wn = WeightNormalization(init_samples=64)
+    t = trainer(max_steps=0, callbacks=[wn])
+    t.fit(model, data)
+    assert is_weight_normalized(model.head) and wn.normalized == ["net.0", "net.2", "net.6", "head"]
+    standardized(model, data.x[:64], wn.normalized)  # the head the init found in configure_model's place
     optimized = {id(p) for p in t.optimizers[0].param_groups[0]["params"]}
     assert id(model.head.parametrizations.weight.original0) in optimized
-    assert "configure_model" not in model.__dict__  # the wrapper removed itself
     pickle.dumps(model)
 
 
@@ -239,8 +245,13 @@ def test_bad_arguments_fail_before_training():
         WeightNormalization(init_samples=0)
     with pytest.raises(ValueError, match="`init_scale` must be a positive number, got -1"):
         WeightNormalization(init_scale=-1)
-    with pytest.raises(ValueError, match="`max_norm` must be a positive number or None, got 0"):
+    with pytest.raises(ValueError, match="`max_norm` must be a positive number, got 0"):
         WeightNormalization(max_norm=0)
+    for option in ("max_norm", "init_scale", "log_scale_factor"):  # a number written as a string, as in Python code
+        with pytest.raises(TypeError, match=f"`{option}` must be a number, got '1' \\(str\\)"):
+            WeightNormalization(**{option: "1"})
+    with pytest.raises(TypeError, match=r"`init_samples` must be an integer, got '500' \(str\)"):
+        WeightNormalization(init_samples="500")
     with pytest.raises(TypeError, match="`include` must be a list of names or patterns, got the string 'net.0'"):
         WeightNormalization(include="net.0")
     for option in ({"mean_only_bn": True}, {"max_norm": 2.0}, {"log_scale_factor": 3.0}, {"paper_init": True}):

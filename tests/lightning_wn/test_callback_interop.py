@@ -11,10 +11,10 @@ from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, Mod
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_wn import WeightNormalization, apply_weight_norm, is_weight_normalized
+from lightning_wn import WeightNormalization, is_weight_normalized
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lit_models import ConvClassifier, LazyHead, RandomImages, trainer  # noqa: E402
+from lit_models import ConvClassifier, LazyNormalizedHead, RandomImages, trainer  # noqa: E402
 
 
 def parameters(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -42,21 +42,31 @@ def assert_same_parameters(actual: dict, expected: dict) -> None:
 
 NORMALIZED_KEYS = {
     ConvClassifier: [f"net.{i}.parametrizations.weight.original{j}" for i in (0, 2, 6) for j in (0, 1)],
-    LazyHead: [f"{m}.parametrizations.weight.original{j}" for m in ("net.0", "net.2", "net.6", "head") for j in (0, 1)],
+    LazyNormalizedHead: [f"{m}.parametrizations.weight.original{j}" for m in ("net.0", "net.2", "net.6", "head") for j in (0, 1)],
 }
 
 
 # --- weight averaging ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_class", [ConvClassifier, LazyHead])
-@pytest.mark.parametrize("averaging_first", [True, False], ids=["averaging-first", "weight-norm-first"])
-def test_ema_in_either_order_averages_the_normalized_model(averaging_first, model_class):
+@pytest.mark.parametrize("averaging", [EMAWeightAveraging, StochasticWeightAveraging])
+def test_an_averaging_callback_listed_before_weight_normalization_is_refused_at_setup(averaging):
+    class NoTraining(ConvClassifier):
+        def training_step(self, batch, batch_idx):
+            pytest.fail("training started although the average would be of plain layers")
+
+    average = averaging(decay=0.6) if averaging is EMAWeightAveraging else averaging(swa_lrs=1e-2)
+    with pytest.raises(RuntimeError, match=f"{averaging.__name__} is listed before WeightNormalization.*List WeightNormalization first"):
+        trainer(max_steps=1, callbacks=[average, WeightNormalization(init_samples=32)]).fit(NoTraining(), RandomImages())
+
+
+@pytest.mark.parametrize("model_class", [ConvClassifier, LazyNormalizedHead])
+def test_ema_averages_the_normalized_model(model_class):
     seed_everything(0)
     decay = 0.6  # far from 1, so that the average is far from the last step's parameters
     model, ema, record = model_class(), EMAWeightAveraging(decay=decay), Record()
     wn = WeightNormalization(init_samples=32)
-    callbacks = [ema, wn, record] if averaging_first else [wn, ema, record]
+    callbacks = [wn, ema, record]
     trainer(max_steps=5, callbacks=callbacks).fit(model, RandomImages(size=80, batch_size=16))
 
     averaged = ema._average_model.module
@@ -85,12 +95,11 @@ class DrawsAfterValidation(ConvClassifier):
             self.drawn = (self(x), copy.deepcopy(self)(x))  # a copy caches nothing: w fresh from g and v
 
 
-@pytest.mark.parametrize("averaging_first", [True, False], ids=["averaging-first", "weight-norm-first"])
-def test_no_cached_weight_outlives_the_averaging_callbacks_swaps(averaging_first):
-    # EMAWeightAveraging swaps weights through `param.data`, unseen by the version counters the cache is keyed on
+def test_no_cached_weight_outlives_the_averaging_callbacks_swaps():
+    # EMAWeightAveraging swaps weights through `param.data`, unseen by version counters: no cache may span a swap
     seed_everything(0)
     model, ema, wn = DrawsAfterValidation(), EMAWeightAveraging(decay=0.6), WeightNormalization(init_samples=32)
-    callbacks = [ema, wn] if averaging_first else [wn, ema]
+    callbacks = [wn, ema]
     trainer(max_steps=6, val_check_interval=3, callbacks=callbacks).fit(
         model, train_dataloaders=RandomImages(size=48, batch_size=16).train_dataloader(),
         val_dataloaders=RandomImages(size=16, batch_size=16).train_dataloader(),
@@ -102,16 +111,15 @@ def test_no_cached_weight_outlives_the_averaging_callbacks_swaps(averaging_first
         torch.testing.assert_close(model(x), copy.deepcopy(model)(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("model_class", [ConvClassifier, LazyHead])
-@pytest.mark.parametrize("averaging_first", [True, False], ids=["averaging-first", "weight-norm-first"])
-def test_swa_in_either_order_averages_the_normalized_model(averaging_first, model_class):
+@pytest.mark.parametrize("model_class", [ConvClassifier])  # SWA copies the model before configure_model builds layers
+def test_swa_averages_the_normalized_model(model_class):
     seed_everything(0)
     # 4 epochs, SWA from the 2nd: it averages the parameters at the starts of epochs 1, 2 and 3 (0-based),
     # the ends of epochs 0, 1 and 2, and puts that average into the model at the end of the last epoch
     model, record = model_class(), Record()
     swa = StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=2)
     wn = WeightNormalization(init_samples=32)
-    callbacks = [swa, wn, record] if averaging_first else [wn, swa, record]
+    callbacks = [wn, swa, record]
     trainer(max_epochs=4, callbacks=callbacks).fit(model, RandomImages(size=32, batch_size=16))
 
     assert all(is_weight_normalized(swa._average_model.get_submodule(name)) for name in wn.normalized)
@@ -126,60 +134,33 @@ def test_swa_in_either_order_averages_the_normalized_model(averaging_first, mode
 # --- pruning ------------------------------------------------------------------------------------------------------
 
 
-def test_pruning_a_weight_normalized_layer_is_refused_at_setup_in_either_order():
+@pytest.mark.parametrize("pruning_first", [True, False], ids=["pruning-first", "weight-norm-first"])
+@pytest.mark.parametrize("targets", ["every-weight", "a-normalized-layer", "an-excluded-layer"])
+def test_pruning_beside_weight_norm_is_refused_at_setup(pruning_first, targets):
+    """Which layers ModelPruning prunes is its private state: beside a normalizing WeightNormalization it is
+    refused outright, rather than let it skip the normalized layers silently or fail after an epoch."""
+
     class NoTraining(ConvClassifier):
         def training_step(self, batch, batch_idx):
             pytest.fail("training started although pruning cannot work")
 
-    def refused(make_pruning, pruning_first, message):
-        model = NoTraining()
-        pruning, wn = make_pruning(model), WeightNormalization(init_samples=32)
-        with pytest.raises(RuntimeError, match=message):
-            callbacks = [pruning, wn] if pruning_first else [wn, pruning]
-            trainer(max_epochs=1, callbacks=callbacks).fit(model, RandomImages())
-
-    every_weight = "ModelPruning cannot prune weight-normalized layers \\(`net.0`, `net.2`, `net.6`\\).*`exclude`"
-    for pruning_first in (True, False):
-        # default targets: every weight; after normalization they would silently be skipped
-        refused(lambda model: ModelPruning("l1_unstructured", amount=0.5), pruning_first, every_weight)
-        refused(
-            lambda model: ModelPruning("l1_unstructured", parameters_to_prune=[(model.net[2], "weight")]),
-            pruning_first,
-            "ModelPruning cannot prune weight-normalized layers \\(`net.2`\\)",
-        )
-    # v itself, the natural target; torch's pruning cannot reparameterize it either
     model = NoTraining()
-    apply_weight_norm(model, include=["net.0"])
-    pruning = ModelPruning("l1_unstructured", parameters_to_prune=[(model.net[0].parametrizations.weight, "original1")])
-    with pytest.raises(RuntimeError, match=r"weight-normalized layers \(`net.0.parametrizations.weight`\)"):
-        trainer(max_epochs=1, callbacks=[WeightNormalization(init_samples=32), pruning]).fit(model, RandomImages())
+    chosen = {"every-weight": None, "a-normalized-layer": [(model.net[2], "weight")], "an-excluded-layer": [(model.net[6], "weight")]}
+    pruning = ModelPruning("l1_unstructured", parameters_to_prune=chosen[targets], amount=0.5)
+    wn = WeightNormalization(init_samples=32, exclude=["net.6"])
+    with pytest.raises(RuntimeError, match=r"ModelPruning cannot prune weight-normalized layers.*fold_on_fit_end=True"):
+        trainer(max_epochs=1, callbacks=[pruning, wn] if pruning_first else [wn, pruning]).fit(model, RandomImages())
 
 
-@pytest.mark.parametrize("pruning_first", [True, False], ids=["pruning-first", "weight-norm-first"])
-def test_pruning_layers_left_out_of_weight_norm_works_and_the_zeros_stay(pruning_first):
+def test_pruning_works_beside_a_weight_normalization_that_only_initializes():
     seed_everything(0)
     model = ConvClassifier()
-    pruning = ModelPruning(
-        "l1_unstructured",
-        parameters_to_prune=[(model.net[6], "weight")],
-        amount=0.5,
-        apply_pruning=lambda epoch: epoch == 0,  # prune once, after the first epoch; the second trains on
-        use_lottery_ticket_hypothesis=False,
-    )
-    masks = []
-
-    class KeepMask(Callback):
-        def on_train_epoch_end(self, trainer, pl_module):
-            masks.append(pl_module.net[6].weight_mask.clone())
-
-    wn = WeightNormalization(exclude=["net.6"], init_samples=32)
-    callbacks = [pruning, wn, KeepMask()] if pruning_first else [wn, pruning, KeepMask()]
-    trainer(max_epochs=2, limit_train_batches=3, callbacks=callbacks).fit(model, RandomImages())
-    assert wn.normalized == ["net.0", "net.2"] and not is_weight_normalized(model.net[6])
-    weight, mask = model.net[6].weight, masks[0]
-    assert int((mask == 0).sum()) == weight.numel() // 2 == 80  # l1_unstructured, amount=0.5 of 5x32 weights
-    assert torch.equal(mask, masks[1])
-    assert torch.equal(weight == 0, mask == 0)  # exactly zero, after the second epoch's steps too
+    pruning = ModelPruning("l1_unstructured", parameters_to_prune=[(model.net[6], "weight")], amount=0.5,
+                           apply_pruning=lambda epoch: epoch == 0, use_lottery_ticket_hypothesis=False)  # fmt: skip
+    wn = WeightNormalization(weight_norm=False, init_samples=32)
+    trainer(max_epochs=2, limit_train_batches=3, callbacks=[wn, pruning]).fit(model, RandomImages())
+    weight = model.net[6].weight
+    assert int((weight == 0).sum()) == weight.numel() // 2 == 80  # l1_unstructured, amount=0.5 of 5x32 weights
 
 
 # --- several model inputs -----------------------------------------------------------------------------------------
@@ -278,7 +259,7 @@ def test_bad_model_inputs_are_clear_errors():
 
 
 @pytest.mark.parametrize("averaging", ["EMA", "SWA"])
-def test_a_resumed_run_with_the_averaging_callback_first_ends_as_the_straight_one(averaging, tmp_path):
+def test_a_resumed_run_with_an_averaging_callback_ends_as_the_straight_one(averaging, tmp_path):
     def run(max_epochs, dirpath, ckpt_path=None):
         seed_everything(0)
         model = ConvClassifier()
@@ -287,7 +268,7 @@ def test_a_resumed_run_with_the_averaging_callback_first_ends_as_the_straight_on
         else:
             average = StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=2)
         saver = ModelCheckpoint(dirpath=dirpath, save_last=True)
-        callbacks = [average, WeightNormalization(init_samples=32), saver]  # the order that copied plain layers
+        callbacks = [WeightNormalization(init_samples=32), average, saver]
         trainer(max_epochs=max_epochs, callbacks=callbacks, enable_checkpointing=True).fit(
             model, RandomImages(size=32, batch_size=16), ckpt_path=ckpt_path
         )

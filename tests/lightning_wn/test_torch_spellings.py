@@ -14,6 +14,8 @@ from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
 from lightning_wn import (
+    limit_direction_norm,
+    select_layers,
     apply_weight_norm,
     data_dependent_init,
     fold_state_dict,
@@ -22,7 +24,7 @@ from lightning_wn import (
     weight_norm,
     weight_norms,
 )
-from lightning_wn.weight_norm import default_names, select_layers
+from lightning_wn.weight_norm import default_names
 
 # (layer, input); the LSTM takes (batch, seq, features)
 LAYERS = {
@@ -246,9 +248,9 @@ def test_naming_a_layer_torch_reparametrizes_is_an_error():
     assert not is_weight_normalized(model[3])
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv_transpose1d", "linear_output_scaled"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv_transpose1d", "linear_large"])
 def test_dim_none_is_torchs_one_norm_over_the_whole_tensor(kind):
-    make, shape = {**LAYERS, "linear_output_scaled": (lambda: nn.Linear(1024, 256), (3, 1024))}[kind]
+    make, shape = {**LAYERS, "linear_large": (lambda: nn.Linear(1024, 256), (3, 1024))}[kind]
     torch.manual_seed(0)
     plain = make().double()
     ours = randomized(weight_norm(copy.deepcopy(plain), dim=None))
@@ -375,3 +377,14 @@ def test_a_plain_weight_of_the_wrong_shape_or_beside_g_and_v_is_an_error():
         layer.load_state_dict(both, strict=True)
     layer.load_state_dict(both, strict=False)  # g and v win; the plain entry is reported, not used
     torch.testing.assert_close(layer.weight, before, rtol=0, atol=0)
+
+
+def test_nothing_to_act_on_says_why_and_names_from_torch_when_torchs_weight_norm_is_the_cause():
+    under_torch = nn.Sequential(parametrizations.weight_norm(nn.Linear(3, 4)), nn.ReLU(), nn.utils.weight_norm(nn.Linear(4, 2)))
+    fix = r"under torch's weight.*`lightning_wn.from_torch\(model\)`"
+    with pytest.raises(ValueError, match=r"No module of Sequential to initialize.* 2 layers are " + fix):
+        data_dependent_init(under_torch, torch.randn(8, 3))
+    with pytest.raises(ValueError, match=r"`limit_direction_norm` found no weight-normalized layer .*2 layers are " + fix):
+        limit_direction_norm(under_torch, max_norm=1.0)
+    with pytest.raises(ValueError, match=r"found no weight-normalized layer in Linear. Normalize its layers first"):
+        limit_direction_norm(nn.Linear(3, 4), max_norm=1.0)

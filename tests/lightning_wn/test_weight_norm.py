@@ -1,5 +1,6 @@
 """weight_norm against torch's own implementation, the fast paths, folding and the paper's facts."""
 
+import contextlib
 import copy
 import io
 import pickle
@@ -11,6 +12,7 @@ from torch.nn.utils import parametrizations
 
 from lightning_wn import (
     apply_weight_norm,
+    cached,
     is_weight_normalized,
     limit_direction_norm,
     remove_weight_norm,
@@ -18,7 +20,6 @@ from lightning_wn import (
     weight_norms,
 )
 from lightning_wn._normalized_weight import NormalizedWeight
-from lightning_wn._scaled_linear import ScaledLinear
 from lightning_wn.weight_norm import default_dim, default_names
 
 torch.manual_seed(0)
@@ -28,7 +29,7 @@ LAYERS = {
     "linear": (lambda: nn.Linear(7, 5), (3, 7)),
     "linear_many_rows": (lambda: nn.Linear(4, 5), (30, 4)),
     "linear_3d_input": (lambda: nn.Linear(6, 5), (2, 3, 6)),
-    "linear_output_scaled": (lambda: nn.Linear(1024, 256), (3, 1024)),  # big enough to scale its output
+    "linear_large": (lambda: nn.Linear(1024, 256), (3, 1024)),
     "conv1d": (lambda: nn.Conv1d(3, 4, 3), (2, 3, 9)),
     "conv2d": (lambda: nn.Conv2d(3, 4, 3, padding=1), (2, 3, 6, 6)),
     "conv2d_grouped": (lambda: nn.Conv2d(4, 6, 3, groups=2), (2, 4, 6, 6)),
@@ -118,13 +119,7 @@ def test_conv_transpose_normalizes_per_output_channel():
     torch.testing.assert_close(torch.linalg.vector_norm(layer.weight, dim=(0, 2, 3)), wn.original0.flatten())
 
 
-def test_gradcheck_custom_autograd_functions():
-    x = torch.randn(3, 5, dtype=torch.double, requires_grad=True)
-    v = torch.randn(4, 5, dtype=torch.double, requires_grad=True)
-    g = torch.rand(4, 1, dtype=torch.double, requires_grad=True) + 0.5
-    b = torch.randn(4, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(ScaledLinear.apply, (x, v, g, b))
-    assert torch.autograd.gradcheck(ScaledLinear.apply, (x, v, g, None))
+def test_gradcheck_the_custom_autograd_function():
     v4 = torch.randn(3, 4, 2, 2, dtype=torch.double, requires_grad=True)
     for dim in range(4):  # 0 and 3 take ATen's fused kernels, 1 and 2 the generic path
         shape = [1] * 4
@@ -138,67 +133,51 @@ def test_separate_backward_passes_through_one_cached_weight():
     cell, reference = weight_norm(copy.deepcopy(plain)), torch_weight_norm(copy.deepcopy(plain))
     x1, x2 = torch.randn(2, 3), torch.randn(2, 3)
     for module in (cell, reference):
-        loss_a, loss_b = module(x1)[0].sum(), module(x2)[1].square().sum()
-        loss_a.backward()
-        loss_b.backward()
+        with cached():
+            loss_a, loss_b = module(x1)[0].sum(), module(x2)[1].square().sum()
+            loss_a.backward()
+            loss_b.backward()
     ref = dict(reference.named_parameters())
     for name, p in cell.named_parameters():
         torch.testing.assert_close(p.grad, ref[name].grad)
 
 
-def test_a_module_called_many_times_computes_its_weight_twice_per_step(monkeypatch):
+@pytest.mark.parametrize("scoped", [True, False], ids=["cached", "uncached"])
+def test_a_module_called_many_times_computes_its_weight_once_per_step_inside_cached(monkeypatch, scoped):
     calls = []
-    cached, first = NormalizedWeight.apply, torch._weight_norm
-    monkeypatch.setattr(NormalizedWeight, "apply", lambda *a: calls.append("cached") or cached(*a))
-    monkeypatch.setattr(torch, "_weight_norm", lambda *a: calls.append("first") or first(*a))
+    apply = NormalizedWeight.apply
+    monkeypatch.setattr(NormalizedWeight, "apply", lambda *a: calls.append(1) or apply(*a))
     cell = weight_norm(nn.LSTMCell(3, 4))
     optimizer = torch.optim.SGD(cell.parameters(), lr=0.1)
     x = torch.randn(2, 3)
+    outputs = []
     for _ in range(3):
         calls.clear()
-        h = c = torch.zeros(2, 4)
-        for _ in range(16):
-            h, c = cell(x, (h, c))
-        h.sum().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        # weight_ih and weight_hh: ATen's op on the first call, then one cached weight for 15 calls
-        assert calls == ["first", "first", "cached", "cached"]
+        with cached() if scoped else contextlib.nullcontext():
+            h = c = torch.zeros(2, 4)
+            for _ in range(16):
+                h, c = cell(x, (h, c))
+            h.sum().backward()
+            optimizer.step()  # inside the block: g and v change, and the next read must see it
+            optimizer.zero_grad()
+            outputs.append(cell(x, (h, c))[0].detach())
+        assert len(calls) == (2 + 2 if scoped else 2 * 17)  # weight_ih and weight_hh, again after the step
+    fresh = cell(x, (h, c))[0]
+    torch.testing.assert_close(outputs[-1], fresh.detach())
 
 
-@pytest.mark.parametrize(("features", "rows", "scaled"), [(1024, 3, True), (1024, 2000, False), (64, 3, False)])
+@pytest.mark.parametrize("scoped", [True, False], ids=["cached", "uncached"])
 @pytest.mark.parametrize("grad", [True, False])
-def test_linear_scales_its_output_only_where_that_is_cheaper(monkeypatch, features, rows, scaled, grad):
-    """Big weight and fewer rows than inputs: the paper's output scaling on the first call after
-    the parameters changed, a cached w after that; otherwise w itself."""
-    calls = []
-    apply = ScaledLinear.apply
-    monkeypatch.setattr(ScaledLinear, "apply", lambda *a: calls.append(1) or apply(*a))
-    layer = weight_norm(nn.Linear(features, 256))
-    x = torch.randn(rows, features)
-    with torch.set_grad_enabled(grad):
-        first, second = layer(x), layer(x)
-        assert len(calls) == scaled
-        with torch.no_grad():
-            layer.parametrizations.weight.original1.mul_(2.0)  # a new v: the next call is a first call
-        assert len(calls) == scaled
-        third = layer(x)
-        assert len(calls) == 2 * scaled
-    torch.testing.assert_close(second, first)
-    torch.testing.assert_close(third, first)  # w does not depend on the length of v
-
-@pytest.mark.parametrize("features", [4, 1024], ids=["built-w", "output-scaling"])
-@pytest.mark.parametrize("grad", [True, False])
-def test_the_cached_weight_follows_which_tensors_are_used_not_only_their_versions(features, grad):
+def test_the_cached_weight_follows_which_tensors_are_used_not_only_their_versions(scoped, grad):
     def expected(params, x):
         w = torch._weight_norm(params["parametrizations.weight.original1"], params["parametrizations.weight.original0"], 0)
         return nn.functional.linear(x, w, params["bias"])
 
-    layer = weight_norm(nn.Linear(features, 512 if features > 4 else 3))
-    x = torch.randn(4, features)
+    layer = weight_norm(nn.Linear(4, 3))
+    x = torch.randn(4, 4)
     a = {k: v.detach().clone() for k, v in layer.state_dict().items()}
     b = {k: torch.randn_like(v) for k, v in a.items()}
-    with torch.set_grad_enabled(grad):
+    with torch.set_grad_enabled(grad), cached() if scoped else contextlib.nullcontext():
         for params in (a, a, b, b, a):  # twice each: the second call would be served from the cache
             out = torch.func.functional_call(layer, params, (x,))
             torch.testing.assert_close(out, expected(params, x))
@@ -207,6 +186,14 @@ def test_the_cached_weight_follows_which_tensors_are_used_not_only_their_version
             for _ in range(2):
                 torch.testing.assert_close(layer(x), expected(params, x))
 
+
+def test_a_weight_cached_without_grad_does_not_serve_a_forward_with_grad():
+    layer = weight_norm(nn.Linear(4, 3))
+    with cached():
+        with torch.no_grad():
+            layer(torch.randn(2, 4))
+        layer(torch.randn(2, 4)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
 
 
 @pytest.mark.parametrize("make", [lambda: nn.Linear(6, 4), lambda: nn.Conv2d(3, 4, 3)], ids=["linear", "conv"])
@@ -331,7 +318,7 @@ def test_tied_weights_are_refused_not_silently_untied():
     assert not any(is_weight_normalized(m) for m in model.modules())  # refused before anything changed
 
 
-@pytest.mark.parametrize("kind", ["conv2d", "linear_output_scaled", "lstm_cell"])
+@pytest.mark.parametrize("kind", ["conv2d", "linear_large", "lstm_cell"])
 def test_second_forward_and_backward_without_a_step_accumulate_like_torch(kind):
     make, shape = LAYERS[kind]
     plain = make().double()
