@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import functools
 import json
 import platform
 import statistics
@@ -14,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # Lightning's names: autocast dtype
 
 
 def pin_threads(threads: int) -> None:
@@ -37,13 +41,17 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_mmap_threshold, 1 << 30)
 
 
-def compare(cases: dict[str, Callable[[], object]], steps: int, warmup: int = 3) -> dict[str, float]:
+def compare(
+    cases: dict[str, Callable[[], object]], steps: int, warmup: int = 3, *, device: str = "cpu"
+) -> dict[str, float]:
     """Median seconds per call of each case, calls interleaved so drift hits all alike.
 
     The order rotates every step: a case's speed depends on what ran just before it (glibc's
     allocator returns freed memory to the system and the next case pays the page faults; the
-    third of three identical DQN train steps measured 25% slower in a fixed order).
+    third of three identical DQN train steps measured 25% slower in a fixed order). On CUDA each
+    call is timed between two synchronizations, so it pays for its own kernels and no one else's.
     """
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     for fn in cases.values():
         for _ in range(warmup):
             fn()
@@ -52,21 +60,56 @@ def compare(cases: dict[str, Callable[[], object]], steps: int, warmup: int = 3)
     for step in range(steps):
         shift = step % len(names)
         for name in names[shift:] + names[:shift]:
+            sync()
             start = time.perf_counter()
             cases[name]()
+            sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> Callable[[], None]:
-    """One forward + backward + Adam step of a classifier on a fixed batch."""
+def autocast(precision: str, device: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A fresh context per call that runs a forward at ``precision`` (one of ``PRECISIONS``), as Lightning does.
+
+    ``cache_enabled=False`` as in Lightning's ``MixedPrecision``: a plain layer's weight is cast
+    again at every call (64 times per forward in an unrolled LSTMCell), as a computed one is.
+    """
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device, dtype=dtype, cache_enabled=False)
+
+
+def train_step(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    precision: str = "32",
+    scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Callable[[], None]:
+    """One forward + backward + Adam step of a classifier on a fixed batch, as Lightning runs it at ``precision``.
+
+    The forward and the loss run inside ``scope()`` (a weight cache) and autocast; backward and the
+    optimizer step run outside both, through a gradient scaler for ``16-mixed``, as in Lightning's
+    ``MixedPrecision``.
+    """
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     loss_fn = nn.CrossEntropyLoss()
+    forward_context = autocast(precision, inputs.device.type)
+    scaler = torch.amp.GradScaler(inputs.device.type) if precision == "16-mixed" else None
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(inputs), targets).backward()
-        optimizer.step()
+        with scope(), forward_context():
+            loss = loss_fn(model(inputs), targets)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
 
     return step
 
@@ -94,15 +137,16 @@ def report(title: str, runs: list[dict[str, float]], ratios: dict[str, tuple[str
     (side by side) and its median over processes is held against the goal; the range follows.
     """
     print(f"\n## {title} (median of {len(runs)} process{'es' if len(runs) > 1 else ''})")
+    width = max(28, *map(len, runs[0]), *map(len, ratios))
     for name in runs[0]:
-        print(f"  {name:<28} {statistics.median(run[name] for run in runs) * 1e3:9.2f} ms")
+        print(f"  {name:<{width}} {statistics.median(run[name] for run in runs) * 1e3:9.2f} ms")
     missed = []
     for label, (a, b, goal) in ratios.items():
         each = sorted(run[a] / run[b] for run in runs)
         ratio = statistics.median(each)
         spread = f"  ({each[0]:.3f} to {each[-1]:.3f})" if len(each) > 1 else ""
         verdict = "" if goal is None else ("  ok" if ratio <= goal else "  MISSED")
-        line = f"  {label:<28} {ratio:9.3f}{spread}" + ("" if goal is None else f"  (goal <= {goal})") + verdict
+        line = f"  {label:<{width}} {ratio:9.3f}{spread}" + ("" if goal is None else f"  (goal <= {goal})") + verdict
         print(line)
         if verdict == "  MISSED":
             missed.append(f"{title}: {line.strip()}")
