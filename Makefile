@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch and torchvision as this project's CI machines have them on disk; override for other CUDA builds
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: main test benchmark data
+.PHONY: main test benchmark gpu-check data
 main: $(VENV)/installed data
 	$(PY) -m zoo.reproduce cifar
 
@@ -22,9 +22,13 @@ test: $(VENV)/installed data
 benchmark: $(VENV)/installed
 	$(PY) benchmarks/weight_norm_speed.py; missed=$$?; $(PY) benchmarks/dqn_speed.py && exit $$missed  # both run; fails if either missed a goal
 
+# What only a GPU shows, meant to take under 8 minutes on one H100; without CUDA it says so and exits 0
+gpu-check: $(VENV)/installed
+	$(PY) benchmarks/gpu_check.py
+
 $(VENV)/installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[zoo,test]'  # the library, the zoo's stack and the tests'
 	touch $@
