@@ -45,20 +45,15 @@ from lightning_wn.models import (
 from lightning_wn.state_dict import fold_state_dict
 from lightning_wn.weight_norm import is_weight_normalized, positive_number, weight_norms
 
-# and their subclasses: why each cannot carry weight norm, and what to use instead
+# and their subclasses: why each cannot carry weight norm; both point to FSDP2 or DDP instead
 _REFUSED_STRATEGIES = {
-    FSDPStrategy: (
-        "FSDP1 flattens each wrapped module's parameters into one FlatParameter, so the data-dependent init's "
-        "writes to g and the bias land in gathered copies that are freed after the forward, and are lost. Use "
-        "`ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)` with `fully_shard` (FSDP2) in "
-        "`configure_model`, which WeightNormalization supports, or `strategy='ddp'`."
-    ),
-    DeepSpeedStrategy: (
-        "DeepSpeed partitions and re-creates parameters inside its own engine (ZeRO), which neither the "
-        "reparameterization nor the data-dependent init can follow. Use `ModelParallelStrategy` with "
-        "`fully_shard` (FSDP2) in `configure_model` to shard, or `strategy='ddp'`."
-    ),
+    FSDPStrategy: "FSDP1's FlatParameter holds gathered copies of g and v, so the init's writes into them are lost",
+    DeepSpeedStrategy: "DeepSpeed re-creates parameters inside its engine (ZeRO), which weight norm cannot follow",
 }
+_SHARD_INSTEAD = (
+    "Use `ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)` with `fully_shard` (FSDP2) in "
+    "`configure_model`, or `strategy='ddp'`."
+)
 # options that act on g, v or buffers per rank, which a sharded model does not keep in step across ranks
 _UNSHARDED_ONLY = {
     "mean_only_bn": "its running mean is a buffer FSDP2 does not synchronize, so the ranks' copies would drift apart",
@@ -160,7 +155,7 @@ class WeightNormalization(Callback):
         strategy = trainer.strategy
         for refused, why in _REFUSED_STRATEGIES.items():
             if isinstance(strategy, refused):
-                raise RuntimeError(f"WeightNormalization does not support `{type(strategy).__name__}`: {why}")
+                raise RuntimeError(f"WeightNormalization does not support `{type(strategy).__name__}`: {why}. {_SHARD_INSTEAD}")
         sharded = isinstance(strategy, ModelParallelStrategy)
         if sharded:
             self._check_model_parallel(strategy)
@@ -237,41 +232,15 @@ class WeightNormalization(Callback):
         self.normalized = selected  # the init's targets, with the layers configure_model built
 
     # every step runs inside one cache scope: a module called many times per step computes its weight once
-    @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._enter_cache()
-
-    @override
-    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._enter_cache()
-
-    @override
-    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._enter_cache()
-
-    @override
-    def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._enter_cache()
-
-    @override
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._cache.close()
-
-    @override
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._cache.close()
-
-    @override
-    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._cache.close()
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._cache.close()
-
-    def _enter_cache(self) -> None:
+    def _open_cache(self, *args: Any) -> None:
         self._cache.close()  # a step that ended without its batch-end hook (a skipped batch) leaves no scope open
         self._cache.enter_context(cached())
+
+    def _close_cache(self, *args: Any) -> None:
+        self._cache.close()
+
+    on_train_batch_start = on_validation_batch_start = on_test_batch_start = on_predict_batch_start = _open_cache
+    on_validation_batch_end = on_test_batch_end = on_predict_batch_end = on_exception = _close_cache
 
     def _data_init(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Whether the init ran is our own state, restored or not: a tuner (BatchSizeFinder, LearningRateFinder)
@@ -354,7 +323,7 @@ class WeightNormalization(Callback):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._cache.close()
+        self._close_cache()
         if self.max_norm is not None:
             limit_direction_norm(pl_module, self.max_norm)
 

@@ -1,19 +1,11 @@
-r"""Weight normalization, the reparameterization of Salimans & Kingma (2016).
+r"""Weight normalization (Salimans & Kingma, 2016, https://arxiv.org/abs/1602.07868) of one layer.
 
-Each output unit's weight vector is written as
-
-.. math:: w = g \, \frac{v}{\lVert v \rVert}
-
-so that its length ``g`` and its direction ``v`` are learned separately
-(https://arxiv.org/abs/1602.07868). Parameters are stored where
-``torch.nn.utils.parametrizations.weight_norm`` stores them
-(``parametrizations.<name>.original0`` is ``g``, ``original1`` is ``v``), so state dicts move
-freely between the two implementations.
-
-A normalized layer computes ``w`` each time it is read; inside ``with lightning_wn.cached():``
-once per block (:mod:`lightning_wn.cache`). ``layer.weight`` read from outside the layer's forward
-is a :class:`~lightning_wn.ComputedWeight`, which refuses in-place writes (they would be lost);
-``layer.weight = W`` sets ``g`` and ``v`` so that the layer computes ``W``.
+Each output unit's weight vector is written as :math:`w = g \, v / \lVert v \rVert`, its length
+``g`` and its direction ``v`` learned separately. ``g`` and ``v`` are stored where torch's
+``parametrizations.weight_norm`` stores them (``parametrizations.<name>.original0`` and
+``original1``), so state dicts move freely between the two. ``w`` is computed at each read, inside
+``with lightning_wn.cached():`` once per block. ``layer.weight`` read from outside the layer's
+forward refuses in-place writes, which would be lost; ``layer.weight = W`` sets ``g`` and ``v``.
 """
 
 from __future__ import annotations
@@ -105,10 +97,9 @@ class WeightNorm(nn.Module):
 
     def forward(self) -> Tensor:
         """``w``: computed, or inside :func:`lightning_wn.cached` the one computed from these same ``g`` and ``v``."""
-        cache = active_cache()
-        if cache is None or torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return self.compute()
-        v, m = self.original1, self.magnitude_param
+        cache, v, m = active_cache(), self.original1, self.magnitude_param
+        if cache is None or torch.compiler.is_compiling() or torch.jit.is_tracing() or v.is_inference() or m.is_inference():
+            return self.compute()  # inference tensors (made in inference mode) keep no version counter to key on
         # which tensors (functional_call and load_state_dict(assign=True) swap them), at which versions, in which mode
         state = (v._version, m._version, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         entry = cache.get(self)
@@ -121,6 +112,8 @@ class WeightNorm(nn.Module):
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             # plain ops: traced and compiled graphs keep their second derivatives, and the fusion is the compiler's
             return v * (g / torch.linalg.vector_norm(v, dim=norm_axes(v, self.dim), keepdim=True))
+        if not torch.is_grad_enabled():  # no graph to build: ATen's op as it is (its dim -1 is the whole tensor)
+            return torch._weight_norm(v, g, self.dim if v.dim() > 1 else WHOLE_TENSOR)
         return NormalizedWeight.apply(v, g, self.dim)
 
     def extra_repr(self) -> str:
@@ -309,7 +302,6 @@ def _normalized_class(base: type[nn.Module], names: tuple[str, ...]) -> type[nn.
         "__reduce_ex__": _reduce_ex,
         "_load_from_state_dict": _load_from_state_dict,
         "__module__": __name__,
-        "qconfig": _QCONFIG,
     }
     for name in names:
         attrs[name] = property(functools.partial(_read, name=name), doc=f"``{name}`` = g * v / ||v||")
@@ -343,9 +335,17 @@ def _forward(self: nn.Module, *args, **kwargs):
 def _setattr(self: nn.Module, name: str, value: object) -> None:
     if name in type(self)._wn_names:  # `layer.weight = W`: g and v that give W, as torch's right_inverse
         if not isinstance(value, Tensor):
-            raise TypeError(f"`{name}` of a weight-normalized layer is computed from g and v; assign a tensor, got {type(value).__name__}.")
+            raise TypeError(f"`{name}` of a weight-normalized layer is computed; assign a tensor, got {type(value).__name__}.")
         getattr(self.parametrizations, name).reset(value)
         return
+    if name == "qconfig":  # eager-mode quantization swaps only modules of exactly the types it maps
+        warnings.warn(
+            f"torch.ao.quantization matches module types exactly, so it leaves `{type(self).__name__}` unquantized, "
+            f"in float, even where it would quantize a `{type(self)._wn_base.__name__}`. Fold weight norm first "
+            "with `lightning_wn.remove_weight_norm(model)`, then quantize.",
+            UserWarning,
+            stacklevel=2,
+        )
     type(self)._wn_base.__setattr__(self, name, value)
 
 
@@ -381,35 +381,6 @@ def _reduce_ex(self: nn.Module, protocol: int):
 def _new_normalized(base: type[nn.Module], names: tuple[str, ...]) -> nn.Module:
     cls = _normalized_class(base, names)
     return cls.__new__(cls)
-
-
-def _get_qconfig(self: nn.Module):
-    try:
-        return self.__dict__["qconfig"]
-    except KeyError:
-        raise AttributeError("qconfig") from None  # unset: nn.Module's own "has no attribute" error follows
-
-
-def _set_qconfig(self: nn.Module, qconfig) -> None:
-    # eager-mode quantization sets `qconfig` on every module it visits, then swaps only modules of exactly the
-    # types it maps: this subclass would be passed over, silently
-    warnings.warn(
-        f"torch.ao.quantization matches module types exactly, so it leaves `{type(self).__name__}` unquantized, "
-        f"in float, even where it would quantize a `{type(self)._wn_base.__name__}`. Fold weight norm first with "
-        "`lightning_wn.remove_weight_norm(model)`, then quantize.",
-        UserWarning,
-        stacklevel=3,  # past nn.Module.__setattr__: the line that set it
-    )
-    self.__dict__["qconfig"] = qconfig
-
-
-def _del_qconfig(self: nn.Module) -> None:
-    if "qconfig" not in self.__dict__:
-        raise AttributeError("qconfig")
-    del self.__dict__["qconfig"]
-
-
-_QCONFIG = property(_get_qconfig, _set_qconfig, _del_qconfig, doc="Quantization config; setting it warns.")
 
 
 def _names(types: tuple[type, ...]) -> str:

@@ -137,9 +137,9 @@ def test_sharding_strategies_that_cannot_carry_weight_norm_are_refused_with_the_
         pass
 
     cases = [
-        (FSDPStrategy(), "FSDP1 flattens .*FlatParameter.*ModelParallelStrategy"),
+        (FSDPStrategy(), "FSDP1.s FlatParameter .*ModelParallelStrategy"),
         (MyFSDP(), "does not support `MyFSDP`: FSDP1"),
-        (DeepSpeedStrategy.__new__(DeepSpeedStrategy), "DeepSpeed partitions .*ModelParallelStrategy"),
+        (DeepSpeedStrategy.__new__(DeepSpeedStrategy), "DeepSpeed re-creates .*ModelParallelStrategy"),
     ]
     for strategy, message in cases:
         with pytest.raises(RuntimeError, match=message):

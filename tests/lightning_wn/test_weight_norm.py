@@ -525,3 +525,17 @@ def test_autocast_keeps_the_norm_in_float32(dtype):
     torch.testing.assert_close(out.float(), expected.float(), rtol=0.02, atol=0.02)
     out.float().sum().backward()
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_parameters_made_in_inference_mode_compute_with_and_without_grad_and_inside_cached():
+    # inference tensors keep no version counter: an averaging callback can swap them in through `.data`
+    with torch.inference_mode():
+        layer = weight_norm(nn.Linear(4, 3))
+        x = torch.randn(2, 4)
+        expected = nn.functional.linear(x, torch._weight_norm(layer.parametrizations.weight.original1,
+                                                              layer.parametrizations.weight.original0, 0), layer.bias)
+    for scope in (contextlib.nullcontext, cached):
+        with scope(), torch.inference_mode():
+            torch.testing.assert_close(layer(x), expected)
+        with scope(), torch.no_grad():
+            torch.testing.assert_close(layer(x), expected)

