@@ -1,9 +1,6 @@
-"""Reading a Lightning checkpoint file, with one clear error when the file is not one.
-
-A checkpoint that went wrong on its way to disk (an empty file, a copy cut short, a git-lfs
-pointer left by a clone without ``git lfs pull``, a bare ``torch.save(model.state_dict())``)
-otherwise surfaces as ``EOFError``, ``UnpicklingError`` or ``KeyError: 'state_dict'`` from deep
-inside torch or Lightning, naming neither the file nor the fault.
+"""Reading a Lightning checkpoint file, with one clear error when the file is not one: an empty file, a copy cut
+short, a git-lfs pointer (cloned without ``git lfs pull``) or a bare ``torch.save(model.state_dict())`` otherwise
+surfaces as ``EOFError``, ``UnpicklingError`` or ``KeyError: 'state_dict'``, naming neither the file nor the fault.
 """
 
 from __future__ import annotations
@@ -16,8 +13,6 @@ from typing import Any
 
 import torch
 
-_LFS_POINTER = b"version https://git-lfs"
-
 
 def read_checkpoint(path: str | PathLike, *, weights_only: bool = True) -> dict[str, Any]:
     """The Lightning checkpoint at ``path``; a ``ValueError`` naming the file and its fault otherwise.
@@ -26,7 +21,6 @@ def read_checkpoint(path: str | PathLike, *, weights_only: bool = True) -> dict[
     A sharded checkpoint (the folder ``ModelParallelStrategy`` saves) is gathered into one full checkpoint.
 
     Example:
-        >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "model.pt"
         >>> torch.save(torch.nn.Linear(2, 1).state_dict(), path)
         >>> read_checkpoint(path)  # doctest: +ELLIPSIS
@@ -35,21 +29,31 @@ def read_checkpoint(path: str | PathLike, *, weights_only: bool = True) -> dict[
         ValueError: `.../model.pt` holds a bare state dict (`torch.save(model.state_dict())`), not a Lightning checkpoint: ...
     """
     path = Path(path)
-    if path.is_dir() and (path / _SHARDED_METADATA).is_file() and (path / _SHARDED_INDEX).is_file():
-        return _read_sharded(path, weights_only)
+    if (path / "meta.pt").is_file() and (path / ".metadata").is_file():  # a sharded checkpoint's folder
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as folder:  # every rank's shards of the weights and optimizer state, joined
+            dcp_to_torch_save(path, Path(folder) / "full.pt")
+            tensors = torch.load(Path(folder) / "full.pt", map_location="cpu", weights_only=weights_only)
+        checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=weights_only)  # all but tensors
+        optimizers = sorted((key for key in tensors if key.startswith("optimizer_")), key=lambda key: int(key[10:]))
+        checkpoint["optimizer_states"] = [tensors.pop(key) for key in optimizers]  # Lightning's full layout
+        return {**checkpoint, **tensors}  # with the gathered "state_dict"
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint `{path}` {'is a folder' if path.is_dir() else 'does not exist'}.")
     with path.open("rb") as file:
-        head = file.read(len(_LFS_POINTER))
+        head = file.read(64)
     if not head:
         raise ValueError(f"`{path}` is empty (0 bytes): its writing never finished, so it holds no checkpoint.")
-    if head == _LFS_POINTER:
+    if head.startswith(b"version https://git-lfs"):
         raise ValueError(f"`{path}` is a git-lfs pointer, not the checkpoint itself: fetch it with `git lfs pull`.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as error:  # torch raises whatever its unpickler or zip reader met
-        cut = "" if zipfile.is_zipfile(path) else " It may be truncated (a copy or download cut short) or not a checkpoint."
-        raise ValueError(f"`{path}` cannot be read as a checkpoint: {type(error).__name__}: {error}.{cut}") from error
+        message = f"`{path}` cannot be read as a checkpoint: {type(error).__name__}: {error}."
+        if not zipfile.is_zipfile(path):
+            message += " It may be truncated (a copy or download cut short) or not a checkpoint."
+        raise ValueError(message) from error
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
         return checkpoint
     if isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
@@ -57,24 +61,7 @@ def read_checkpoint(path: str | PathLike, *, weights_only: bool = True) -> dict[
             f"`{path}` holds a bare state dict (`torch.save(model.state_dict())`), not a Lightning checkpoint: "
             "load it with `model.load_state_dict(torch.load(path))`, or save one with `trainer.save_checkpoint(path)`."
         )
-    found = f"a dict with keys {sorted(map(str, checkpoint))[:8]}" if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}"
+    found = f"a {type(checkpoint).__name__}"
+    if isinstance(checkpoint, dict):
+        found = f"a dict with keys {sorted(map(str, checkpoint))[:8]}"
     raise ValueError(f"`{path}` is not a Lightning checkpoint (a dict with a 'state_dict'): it holds {found}.")
-
-
-_SHARDED_METADATA, _SHARDED_INDEX = "meta.pt", ".metadata"  # Lightning's own file; torch.distributed.checkpoint's
-
-
-def _read_sharded(path: Path, weights_only: bool) -> dict[str, Any]:
-    """The full checkpoint from a sharded one: every rank's shards of the weights and optimizer state, joined."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as folder:
-        full = Path(folder) / "full.pt"
-        dcp_to_torch_save(path, full)
-        tensors = torch.load(full, map_location="cpu", weights_only=weights_only)
-    checkpoint = torch.load(path / _SHARDED_METADATA, map_location="cpu", weights_only=weights_only)
-    checkpoint["state_dict"] = tensors.pop("state_dict")
-    optimizers = sorted((key for key in tensors if key.startswith("optimizer_")), key=lambda key: int(key[10:]))
-    checkpoint["optimizer_states"] = [tensors.pop(key) for key in optimizers]  # Lightning's full layout
-    checkpoint.update(tensors)
-    return checkpoint

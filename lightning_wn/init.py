@@ -12,9 +12,10 @@ after it: the same rescaling is then written into each rank's shard of the shard
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -24,14 +25,10 @@ from torch import Tensor, nn
 from lightning_wn.mean_only_bn import MeanOnlyBatchNorm
 from lightning_wn.state_dict import WHOLE_TENSOR
 from lightning_wn.torch_norms import TORCH_FIX, torch_reparametrizations
-from lightning_wn.weight_norm import (
-    DEFAULT_LAYERS,
-    RECURRENT_LAYERS,
-    SUPPORTED_LAYERS,
-    default_dim,
-    is_weight_normalized,
-    weight_norms,
-)
+from lightning_wn.weight_norm import RECURRENT_LAYERS, SUPPORTED_LAYERS, default_dim, is_weight_normalized, weight_norms
+
+_INITIALIZED = "_lightning_wn_data_initialized"  # set on each initialized module, so a second call can warn
+
 
 @dataclass
 class ModuleInit:
@@ -53,19 +50,16 @@ class InitReport:
     skipped: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
+        def span(t: Tensor) -> str:
+            return f"[{t.min().item():+.3g}, {t.max().item():+.3g}]" if t.numel() else "-"
+
         lines = [f"{'module':<32} {'kind':<12} {'units':>5} {'mean range':>21} {'std range':>21} note"]
         for name, m in self.modules.items():
-            notes = []
-            if m.tiny_units:
-                notes.append(f"{len(m.tiny_units)} units with ~0 std left alone")
-            if not m.bias_set and m.kind != "mean_only_bn":
-                notes.append("no bias: mean kept")
-            lines.append(
-                f"{name:<32} {m.kind:<12} {m.mean.numel():>5} {_range(m.mean):>21} {_range(m.std):>21} "
-                + "; ".join(notes)
-            )
-        lines += [f"{name:<32} skipped: {why}" for name, why in self.skipped.items()]
-        return "\n".join(lines)
+            notes = [f"{len(m.tiny_units)} units with ~0 std left alone"] if m.tiny_units else []
+            notes += [] if m.bias_set else ["no bias: mean kept"]
+            stats = f"{m.mean.numel():>5} {span(m.mean):>21} {span(m.std):>21}"
+            lines.append(f"{name:<32} {m.kind:<12} {stats} {'; '.join(notes)}")
+        return "\n".join(lines + [f"{name:<32} skipped: {why}" for name, why in self.skipped.items()])
 
 
 @torch.no_grad()
@@ -97,8 +91,7 @@ def data_dependent_init(
         init_scale: the standard deviation each output unit starts with.
         min_std: units whose output varies less than this on the batch are left alone.
 
-    Returns:
-        An :class:`InitReport`.
+    Returns an :class:`InitReport`: the statistics measured, the scales set, and what was skipped and why.
 
     Example:
         >>> from lightning_wn import weight_norm
@@ -113,28 +106,25 @@ def data_dependent_init(
         raise ValueError(f"`init_scale` must be a positive number, got {init_scale!r}.")
     _check_batch(inputs)
     targets, report = _targets(model, modules)
-    again = [name for name, module in targets.items() if getattr(module, _INITIALIZED, False)]
-    if again:
+    if again := [f"`{name}`" for name, m in targets.items() if getattr(m, _INITIALIZED, False)]:
+        more = f" and {len(again) - 5} more" if len(again) > 5 else ""
         warnings.warn(
-            f"data_dependent_init: {_preview_names(again)} were initialized by an earlier call; this one rescales "
-            "them again, to statistics that the first init already set. Call it once per model (a resumed model "
-            "must not be initialized again), or pass `modules` to pick the others.",
-            UserWarning,
+            f"data_dependent_init: {', '.join(again[:5])}{more} were initialized by an earlier call; this one rescales "
+            "them again, to statistics that the first init already set. Call it once per model (a resumed model must "
+            "not be initialized again), or pass `modules` to pick the others.",
             stacklevel=2,
         )
     # FSDP2: the forward runs on gathered copies of the parameters and frees them afterwards, so the shards are
-    # what the init must write; resharded first, the model's parameters are those shards
-    sharded = _fsdp_modules(model)
-    _reshard(sharded)
-    writes: list[tuple[nn.Module, Tensor, Tensor]] = []
+    # what the init must write; resharded (FSDPModule.reshard frees the gathered copies), a module exposes its shards
+    sharded = [m for m in model.modules() if _is_sharded(m)]
+    for m in sharded:
+        m.reshard()
+    init = _Init(init_scale, min_std, report)
     # prepended: a layer's own hooks (an attached mean-only batch norm) must see the initialized output
-    handles = [
-        m.register_forward_hook(_InitHook(name, init_scale, min_std, report, writes), prepend=True)
-        for name, m in targets.items()
-    ]
-    # what the hooks rescale, kept to put back if the forward fails halfway: the model is then as it was
-    touched = {id(t): t for m in targets.values() for t in (*m.parameters(), *m.buffers())}
-    before = {key: t.clone() for key, t in touched.items()}
+    handles = [m.register_forward_hook(functools.partial(init.hook, name), prepend=True) for name, m in targets.items()]
+    # what the hooks rescale (the shards, under FSDP2), kept to put back if the forward fails halfway
+    touched = list({id(t): t for m in targets.values() for t in (*m.parameters(), *m.buffers())}.values())
+    before = [t.clone() for t in touched]
     try:
         if isinstance(inputs, dict):
             model(**inputs)
@@ -143,95 +133,81 @@ def data_dependent_init(
         else:
             model(inputs)
     except BaseException:
-        _reshard(sharded)
-        for key, tensor in touched.items():
-            tensor.copy_(before[key])
+        for tensor, saved in zip(touched, before):
+            tensor.copy_(saved)
         raise
     finally:
         for handle in handles:
             handle.remove()
-    if sharded:
-        # the hooks rescaled the gathered copies, which the rest of the pass read; now the shards themselves
-        _reshard(sharded)
-        for module, scale, shift in writes:
-            _rescale(module, scale, shift)
+        for m in sharded:
+            m.reshard()
+    for module, scale, shift in init.writes if sharded else ():  # the hooks rescaled gathered copies; now the shards
+        _rescale(module, scale, shift)
     for name, module in targets.items():
         if name in report.modules:
-            setattr(module, _INITIALIZED, True)  # read by a second call, to warn
+            setattr(module, _INITIALIZED, True)
         else:
             report.skipped[name] = "not called by the forward pass"
     return report
 
 
-_INITIALIZED = "_lightning_wn_data_initialized"
+@dataclass
+class _Init:
+    """One run of :func:`data_dependent_init`: its settings, its report, and the rescalings it made."""
 
+    init_scale: float
+    min_std: float
+    report: InitReport
+    writes: list[tuple[nn.Module, Tensor, Tensor]] = field(default_factory=list)  # (module, scale, shift) of each
 
-def _reshard(modules: list[nn.Module]) -> None:
-    for module in modules:
-        module.reshard()  # FSDPModule.reshard: frees the gathered parameters, the module exposes its shards
-
-
-def _preview_names(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(f"`{name}`" for name in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-class _InitHook:
-    """Initializes one module on its first call and normalizes that call's output in place."""
-
-    def __init__(self, name: str, init_scale: float, min_std: float, report: InitReport, writes: list) -> None:
-        self.name, self.init_scale, self.min_std, self.report = name, init_scale, min_std, report
-        self.writes = writes  # (module, scale, shift) of each rescaled module, made again on the shards
-
-    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if self.name in self.report.modules:  # called again in the same forward: first call counts
+    def hook(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
+        """Initializes ``module`` on its first call and normalizes that call's output in place."""
+        if name in self.report.modules:  # called again in the same forward: the first call counts
             return
         if not isinstance(output, Tensor):
-            raise TypeError(f"Module `{self.name}` returned {type(output).__name__}, not a tensor.")
-        _refuse_tensor_parallel(module, self.name)
+            raise TypeError(f"Module `{name}` returned {type(output).__name__}, not a tensor.")
+        # inside its forward, an FSDP2 layer holds gathered plain tensors: a DTensor there is split across ranks by
+        # tensor parallelism, and so is the layer's output, whose per-unit statistics this rank cannot measure alone
+        if any(_is_sharded(p) for p in module.parameters()):
+            raise RuntimeError(
+                f"Module `{name}` has parameters split across ranks by tensor parallelism (DTensors in its forward): "
+                "data-dependent init measures each unit's statistics on the whole output, so it supports data "
+                "parallelism (DDP, FSDP2's `fully_shard`) only. Leave the tensor-parallel layers out of `modules`."
+            )
         if isinstance(module, MeanOnlyBatchNorm):
-            self._init_mean_only_bn(module, args[0], output)
+            mean, var = _unit_moments(args[0], 1, name)
+            shift = mean.to(module.running_mean.dtype) - module.running_mean
+            module.running_mean.add_(shift)
+            if not module.training:  # eval subtracted the old running mean; a fresh pass uses the new one
+                output.sub_(shift.view(1, -1, *([1] * (output.dim() - 2))).to(output.dtype))
+            ones = torch.ones_like(mean)
+            self.report.modules[name] = ModuleInit("mean_only_bn", mean.cpu(), var.sqrt().cpu(), ones.cpu(), True)
             return
-        axis = -1 if isinstance(module, nn.Linear) else 1
-        mean, var = _unit_moments(output, axis, self.name)
+        axis = output.dim() - 1 if isinstance(module, nn.Linear) else 1
+        mean, var = _unit_moments(output, axis, name)
         std = var.sqrt()
         tiny = std < self.min_std
+        has_bias = isinstance(getattr(module, "bias", None), Tensor)
         scale = torch.where(tiny, 1.0, self.init_scale / std)
-        shift = torch.where(tiny, 0.0, mean)
-        bias = getattr(module, "bias", None)
-        if not isinstance(bias, Tensor):
-            shift = torch.zeros_like(shift)
-        kind = "weight_norm" if is_weight_normalized(module) else "plain"
+        shift = torch.where(tiny | (not has_bias), 0.0, mean)
         self.writes.append((module, scale, shift))
         _rescale(module, scale, shift)
         shape = [1] * output.dim()
         shape[axis] = -1
         output.sub_(shift.view(shape).to(output.dtype)).mul_(scale.view(shape).to(output.dtype))
-        self.report.modules[self.name] = ModuleInit(
-            kind, mean.cpu(), std.cpu(), scale.cpu(), isinstance(bias, Tensor), tiny.nonzero().flatten().tolist()
-        )
-
-    def _init_mean_only_bn(self, module: MeanOnlyBatchNorm, x: Tensor, output: Tensor) -> None:
-        mean, var = _unit_moments(x, 1, self.name)
-        shift = mean.to(module.running_mean.dtype) - module.running_mean
-        module.running_mean.add_(shift)
-        if not module.training:  # eval subtracted the old running mean; a fresh pass uses the new one
-            output.sub_(shift.view(1, -1, *([1] * (output.dim() - 2))).to(output.dtype))
-        self.report.modules[self.name] = ModuleInit(
-            "mean_only_bn", mean.cpu(), var.sqrt().cpu(), torch.ones_like(mean).cpu(), True
-        )
+        kind, tiny_units = "weight_norm" if is_weight_normalized(module) else "plain", tiny.nonzero().flatten().tolist()
+        self.report.modules[name] = ModuleInit(kind, mean.cpu(), std.cpu(), scale.cpu(), has_bias, tiny_units)
 
 
 def _unit_moments(y: Tensor, axis: int, name: str) -> tuple[Tensor, Tensor]:
     """Per-unit mean and variance along ``axis``, over all ranks, in float64 (squares of 1e20 fit)."""
-    axis = axis % y.dim()
     y = y.double()
     var, mean = torch.var_mean(y, dim=[d for d in range(y.dim()) if d != axis], correction=0)
     count = torch.full((1,), y.numel() // y.shape[axis], dtype=torch.float64, device=y.device)
     if dist.is_available() and dist.is_initialized():
         sums = torch.cat([count, mean * count, (var + mean.square()) * count])
         dist.all_reduce(sums)
-        count, total, total_sq = sums[:1], sums[1 : 1 + mean.numel()], sums[1 + mean.numel() :]
+        count, total, total_sq = sums.split([1, mean.numel(), mean.numel()])
         mean = total / count
         var = (total_sq / count - mean.square()).clamp_min(0.0)
     if count.item() < 2:
@@ -240,90 +216,56 @@ def _unit_moments(y: Tensor, axis: int, name: str) -> tuple[Tensor, Tensor]:
             "Pass a batch of several examples (the paper used a few hundred)."
         )
     if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
-        raise ValueError(f"Module `{name}`'s outputs on the init batch are not finite (overflow): scale the inputs down.")
+        raise ValueError(f"Module `{name}`'s outputs on the init batch overflow (not finite): scale the inputs down.")
     return mean, var
 
 
 def _rescale(module: nn.Module, scale: Tensor, shift: Tensor) -> None:
     """Per output unit: ``g`` (or the weight's rows) times ``scale``, the bias ``(b - shift) * scale``."""
     if is_weight_normalized(module):
-        _scale_magnitude(module, scale)
+        (wn,) = weight_norms(module).values()  # one per layer: checked when the targets were chosen
+        magnitude, (factor,) = _shards(wn.magnitude_param, scale.reshape(wn.magnitude_param.shape))
+        if wn.log_scale_factor is None:
+            magnitude.mul_(factor)
+        else:  # g = exp(c * s)
+            magnitude.add_(factor.log() / wn.log_scale_factor)
     else:
-        _scale_weight_rows(module, scale)
+        weight = module.weight
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):  # weight: (in, out / groups, *kernel)
+            factor = scale.view(module.groups, -1).repeat_interleave(weight.shape[0] // module.groups, dim=0)
+        else:  # weight: (out, in / groups, *kernel)
+            factor = scale.view(-1, 1)
+        weight, (factor,) = _shards(weight, factor.reshape(*factor.shape, *[1] * (weight.dim() - 2)))
+        weight.mul_(factor)
     bias = getattr(module, "bias", None)
     if isinstance(bias, Tensor):
-        local, (local_shift, local_scale) = _shards(bias, shift, scale)
-        local.sub_(local_shift).mul_(local_scale)
-
-
-def _scale_magnitude(module: nn.Module, scale: Tensor) -> None:
-    normalized = weight_norms(module)
-    if len(normalized) != 1:
-        raise ValueError(f"Data-dependent init needs one normalized weight per layer, got {sorted(normalized)}.")
-    (wn,) = normalized.values()
-    param = wn.magnitude_param
-    local, (scale,) = _shards(param, scale.reshape(param.shape))
-    if wn.log_scale_factor is None:
-        local.mul_(scale)
-    else:
-        local.add_(scale.log() / wn.log_scale_factor)
-
-
-def _scale_weight_rows(module: nn.Module, scale: Tensor) -> None:
-    weight = module.weight
-    ones = [1] * (weight.dim() - 2)
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):  # weight: (in, out / groups, *kernel)
-        groups = module.groups
-        per_group = scale.view(groups, 1, -1, *ones).expand(groups, weight.shape[0] // groups, -1, *ones)
-        factor = per_group.reshape(weight.shape[0], weight.shape[1], *ones)
-    else:
-        factor = scale.view(-1, 1, *ones)
-    local, (factor,) = _shards(weight, factor)
-    local.mul_(factor)
+        bias, (shift, scale) = _shards(bias, shift, scale)
+        bias.sub_(shift).mul_(scale)
 
 
 def _shards(param: Tensor, *full: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """``param``'s own values and each of ``full`` (broadcast to its shape) cut as ``param`` is.
-
-    A plain parameter is its own values; a sharded one (an FSDP2 ``DTensor``) this rank's shard,
-    which is what an in-place write must reach.
-    """
+    """``param``'s own values and each of ``full`` (broadcast to its shape) cut as ``param`` is: for a sharded
+    parameter (an FSDP2 ``DTensor``) this rank's shard, which is what an in-place write must reach."""
     full = [t.to(param.dtype) for t in full]
-    if not _is_dtensor(param):
+    if not _is_sharded(param):
         return param, full
     from torch.distributed.tensor import distribute_tensor
 
     # each rank holds the same full tensor (all-reduced statistics): cut locally, no communication
-    cut = [distribute_tensor(t.expand(param.shape), param.device_mesh, param.placements, src_data_rank=None) for t in full]
+    cut = [
+        distribute_tensor(t.expand(param.shape), param.device_mesh, param.placements, src_data_rank=None) for t in full
+    ]
     return param.to_local(), [t.to_local() for t in cut]
 
 
-def _is_dtensor(tensor: Tensor) -> bool:
+def _is_sharded(obj: object) -> bool:
+    """Whether ``obj`` is a ``DTensor`` or a module ``fully_shard`` (FSDP2) manages (imported here: slow to import)."""
     if not dist.is_available():
         return False
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    return isinstance(tensor, DTensor)
-
-
-def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules of ``model`` that ``fully_shard`` (FSDP2) manages."""
-    if not dist.is_available():
-        return []
-    from torch.distributed.fsdp import FSDPModule
-
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-def _refuse_tensor_parallel(module: nn.Module, name: str) -> None:
-    # inside its forward, an FSDP2 layer holds gathered plain tensors: a DTensor there is split across ranks by
-    # tensor parallelism, and so is the layer's output, whose per-unit statistics this rank cannot measure alone
-    if any(_is_dtensor(p) for p in module.parameters()):
-        raise RuntimeError(
-            f"Module `{name}` has parameters split across ranks by tensor parallelism (DTensors in its forward): "
-            "data-dependent init measures each unit's statistics on the whole output, so it supports data "
-            "parallelism (DDP, FSDP2's `fully_shard`) only. Leave the tensor-parallel layers out of `modules`."
-        )
+    return isinstance(obj, (DTensor, FSDPModule))
 
 
 def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str, nn.Module], InitReport]:
@@ -331,21 +273,17 @@ def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str
     named = dict(model.named_modules())
     if patterns is None:
         chosen = [name for name, m in named.items() if is_weight_normalized(m)]
-        if not chosen:
-            chosen = [name for name, m in named.items() if isinstance(m, (*DEFAULT_LAYERS, *RECURRENT_LAYERS))]
+        chosen = chosen or [name for name, m in named.items() if isinstance(m, SUPPORTED_LAYERS)]
     else:
-        if isinstance(patterns, str):
-            patterns = [patterns]
         chosen = []
-        for pattern in patterns:
-            matched = [name for name, m in named.items() if fnmatch.fnmatchcase(name, pattern)]
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            matched = [name for name in named if fnmatch.fnmatchcase(name, pattern)]
             if not matched:
                 raise ValueError(f"`modules` pattern {pattern!r} matches no module of {type(model).__name__}.")
             chosen += [name for name in matched if name not in chosen]
     targets = {}
     for name in chosen:
         module = named[name]
-        reparametrized = torch_reparametrizations(module)
         if isinstance(module, RECURRENT_LAYERS):
             report.skipped[name] = "recurrent: the data-dependent init is for networks without recursion"
         elif not isinstance(module, SUPPORTED_LAYERS):
@@ -353,7 +291,7 @@ def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str
                 f"Module `{name}` ({type(module).__name__}) is not a layer data-dependent init can "
                 "rescale; name Linear, Conv* or ConvTranspose* layers in `modules`."
             )
-        elif reparametrized:
+        elif reparametrized := torch_reparametrizations(module):
             # its weight is recomputed from torch's parameters at each call: scaling it in place would be lost
             why = f"reparametrized by torch ({', '.join(reparametrized)}): its weight cannot be rescaled in place"
             if patterns is not None:
@@ -363,11 +301,23 @@ def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str
                 )
             report.skipped[name] = why
         else:
-            _check_output_axis(name, module)
+            normalized = weight_norms(module)
+            if len(normalized) > 1:
+                raise ValueError(
+                    f"Data-dependent init needs one normalized weight per layer, got {sorted(normalized)}."
+                )
+            for wn in normalized.values():  # the init sets one g per output unit: g must be along that axis
+                if wn.dim != default_dim(module):
+                    axis = "one g for the whole tensor (dim=None)" if wn.dim == WHOLE_TENSOR else f"dim={wn.dim}"
+                    raise ValueError(
+                        f"Module `{name}` is weight-normalized with {axis}, but data-dependent init sets one g per "
+                        f"output unit (dim={default_dim(module)} for {type(module)._wn_base.__name__}). Normalize it "
+                        "with `dim` left out, or leave it out of `modules`."
+                    )
             targets[name] = module
     if not targets:
-        under_torch = [name for name, why in report.skipped.items() if why.startswith("reparametrized by torch")]
-        why = f" {len(under_torch)} layers are under torch's weight or spectral norm. {TORCH_FIX}" if under_torch else ""
+        under_torch = sum(why.startswith("reparametrized by torch") for why in report.skipped.values())
+        why = f" {under_torch} layers are under torch's weight or spectral norm. {TORCH_FIX}" if under_torch else ""
         raise ValueError(
             f"No module of {type(model).__name__} to initialize: it has no weight-normalized, "
             f"Linear or Conv* layer matching `modules` (recurrent layers are skipped).{why}"
@@ -376,40 +326,18 @@ def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str
     return targets, report
 
 
-def _check_output_axis(name: str, module: nn.Module) -> None:
-    """The init sets one ``g`` per output unit, so ``g`` must be taken along the output-unit axis."""
-    for normalized in weight_norms(module).values():
-        if normalized.dim != default_dim(module):
-            whole = normalized.dim == WHOLE_TENSOR
-            axis = "one g for the whole tensor (dim=None)" if whole else f"dim={normalized.dim}"
-            raise ValueError(
-                f"Module `{name}` is weight-normalized with {axis}, but data-dependent init sets one g per output "
-                f"unit (dim={default_dim(module)} for {type(module)._wn_base.__name__}). Normalize it with `dim` left "
-                "out, or leave it out of `modules`."
-            )
-
-
 def _check_batch(inputs: object) -> None:
-    tensors = list(_tensors(inputs))
-    if not tensors:
+    def tensors(x: object) -> list[Tensor]:
+        if isinstance(x, Tensor):
+            return [x]
+        values = x.values() if isinstance(x, dict) else x if isinstance(x, (tuple, list)) else ()
+        return [t for value in values for t in tensors(value)]
+
+    found = tensors(inputs)
+    if not found:
         raise TypeError(f"`inputs` holds no tensor (got {type(inputs).__name__}); pass a batch of model inputs.")
-    for tensor in tensors:
+    for tensor in found:
         if tensor.dim() and tensor.shape[0] == 0:
             raise ValueError(f"`inputs` is an empty batch (a tensor of shape {tuple(tensor.shape)}).")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError("`inputs` contains NaN or infinite values; the init statistics would be NaN.")
-
-
-def _tensors(inputs: object) -> Iterator[Tensor]:
-    if isinstance(inputs, Tensor):
-        yield inputs
-    elif isinstance(inputs, dict):
-        for value in inputs.values():
-            yield from _tensors(value)
-    elif isinstance(inputs, (tuple, list)):
-        for value in inputs:
-            yield from _tensors(value)
-
-
-def _range(values: Tensor) -> str:
-    return f"[{values.min().item():+.3g}, {values.max().item():+.3g}]" if values.numel() else "-"

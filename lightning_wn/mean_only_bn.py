@@ -1,8 +1,6 @@
-"""Mean-only batch normalization: the paper's companion to weight norm (Section 3).
-
-Weight norm fixes the scale of each pre-activation; subtracting the minibatch mean removes the
-shift. Without the division by the batch standard deviation, the noise it adds is milder and
-Gaussian-like, which the paper found to regularize well (its best CIFAR-10 result).
+"""Mean-only batch normalization, the paper's companion to weight norm (Section 3): weight norm fixes the scale of
+each pre-activation, subtracting the minibatch mean removes the shift. Without the division by the batch std, the
+noise it adds is milder and Gaussian-like, which the paper found to regularize well (its best CIFAR-10 result).
 """
 
 from __future__ import annotations
@@ -14,9 +12,8 @@ from torch import Tensor, nn
 class MeanOnlyBatchNorm(nn.Module):
     r"""Subtract the per-channel mean, then add a learned bias: :math:`y = x - \mu + \beta`.
 
-    In training ``\mu`` is the mean over the batch (and every axis but the channel axis 1); in
-    evaluation it is a running mean, updated with ``momentum`` as in ``nn.BatchNorm*``. Accepts
-    ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` and ``(N, C, D, H, W)`` inputs.
+    Inputs are ``(N, C, *)``. In training ``\mu`` is the mean over every axis but the channel axis 1;
+    in evaluation it is a running mean, updated with ``momentum`` as in ``nn.BatchNorm*``.
 
     Example:
         >>> norm = MeanOnlyBatchNorm(3)
@@ -31,8 +28,7 @@ class MeanOnlyBatchNorm(nn.Module):
             raise ValueError(f"`num_features` must be at least 1, got {num_features}.")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"`momentum` must be in [0, 1], got {momentum}.")
-        self.num_features = num_features
-        self.momentum = momentum
+        self.num_features, self.momentum = num_features, momentum
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
@@ -42,15 +38,12 @@ class MeanOnlyBatchNorm(nn.Module):
             raise ValueError(
                 f"MeanOnlyBatchNorm expects input (N, {self.num_features}, ...), got shape {tuple(x.shape)}."
             )
+        mean = self.running_mean
         if self.training:
             mean = x.mean(dim=[0, *range(2, x.dim())])
-            with torch.no_grad():
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-                self.num_batches_tracked.add_(1)
-        else:
-            mean = self.running_mean
-        shift = (self.bias - mean).view(1, -1, *([1] * (x.dim() - 2)))
-        return x + shift.to(x.dtype)
+            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+            self.num_batches_tracked.add_(1)
+        return x + (self.bias - mean).to(x.dtype).view(-1, *[1] * (x.dim() - 2))  # (C, 1, ...) broadcasts over N
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, momentum={self.momentum}"
@@ -59,10 +52,9 @@ class MeanOnlyBatchNorm(nn.Module):
 def attach_mean_only_bn(layer: nn.Module, momentum: float = 0.1) -> MeanOnlyBatchNorm:
     """Put a :class:`MeanOnlyBatchNorm` right after ``layer``, in place, without re-wiring the model.
 
-    The norm becomes the child ``layer.mean_only_bn`` (state-dict keys
-    ``<layer>.mean_only_bn.*``) and a forward hook applies it to the layer's output, so the
-    layer's own name and parameters stay where they were. Output units are on axis 1 of
-    the output (``Linear`` layers must then be fed ``(N, features)``).
+    The norm becomes the child ``layer.mean_only_bn`` (state-dict keys ``<layer>.mean_only_bn.*``) and a
+    forward hook applies it to the layer's output, so the layer's own name and parameters stay where they
+    were. Output units are on axis 1 of the output (``Linear`` layers must then be fed ``(N, features)``).
 
     Example:
         >>> layer = nn.Linear(3, 4)
@@ -72,11 +64,10 @@ def attach_mean_only_bn(layer: nn.Module, momentum: float = 0.1) -> MeanOnlyBatc
     """
     if "mean_only_bn" in layer._modules:
         raise ValueError(f"This {type(layer).__name__} already has a mean-only batch norm attached.")
-    units = getattr(layer, "out_features", None) or getattr(layer, "out_channels", None)
-    if not units:
+    if not (units := getattr(layer, "out_features", None) or getattr(layer, "out_channels", None)):
         raise ValueError(
-            f"Cannot attach mean-only batch norm to `{type(layer).__name__}`: it has no "
-            "`out_features` or `out_channels`; supported are Linear, Conv* and ConvTranspose*."
+            f"Cannot attach mean-only batch norm to `{type(layer).__name__}`: it has no `out_features` or "
+            "`out_channels`; supported are Linear, Conv* and ConvTranspose*."
         )
     layer.mean_only_bn = MeanOnlyBatchNorm(units, momentum)
     layer.register_forward_hook(_apply_mean_only_bn)
@@ -84,4 +75,4 @@ def attach_mean_only_bn(layer: nn.Module, momentum: float = 0.1) -> MeanOnlyBatc
 
 
 def _apply_mean_only_bn(layer: nn.Module, args: tuple, output: Tensor) -> Tensor:
-    return layer.mean_only_bn(output)
+    return layer.mean_only_bn(output)  # a named function, not a lambda: a model with this hook still pickles

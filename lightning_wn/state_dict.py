@@ -1,15 +1,12 @@
-"""Fold weight-normalized entries of a state dict into plain weights, without the model.
-
-A checkpoint trained with weight norm then loads into the plain model class with
-``strict=True``. Three spellings of ``g`` and ``v`` are folded into ``<layer>.<name> = g * v / ||v||``:
+"""Fold weight-normalized entries of a state dict into plain weights (``<layer>.<name> = g * v / ||v||``), so a
+checkpoint trained with weight norm loads into the plain model class with ``strict=True``. Three spellings:
 
 * ``<layer>.parametrizations.<name>.original0`` (``g``) and ``original1`` (``v``), as written by
   this library and by ``torch.nn.utils.parametrizations.weight_norm``;
 * ``...parametrizations.<name>.s`` and ``c`` instead of ``original0`` (this library's ``g = exp(c * s)``);
 * ``<layer>.<name>_g`` and ``<layer>.<name>_v``, as written by the legacy ``torch.nn.utils.weight_norm``.
 
-The axis ``g`` was taken along is read from its shape: one non-singleton axis, or a 0-d ``g``
-for torch's ``dim=None`` (one norm over the whole tensor).
+The axis ``g`` was taken along is read from its shape (see ``_norm_axis``).
 """
 
 from __future__ import annotations
@@ -19,7 +16,6 @@ from collections.abc import Container, Mapping
 import torch
 from torch import Tensor
 
-_MARK = ".parametrizations."
 WHOLE_TENSOR = -1
 """The axis of a ``g`` taken over the whole tensor: torch's own encoding of ``dim=None``."""
 
@@ -47,118 +43,91 @@ def fold_state_dict(state_dict: Mapping[str, Tensor], keep: Container[str] = ())
         >>> sorted(folded), round(float(folded["weight"].norm()), 4)
         (['bias', 'weight'], 2.0)
     """
-    state_dict = _state_dict_of(state_dict)
-    folded: dict[str, Tensor] = {}
-    groups: dict[str, dict[str, Tensor]] = {}
-    for key, value in state_dict.items():
-        if _MARK in f".{key}" and key not in keep:
-            prefix, _, part = key.rpartition(".")
-            groups.setdefault(prefix, {})[part] = value
-        elif key not in keep and (legacy := _legacy_pair(state_dict, key)) is not None:
-            if key.endswith("_g"):  # the pair is folded once, at its g
-                folded[key[: -len("_g")]] = fold(*legacy)
-        else:
-            folded[key] = value
-    for prefix, parts in groups.items():
-        owner, _, name = f".{prefix}".rpartition(_MARK)
-        if "original1" not in parts or not ({"original0"} <= parts.keys() or {"s", "c"} <= parts.keys()):
-            raise ValueError(f"State dict entries under `{prefix}` are not a weight norm's g and v: {sorted(parts)}.")
-        v = parts["original1"]
-        g = parts["original0"] if "original0" in parts else torch.exp(parts["c"] * parts["s"])
-        if norm_axis(g, v) is None:
-            raise ValueError(
-                f"Cannot tell the axis `{prefix}`'s g (shape {tuple(g.shape)}) was taken along for v of shape "
-                f"{tuple(v.shape)}: g must keep one axis of v and be 1 on the others, or be 0-d (torch's dim=None)."
-            )
-        folded[f"{owner[1:]}.{name}" if owner else name] = fold(g, v)
-    return folded
-
-
-def fold(g: Tensor, v: Tensor) -> Tensor:
-    """``g * v / ||v||`` along the axis read from ``g``'s shape (see :func:`norm_axis`).
-
-    ``torch._weight_norm`` is the op torch's weight norms and this library's layers run without
-    gradients, so a folded layer computes bitwise what the normalized one computed in eval.
-
-    Example:
-        >>> fold(torch.tensor(3.0), torch.ones(2, 2)).norm().item()
-        3.0
-    """
-    with torch.no_grad():
-        return torch._weight_norm(v, g, norm_axis(g, v))
-
-
-def norm_axis(g: Tensor, v: Tensor) -> int | None:
-    """The axis ``g`` was taken along, :data:`WHOLE_TENSOR` for one norm, or None if ``g`` is no norm of ``v``.
-
-    A per-axis ``g`` keeps that axis of ``v`` and is 1 on the others; a 0-d ``g`` (torch's
-    ``dim=None``) or one of size 1 only (a single output unit, a 1-d ``v``) is the whole tensor's norm.
-
-    Example:
-        >>> norm_axis(torch.ones(1, 4, 1), torch.ones(3, 4, 5)), norm_axis(torch.tensor(1.0), torch.ones(3, 4))
-        (1, -1)
-    """
-    if g.dim() == 0:
-        return WHOLE_TENSOR
-    if g.dim() != v.dim() or any(size not in (1, full) for size, full in zip(g.shape, v.shape)):
-        return None
-    wide = [d for d in range(v.dim()) if g.shape[d] == v.shape[d] > 1]
-    if len(wide) > 1:
-        return None
-    return wide[0] if wide else WHOLE_TENSOR
-
-
-def _legacy_pair(state_dict: Mapping[str, Tensor], key: str) -> tuple[Tensor, Tensor] | None:
-    """``(g, v)`` if ``key`` is one of a legacy ``<name>_g``/``<name>_v`` pair of a weight norm, else None."""
-    stem, underscore, part = key.rpartition("_")
-    if not underscore or part not in ("g", "v") or stem in state_dict:
-        return None
-    g, v = state_dict.get(f"{stem}_g"), state_dict.get(f"{stem}_v")
-    if not (isinstance(g, Tensor) and isinstance(v, Tensor)) or norm_axis(g, v) is None:
-        return None  # not a weight norm's pair (spectral norm keeps a `weight_v` vector, and no `weight_g`)
-    return g, v
-
-
-def _state_dict_of(state_dict: object) -> Mapping[str, Tensor]:
     if isinstance(state_dict, Mapping) and isinstance(state_dict.get("state_dict"), Mapping):
-        return state_dict["state_dict"]  # a whole Lightning checkpoint
+        state_dict = state_dict["state_dict"]  # a whole Lightning checkpoint
     if not isinstance(state_dict, Mapping):
         hint = " Pass `model.state_dict()`." if isinstance(state_dict, torch.nn.Module) else ""
         raise TypeError(
             f"`state_dict` must be a state dict (a mapping of names to tensors) or a Lightning checkpoint, "
             f"got {type(state_dict).__name__}.{hint}"
         )
+    folded, groups = {}, {}  # groups: "<layer>.parametrizations.<name>" -> {"original0": g, "original1": v, ...}
     for key, value in state_dict.items():
         if not isinstance(value, Tensor) and not str(key).endswith("_extra_state"):
             raise TypeError(
                 f"`state_dict` must map names to tensors, but entry {key!r} is a {type(value).__name__}. "
                 f"Pass a model's `state_dict()`, or a Lightning checkpoint with a 'state_dict' entry."
             )
-    return state_dict
+        stem = key[:-2]
+        g, v = state_dict.get(f"{stem}_g"), state_dict.get(f"{stem}_v")
+        if key in keep:
+            folded[key] = value
+        elif ".parametrizations." in f".{key}":
+            prefix, _, part = key.rpartition(".")
+            groups.setdefault(prefix, {})[part] = value
+        # a legacy pair; spectral norm also keeps a `weight_v`, but no `weight_g`
+        elif key.endswith(("_g", "_v")) and stem not in state_dict and _norm_axis(g, v) is not None:
+            if key.endswith("_g"):  # the pair is folded once, at its g
+                folded[stem] = _fold(g, v)
+        else:
+            folded[key] = value
+    for prefix, parts in groups.items():
+        owner, _, name = f".{prefix}".rpartition(".parametrizations.")
+        if "original1" not in parts or not ({"original0"} <= parts.keys() or {"s", "c"} <= parts.keys()):
+            raise ValueError(f"State dict entries under `{prefix}` are not a weight norm's g and v: {sorted(parts)}.")
+        v = parts["original1"]
+        g = parts["original0"] if "original0" in parts else torch.exp(parts["c"] * parts["s"])
+        if _norm_axis(g, v) is None:
+            raise ValueError(
+                f"Cannot tell the axis `{prefix}`'s g (shape {tuple(g.shape)}) was taken along for v of shape "
+                f"{tuple(v.shape)}: g must keep one axis of v and be 1 on the others, or be 0-d (torch's dim=None)."
+            )
+        folded[f"{owner[1:]}.{name}" if owner else name] = _fold(g, v)
+    return folded
 
 
-def adopt_other_spellings(normalized, state_dict: dict[str, Tensor], prefix: str, name: str, error_msgs: list[str]) -> None:
+def _norm_axis(g: object, v: object) -> int | None:
+    """The axis tensor ``g`` was taken along, :data:`WHOLE_TENSOR` for one norm, None if ``g`` is no norm of ``v``:
+    a per-axis ``g`` keeps that axis of ``v`` and is 1 on the others; a 0-d ``g`` (torch's ``dim=None``)
+    or one of size 1 only (a single output unit, a 1-d ``v``) is the whole tensor's norm."""
+    if not (isinstance(g, Tensor) and isinstance(v, Tensor)):
+        return None
+    if g.dim() == 0:
+        return WHOLE_TENSOR
+    if g.dim() != v.dim() or any(size not in (1, full) for size, full in zip(g.shape, v.shape)):
+        return None
+    wide = [d for d in range(v.dim()) if g.shape[d] == v.shape[d] > 1]
+    return None if len(wide) > 1 else wide[0] if wide else WHOLE_TENSOR
+
+
+@torch.no_grad()
+def _fold(g: Tensor, v: Tensor) -> Tensor:
+    # torch._weight_norm is the op torch's weight norms and this library's layers run without gradients,
+    # so a folded layer computes bitwise what the normalized one computed in eval
+    return torch._weight_norm(v, g, _norm_axis(g, v))
+
+
+def adopt_other_spellings(normalized, state_dict: dict[str, Tensor], prefix: str, name: str, error_msgs: list) -> None:
     """Rewrite one normalized tensor's entries of ``state_dict`` into ``normalized``'s own layout, in place.
 
-    Taken, each computing exactly the function it was saved with: torch's legacy ``<name>_g``/``<name>_v``;
-    a ``g`` along another axis than ours (torch's ``dim=0`` on a ``ConvTranspose``, ``dim=None``'s one
-    ``g``) or a ``g`` where ours is ``s`` (``g = exp(c * s)``), folded and split again; and a plain layer's
-    ``<name>`` (weights trained without weight norm), where the state dict holds no ``g`` or ``v`` for it.
+    Each computes exactly the function it was saved with: torch's legacy ``<name>_g``/``<name>_v``; a ``g``
+    along another axis than ours (torch's ``dim=0`` on a ``ConvTranspose``, ``dim=None``) or where ours is
+    ``s``, folded and split again; a plain ``<name>`` (trained without weight norm) where there is no ``g``/``v``.
     """
     ours, plain = f"{prefix}parametrizations.{name}.", f"{prefix}{name}"
-    legacy_g, legacy_v = f"{plain}_g", f"{plain}_v"
-    if legacy_g in state_dict and legacy_v in state_dict and f"{ours}original1" not in state_dict:
-        state_dict[f"{ours}original0"] = state_dict.pop(legacy_g)
-        state_dict[f"{ours}original1"] = state_dict.pop(legacy_v)
-    g, v = state_dict.get(f"{ours}original0"), state_dict.get(f"{ours}original1")
-    weight = state_dict.get(plain)
+    if f"{plain}_g" in state_dict and f"{plain}_v" in state_dict and f"{ours}original1" not in state_dict:
+        state_dict[f"{ours}original0"] = state_dict.pop(f"{plain}_g")
+        state_dict[f"{ours}original1"] = state_dict.pop(f"{plain}_v")
+    g, v, weight = state_dict.get(f"{ours}original0"), state_dict.get(f"{ours}original1"), state_dict.get(plain)
     if isinstance(g, Tensor) and isinstance(v, Tensor):
         same_layout = normalized.log_scale_factor is None and g.shape == normalized.original0.shape
-        if v.shape != normalized.v.shape or same_layout or norm_axis(g, v) is None:
+        if v.shape != normalized.v.shape or same_layout or _norm_axis(g, v) is None:
             return  # ours already, or not a weight norm of this tensor: load_state_dict reports what is wrong
-        weight = fold(g, v)
+        weight = _fold(g, v)
         del state_dict[f"{ours}original0"]
-    elif isinstance(weight, Tensor) and not any(f"{ours}{part}" in state_dict for part in ("original0", "original1", "s")):
+    elif not isinstance(weight, Tensor) or {f"{ours}original0", f"{ours}original1", f"{ours}s"} & state_dict.keys():
+        return  # no plain weight, or part of a g and v: load_state_dict reports what is missing
+    else:
         del state_dict[plain]  # its shape mismatch is reported by the name the source gave it
         if weight.shape != normalized.v.shape:
             error_msgs.append(
@@ -166,8 +135,6 @@ def adopt_other_spellings(normalized, state_dict: dict[str, Tensor], prefix: str
                 f"into a weight-normalized layer whose weight has shape {tuple(normalized.v.shape)}."
             )
             return
-    else:
-        return
     v, magnitude = normalized.split(weight.to(normalized.v.dtype))
     state_dict[f"{ours}original1"] = v
     if normalized.log_scale_factor is None:
