@@ -1,0 +1,107 @@
+"""Torch's weight norm to this library's in one call, and back, keeping ``g`` and ``v`` bit for bit.
+
+Example:
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), nn.ReLU(), nn.Linear(4, 1))
+    >>> v = model[0].parametrizations.weight.original1.clone()
+    >>> from_torch(model), type(model[0]).__name__, torch.equal(model[0].parametrizations.weight.original1, v)
+    (['0'], 'WeightNormedLinear', True)
+    >>> to_torch(model), type(model[0]).__name__, torch.equal(model[0].parametrizations.weight.original1, v)
+    (['0'], 'ParametrizedLinear', True)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import _WeightNorm
+from torch.nn.utils.weight_norm import WeightNorm as LegacyWeightNorm
+
+from lightning_wn import torch_norms
+from lightning_wn.models import _remove_own_weight_norm, weight_normalized_modules
+from lightning_wn.state_dict import WHOLE_TENSOR
+from lightning_wn.weight_norm import weight_norm, weight_norms
+
+
+def from_torch(model: nn.Module) -> list[str]:
+    """Replace torch's weight norm with this library's, in place, on exactly the layers and tensors that have it.
+
+    Both torch's parametrization (``torch.nn.utils.parametrizations.weight_norm``) and its legacy hook
+    (``torch.nn.utils.weight_norm``), any ``dim`` (torch's ``None`` or -1, one norm over the whole tensor, is
+    ``dim=None`` here). Each tensor keeps its axis and its ``g`` and ``v`` bit for bit, so the model computes
+    and trains as before; spectral norm stays. ``g`` and ``v`` are new tensors: build the optimizer after.
+    Returns the qualified names of the modules converted, ``[]`` if none has torch's weight norm.
+
+    Raises:
+        ValueError: torch's weight norm is chained with, or on one layer beside, another of torch's
+            reparametrizations; checked before anything changes.
+    """
+    found = {}
+    for module_name, module in model.named_modules():
+        torch_norms.refuse_chained_weight_norm(module_name, module)
+        if norms := _torch_weight_norms(module):
+            if len(others := torch_norms.torch_reparametrizations(module)) > len(norms):
+                raise ValueError(
+                    f"`{module_name}` mixes torch's weight norm with other reparametrizations ({', '.join(others)}): "
+                    "this library's weight norm does not stack on torch's. Remove the others from that layer first."
+                )
+            found[module_name] = (module, norms)
+    for module, norms in found.values():
+        torch_norms.remove_torch_weight_norm(module)  # folds into a plain weight; drops torch's state-dict hook
+        for name, dim, g, v in norms:
+            if not isinstance(module._parameters.get(name), nn.Parameter):  # torch folds a frozen one into a buffer
+                module.register_parameter(name, nn.Parameter(module._buffers.pop(name), requires_grad=False))
+            weight_norm(module, name, dim=None if dim == WHOLE_TENSOR else dim)  # other negative dims are axes
+            wn = weight_norms(module)[name]
+            _copy((wn.original0, wn.original1), (g, v))  # our split of the fold has ||v|| = g: torch's v instead
+    return list(found)
+
+
+def to_torch(model: nn.Module, legacy: bool = False) -> list[str]:
+    """Put every layer weight-normalized by this library under torch's weight norm instead, in place.
+
+    Same tensors, axes, and ``g`` and ``v`` bit for bit, under ``torch.nn.utils.parametrizations.weight_norm``
+    (keys ``parametrizations.<name>.original0/1``) or, with ``legacy=True``, ``torch.nn.utils.weight_norm``
+    (``<name>_g``, ``<name>_v``), for a package's own code that saves, loads or inspects the model. ``g`` and
+    ``v`` are new tensors: build the optimizer after. torch pickles a parametrized model only by state dict.
+    Returns the qualified names of the modules converted.
+
+    Raises:
+        ValueError: a layer learns ``g = exp(c * s)`` (``log_scale_factor``), which torch has no form for;
+            checked before anything changes.
+    """
+    normalized = list(weight_normalized_modules(model))
+    for module_name, module in normalized:
+        if any(wn.log_scale_factor is not None for wn in weight_norms(module).values()):
+            raise ValueError(
+                f"`{module_name}` learns g = exp(c * s) (`log_scale_factor`), which torch's weight norm has no form "
+                "for. Fold it with `lightning_wn.remove_weight_norm`, or train without `log_scale_factor`."
+            )
+    apply = nn.utils.weight_norm if legacy else nn.utils.parametrizations.weight_norm
+    for _, module in normalized:
+        saved = {name: (wn.dim, wn.original0, wn.original1) for name, wn in weight_norms(module).items()}
+        _remove_own_weight_norm(module)
+        for name, (dim, _, _) in saved.items():
+            apply(module, name, dim=None if dim == WHOLE_TENSOR else dim)
+        for name, _, g, v in _torch_weight_norms(module):  # torch's split of the fold: ours instead, bit for bit
+            _copy((g, v), saved[name][1:])
+        for hook in torch_norms.legacy_hooks(module):
+            if isinstance(hook, LegacyWeightNorm):  # it computed `module.<name>` from torch's split: again, from ours
+                hook(module, ())
+    return [name for name, _ in normalized]
+
+
+def _torch_weight_norms(module: nn.Module) -> list[tuple[str, int, Tensor, Tensor]]:
+    """``(tensor name, torch's dim, g, v)`` of each of ``module``'s tensors under torch's weight norm."""
+    chains = torch_norms.parametrization_chains(module).items()
+    found = [(n, c[0].dim, c.original0, c.original1) for n, c in chains if isinstance(c[0], _WeightNorm)]
+    hooks = [h for h in torch_norms.legacy_hooks(module) if isinstance(h, LegacyWeightNorm)]
+    params = module._parameters
+    return found + [(h.name, h.dim, params[f"{h.name}_g"], params[f"{h.name}_v"]) for h in hooks]
+
+
+@torch.no_grad()
+def _copy(targets: tuple[Tensor, ...], sources: tuple[Tensor, ...]) -> None:
+    for target, source in zip(targets, sources):
+        target.copy_(source)
+        target.requires_grad_(source.requires_grad)
