@@ -8,11 +8,15 @@ config, ``<trainer.default_root_dir>/checkpoints``, not in the logger's new ``ve
 ``--ckpt_path last`` finds the newest ``last*.ckpt`` an earlier run of the same config wrote: ``fit``
 resumes it, ``validate``/``test``/``predict`` evaluate it (and refuse to run without one). A fresh run
 into a folder that has checkpoints writes ``last-v1.ckpt`` and so on beside them, never over them.
+
+Errors the user fixes (a bad option, a ``--ckpt_path`` that is no checkpoint, a :class:`zoo.errors.UserError`
+such as missing data) print one ``error:`` line naming the fix and exit with status 2; others keep their traceback.
 """
 
 from __future__ import annotations
 
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -24,6 +28,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_wn import read_checkpoint
+from zoo.errors import UserError
 
 PROG = "python -m zoo"
 
@@ -73,7 +78,7 @@ class ZooCLI(LightningCLI):
     def _check_checkpoint(self, path: str, model: Any) -> None:
         try:
             checkpoint = read_checkpoint(path)
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, OSError) as error:  # OSError: a file it cannot open, or none there
             self._parser(self.config.subcommand).error(f"`--ckpt_path`: {error}")
         trained = checkpoint.get("hyper_parameters", {}).get("_class_path")
         wanted = model.get("class_path") if model is not None else None
@@ -88,7 +93,19 @@ class ZooCLI(LightningCLI):
             if subcommand == "fit" and self.config[subcommand].ckpt_path:
                 # a resumed run writes on into the folder it resumed from: Lightning's warning is for new runs
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-            super()._run_subcommand(subcommand)
+            try:
+                super()._run_subcommand(subcommand)
+            except UserError as error:  # missing data and the like: the message names the fix, a traceback adds noise
+                self._stop(error)
+
+    def _stop(self, error: UserError) -> NoReturn:
+        """Print ``error`` alone, as the parser prints a bad option, and stop the run's processes with status 2."""
+        sys.stderr.write(f"error: {error}\n")  # one write: under DDP, lines of other processes cannot cut into it
+        sys.stderr.flush()
+        # DDP's other processes wait at a barrier for this one: killed first, they print no traceback of a lost peer
+        if self.trainer.strategy.launcher is not None:
+            self.trainer.strategy.launcher.kill(signal.SIGKILL)
+        sys.exit(2)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
         # Lightning refuses a ModelCheckpoint without checkpointing, and its `on_train_end` would still write

