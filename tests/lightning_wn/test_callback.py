@@ -212,6 +212,9 @@ def test_mixed_precision_inits_under_autocast_and_keeps_float32_norms(precision,
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.xfail(
+    torch.__version__ < "2.14", reason="torch 2.13's dynamo fails on Lightning's compiled training_step (self.log)"
+)
 def test_compiled_module_trains_and_matches_eager():
     seed_everything(0)
     model, data = ConvClassifier(), RandomImages()

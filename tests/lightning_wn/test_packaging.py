@@ -32,7 +32,10 @@ def site_packages_without(distributions: list[str], folder: Path) -> Path:
     """``folder`` filled with links to this environment's site-packages, except ``distributions``' files."""
     left_out = set()
     for name in distributions:
-        files = importlib.metadata.distribution(name).files
+        try:
+            files = importlib.metadata.distribution(name).files
+        except importlib.metadata.PackageNotFoundError:
+            continue  # not installed here: absent already
         assert files, f"{name} lists no files: cannot leave it out"
         left_out |= {Path(f).parts[0] for f in files} - {"..", "__pycache__"}  # scripts in bin/; shared caches
     for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
