@@ -206,7 +206,7 @@ def readme_vocoder_block() -> str:
 
 
 def test_the_readme_vocoder_path_runs_as_written(tmp_path, monkeypatch):
-    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")  # torch.onnx.export's default exporter (dynamo=True)
     pytest.importorskip("onnxruntime")
     theirs = torch_trained()
     checkpoint = tmp_path / "g_02500000"
@@ -224,7 +224,7 @@ def test_the_readme_vocoder_path_runs_as_written(tmp_path, monkeypatch):
 
 
 def test_the_readme_vocoder_path_keeps_the_checkpoints_g_and_v(tmp_path):
-    """The block's first four lines leave torch's g and v as they were saved, so training goes on from them."""
+    """The block up to its training (`...`) leaves torch's g and v as they were saved, so training goes on from them."""
     theirs = torch_trained()
     checkpoint = tmp_path / "g_02500000"
     torch.save({"generator": theirs.state_dict()}, checkpoint)
