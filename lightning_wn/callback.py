@@ -28,12 +28,12 @@ from lightning.pytorch.callbacks import Callback, ModelPruning, StochasticWeight
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
 from typing_extensions import override
 
 from lightning_wn.cache import cached
 from lightning_wn.checkpoint import read_checkpoint
 from lightning_wn.init import data_dependent_init
+from lightning_wn.init_inputs import Inputs, concatenate, example_count, model_inputs
 from lightning_wn.mean_only_bn import attach_mean_only_bn
 from lightning_wn.models import (
     apply_weight_norm,
@@ -164,10 +164,8 @@ class WeightNormalization(Callback):
                 f"`input_key`={self.input_key!r} and `{type(pl_module).__name__}.data_init_inputs` both say what "
                 "the data-dependent init passes to `forward`: keep one (leave `input_key` out to use the method)."
             )
-        _refuse_averaging_listed_first(trainer, self)
         selected = select_layers(pl_module, self.include, self.exclude)
-        if self.weight_norm:
-            _refuse_pruning(trainer, selected)
+        _refuse_callbacks_that_cannot_work(trainer, self, selected if self.weight_norm else [])
         self._normalize_layers(pl_module, selected)
 
     def _check_model_parallel(self, strategy: ModelParallelStrategy) -> None:
@@ -258,7 +256,8 @@ class WeightNormalization(Callback):
             return
         inputs, count = self._init_inputs(trainer, pl_module)
         with trainer.precision_plugin.train_step_context():
-            report = data_dependent_init(pl_module, inputs, modules=self._init_targets(), init_scale=self.init_scale)
+            # a run resumed without our state has no list of its own: every normalized layer
+            report = data_dependent_init(pl_module, inputs, modules=self.normalized or None, init_scale=self.init_scale)
         self.initialized = True
         stds = torch.cat([m.std for m in report.modules.values()])
         rank_zero_info(
@@ -266,10 +265,7 @@ class WeightNormalization(Callback):
             f"std per unit from {stds.min().item():.3g} to {stds.max().item():.3g}.\n{report}"
         )
 
-    def _init_targets(self) -> list[str] | None:
-        return self.normalized or None  # a run resumed without our state: every normalized layer
-
-    def _init_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[_Inputs, int]:
+    def _init_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Inputs, int]:
         """The first ``init_samples / world_size`` examples of this rank's shard, as ``forward`` takes them."""
         trainer.fit_loop.setup_data()  # the processed loader: DistributedSampler, each rank its shard
         loader = trainer.train_dataloader
@@ -287,39 +283,15 @@ class WeightNormalization(Callback):
                 x = hook(batch)
                 where = f"`{type(pl_module).__name__}.data_init_inputs(batch)`"
             else:
-                x = self._model_input(batch)
+                x = model_inputs(batch, self.input_key)
                 where = f"the batch at `input_key`={self.input_key!r}"
             chunks.append(x)
-            count += _example_count(x, where)
+            count += example_count(x, where)
             if count >= wanted:
                 break
         if not chunks:
             raise ValueError("The training dataloader is empty: no examples for the data-dependent init.")
-        return _concatenate(chunks, wanted), min(count, wanted)
-
-    def _model_input(self, batch: Any) -> _Inputs:
-        if isinstance(self.input_key, list):  # several inputs: forward(*inputs)
-            return tuple(self._one_input(batch, key) for key in self.input_key)
-        return self._one_input(batch, self.input_key)
-
-    def _one_input(self, batch: Any, key: int | str | None) -> Tensor:
-        try:
-            if key is None:
-                x = batch if isinstance(batch, Tensor) else batch[0]
-            else:
-                x = batch[key]
-        except (KeyError, IndexError, TypeError) as error:
-            raise ValueError(
-                f"WeightNormalization cannot find the model input at `input_key`={key!r} in a batch "
-                f"of type {type(batch).__name__}{_describe(batch)}. Set `input_key` to the index or "
-                "key of the input tensor."
-            ) from error
-        if not isinstance(x, Tensor):
-            raise ValueError(
-                f"The model input at `input_key`={key!r} is a {type(x).__name__}, not a tensor. "
-                f"Set `input_key` to the index or key of the input tensor{_describe(batch)}."
-            )
-        return x
+        return concatenate(chunks, wanted), min(count, wanted)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -418,49 +390,9 @@ def load_from_checkpoint(model_class: type[pl.LightningModule], path: str, **kwa
     return model_class.load_from_checkpoint(buffer, **kwargs)
 
 
-_Inputs = Tensor | tuple[Tensor, ...] | dict[str, Tensor]  # forward(x), forward(*x), forward(**x)
-
-
 def _init_inputs_hook(pl_module: pl.LightningModule):
     hook = getattr(pl_module, "data_init_inputs", None)
     return hook if callable(hook) else None
-
-
-def _example_count(inputs: Any, where: str) -> int:
-    """The batch size of one batch of model inputs; every tensor in it must have it."""
-    if isinstance(inputs, dict):
-        entries = list(inputs.items())
-    elif isinstance(inputs, (tuple, list)):
-        entries = list(enumerate(inputs))
-    else:
-        entries = [(None, inputs)]
-    if not entries:
-        raise ValueError(f"{where} gave no model input (an empty {type(inputs).__name__}).")
-    sizes = {}
-    for name, value in entries:
-        entry = "" if name is None else f" entry {name!r}"
-        if not isinstance(value, Tensor) or value.dim() == 0:
-            shown = f"a {type(value).__name__}" if not isinstance(value, Tensor) else "a 0-d tensor"
-            raise ValueError(
-                f"{where} gave{entry} {shown}; the data-dependent init needs tensors with a batch axis "
-                "first (a tensor, a tuple or a dict of them)."
-            )
-        sizes[name] = len(value)
-    if len(set(sizes.values())) > 1:
-        raise ValueError(
-            f"{where} gave tensors with different batch sizes {sizes}; every model input must hold the "
-            "same examples along its first axis."
-        )
-    return next(iter(sizes.values()))
-
-
-def _concatenate(chunks: list[Any], wanted: int) -> _Inputs:
-    first = chunks[0]
-    if isinstance(first, dict):
-        return {key: torch.cat([chunk[key] for chunk in chunks])[:wanted] for key in first}
-    if isinstance(first, (tuple, list)):
-        return tuple(torch.cat([chunk[i] for chunk in chunks])[:wanted] for i in range(len(first)))
-    return torch.cat(chunks)[:wanted]
 
 
 def _refuse_sharded_plain_layers(modules: dict[str, torch.nn.Module], plain: list[str]) -> None:
@@ -479,32 +411,19 @@ def _refuse_sharded_plain_layers(modules: dict[str, torch.nn.Module], plain: lis
         )
 
 
-def _refuse_averaging_listed_first(trainer: pl.Trainer, weight_normalization: Callback) -> None:
-    """A weight-averaging callback copies the model in its own ``setup``: before ours, it copies plain layers."""
+def _refuse_callbacks_that_cannot_work(trainer: pl.Trainer, ours: Callback, normalized: list[str]) -> None:
     callbacks = list(trainer.callbacks)
-    ours = callbacks.index(weight_normalization)
-    first = [c for c in callbacks[:ours] if isinstance(c, (StochasticWeightAveraging, WeightAveraging))]
+    # a weight-averaging callback copies the model in its own setup: before ours, it copies plain layers
+    first = [c for c in callbacks[: callbacks.index(ours)] if isinstance(c, (StochasticWeightAveraging, WeightAveraging))]
     if first:
         raise RuntimeError(
             f"{type(first[0]).__name__} is listed before WeightNormalization, so it copies the model before its "
             "layers are weight-normalized, and cannot average g and v into that copy. List WeightNormalization "
             "first: `callbacks=[WeightNormalization(...), ...]`."
         )
-
-
-def _refuse_pruning(trainer: pl.Trainer, normalized: list[str]) -> None:
-    """Pruning replaces a ``weight`` parameter by ``weight_orig`` and a mask; a normalized weight is computed."""
-    if normalized and any(isinstance(c, ModelPruning) for c in trainer.callbacks):
+    if normalized and any(isinstance(c, ModelPruning) for c in callbacks):
         raise RuntimeError(
             "ModelPruning cannot prune weight-normalized layers (their weight is computed from g and v, not a "
             "parameter), and which layers it prunes is its own private state. Prune without weight norm: fit with "
             "`WeightNormalization(fold_on_fit_end=True)`, then prune the plain layers in a run of their own."
         )
-
-
-def _describe(batch: Any) -> str:
-    if isinstance(batch, dict):
-        return f" (keys: {sorted(map(str, batch))})"
-    if isinstance(batch, (tuple, list)):
-        return f" (length {len(batch)})"
-    return ""
