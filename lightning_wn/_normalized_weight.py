@@ -83,7 +83,7 @@ class NormalizedWeight(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: ctx.norm was computed outside the graph
             return *weight_norm_grads(grad_w, v, g, ctx.dim), None
         if ctx.fused:
-            grad_v, grad_g = torch.ops.aten._weight_norm_interface_backward(grad_w.contiguous(), v, g, norm, ctx.dim)
+            grad_v, grad_g = torch.ops.aten._weight_norm_interface_backward.default(grad_w.contiguous(), v, g, norm, ctx.dim)
             return grad_v, grad_g, None
         dot = (grad_w * v).sum(dim=norm_axes(v, ctx.dim), keepdim=True)
         grad_g = dot / norm

@@ -227,12 +227,11 @@ def _refuse_tied_weights(modules: dict[str, nn.Module], names: list[str]) -> Non
     """A weight shared by two modules (tied embeddings) would be untied: two ``g``, and ``v`` stepped twice."""
     owners: dict[int, list[str]] = {}
     for module_name, module in modules.items():
-        for param_name, param in module._parameters.items():
-            if param is not None:
-                owners.setdefault(id(param), []).append(f"{module_name}.{param_name}".lstrip("."))
+        for param_name, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(param), []).append(f"{module_name}.{param_name}".lstrip("."))
     for name in names:
         for tensor_name in default_names(modules[name]):
-            param = modules[name]._parameters.get(tensor_name)
+            param = getattr(modules[name], tensor_name, None)
             shared = owners.get(id(param), []) if param is not None else []
             if len(shared) > 1:
                 layers = sorted({owner.rpartition(".")[0] for owner in shared})

@@ -16,10 +16,12 @@ import warnings
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_wn._computed_weight import ComputedWeight
 from lightning_wn._normalized_weight import NormalizedWeight, norm_axes
+from lightning_wn._scaled_linear import ScaledLinear
 from lightning_wn.cache import active_cache, cached
 from lightning_wn.state_dict import WHOLE_TENSOR, adopt_other_spellings
 from lightning_wn.torch_norms import TORCH_FIX, torch_reparametrizations
@@ -100,12 +102,38 @@ class WeightNorm(nn.Module):
         cache, v, m = active_cache(), self.original1, self.magnitude_param
         if cache is None or torch.compiler.is_compiling() or torch.jit.is_tracing() or v.is_inference() or m.is_inference():
             return self.compute()  # inference tensors (made in inference mode) keep no version counter to key on
-        # which tensors (functional_call and load_state_dict(assign=True) swap them), at which versions, in which mode
-        state = (v._version, m._version, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         entry = cache.get(self)
-        if entry is None or entry[0] is not v or entry[1] is not m or entry[2] != state:
-            entry = cache[self] = (v, m, state, self.compute())
+        if not self._valid(entry) or entry[3] is None:  # None: only the output was scaled (see linear)
+            entry = cache[self] = (v, m, self._state(), self.compute())
         return entry[3]
+
+    def _state(self) -> tuple:
+        # g's and v's versions, and the mode: a w built without grad has no graph, one in inference mode no versions
+        return self.original1._version, self.magnitude_param._version, torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def _valid(self, entry: tuple | None) -> bool:
+        """Whether a cache entry was made from these very ``g`` and ``v`` tensors (functional_call and
+        ``load_state_dict(assign=True)`` swap them), at their current versions, in the current mode."""
+        return entry is not None and entry[0] is self.original1 and entry[1] is self.magnitude_param and entry[2] == self._state()
+
+    def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """``F.linear(x, w, bias)``; for a large weight fed fewer rows than it has inputs, the paper's output scaling.
+
+        Scaling the output pays on the first call after ``g`` or ``v`` changed; a second call inside
+        :func:`lightning_wn.cached` builds ``w`` once and reuses it, as for any other layer.
+        """
+        v, cache = self.original1, active_cache()
+        pays = v.numel() >= 1 << 18 and self.dim == 0 and x.dim() > 0 and x.numel() < x.shape[-1] ** 2
+        if not pays or torch.compiler.is_compiling() or torch.jit.is_tracing() or v.is_inference():
+            return F.linear(x, self(), bias)
+        if cache is not None:
+            if self._valid(cache.get(self)):  # called before in this block: w, built now if only scaled so far
+                return F.linear(x, self(), bias)
+            cache[self] = (v, self.magnitude_param, self._state(), None)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):  # its dtypes are ScaledLinear's own: the matmul's, the norm's
+            return ScaledLinear.apply(x, v, self.g(), bias, dtype)
 
     def compute(self) -> Tensor:
         v, g = self.original1, self.g()
@@ -303,6 +331,8 @@ def _normalized_class(base: type[nn.Module], names: tuple[str, ...]) -> type[nn.
         "_load_from_state_dict": _load_from_state_dict,
         "__module__": __name__,
     }
+    if names == ("weight",) and base.forward is nn.Linear.forward:
+        attrs["forward"] = _linear_forward  # the output-scaling path; the weight is never handed out
     for name in names:
         attrs[name] = property(functools.partial(_read, name=name), doc=f"``{name}`` = g * v / ||v||")
     if hasattr(base, "reset_parameters"):
@@ -330,6 +360,10 @@ def _forward(self: nn.Module, *args, **kwargs):
         return forward(self, *args, **kwargs)
     finally:
         self._wn_in_forward = outer
+
+
+def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
+    return self.parametrizations.weight.linear(input, self.bias)
 
 
 def _setattr(self: nn.Module, name: str, value: object) -> None:

@@ -14,6 +14,7 @@ from torch.nn.utils import parametrizations
 
 from lightning_wn import cached, weight_norm
 from lightning_wn._normalized_weight import NormalizedWeight
+from lightning_wn._scaled_linear import ScaledLinear
 from lightning_wn.weight_norm import WeightNorm
 
 DOUBLE = torch.float64
@@ -33,10 +34,12 @@ LOG_SCALE = {"g": None, "exp_cs": 2.0}  # g learned directly, or g = exp(c * s)
 
 @pytest.fixture
 def computed(monkeypatch):
-    """One entry per weight computed (NormalizedWeight), in call order; a cached read adds nothing."""
+    """"built" per weight computed (NormalizedWeight), "scaled" per output-scaled Linear call, in call order;
+    a cached read adds nothing."""
     taken = []
-    apply = NormalizedWeight.apply
-    monkeypatch.setattr(NormalizedWeight, "apply", lambda *a: taken.append(1) or apply(*a))
+    built, scaled = NormalizedWeight.apply, ScaledLinear.apply
+    monkeypatch.setattr(NormalizedWeight, "apply", lambda *a: taken.append("built") or built(*a))
+    monkeypatch.setattr(ScaledLinear, "apply", lambda *a: taken.append("scaled") or scaled(*a))
     return taken
 
 
@@ -118,7 +121,7 @@ def r1_loss(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.
     return nn.functional.softplus(-out).mean() + 5 * grad.square().sum()
 
 
-CRITICS = {  # (critic, input shape)
+CRITICS = {  # (critic, input shape); a Linear(512, 512) fed 4 rows scales its output
     "linear_large": (lambda: nn.Sequential(nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 1)), (4, 512)),
     "conv": (
         lambda: nn.Sequential(
@@ -179,7 +182,8 @@ def test_gradient_penalties_give_the_gradients_of_torchs_weight_norm_and_of_plai
     computed.clear()
     with cached():  # as the callback runs a step: WGAN-GP's three critic calls share each weight
         loss_fn(ours, real, fake).backward()
-    assert len(computed) == sum(isinstance(m, NORMALIZED) for m in critic)
+    assert computed.count("built") <= sum(isinstance(m, NORMALIZED) for m in critic)  # each weight built once at most
+    assert ("scaled" in computed) == (kind == "linear_large")  # a Linear(512, 512) fed 4 rows scales its output
     loss_fn(theirs, real, fake).backward()
     reference, leaves = plain_autograd(critic, ours)
     loss_fn(reference, real, fake).backward()
@@ -209,7 +213,8 @@ def test_a_penalty_on_parameter_gradients_matches_plain_autograd(kind, log_scale
     computed.clear()
     with cached():
         gradient_norm_penalty(ours, list(ours.parameters()), real, calls).backward()
-    assert len(computed) == sum(isinstance(m, NORMALIZED) for m in critic)  # once, however many calls
+    assert computed.count("built") <= sum(isinstance(m, NORMALIZED) for m in critic)  # once, however many calls
+    assert ("scaled" in computed) == (kind == "linear_large")
     reference, leaves = plain_autograd(critic, ours)
     gradient_norm_penalty(reference, list(leaves.values()), real, calls).backward()
     for name, p in ours.named_parameters():
@@ -257,3 +262,31 @@ def test_a_vector_weight_is_one_unit_on_every_path():
     (3 * expected).sum().backward()
     torch.testing.assert_close(wn.original1.grad, v.grad)
     torch.testing.assert_close(wn.original0.grad, g.grad)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("x_shape", [(2, 5), (2, 1, 5), (5,)], ids=["rows", "3d", "one_row"])
+def test_output_scaling_passes_gradcheck_and_gradgradcheck(x_shape, bias):
+    x = torch.randn(x_shape, dtype=DOUBLE, requires_grad=True)
+    v = torch.randn(3, 5, dtype=DOUBLE, requires_grad=True)
+    g = (torch.rand(3, 1, dtype=DOUBLE) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=DOUBLE, requires_grad=True) if bias else None
+    inputs = (x, v, g, b, DOUBLE)
+    assert gradcheck(ScaledLinear.apply, inputs)
+    assert gradgradcheck(ScaledLinear.apply, inputs)
+
+
+@pytest.mark.parametrize("log_scale", sorted(LOG_SCALE))
+def test_a_large_linear_on_the_output_scaling_path_passes_gradgradcheck(log_scale, computed):
+    layer = weight_norm(nn.Linear(1024, 256).double(), log_scale_factor=LOG_SCALE[log_scale])  # 2^18 weights
+    (v_name, m_name), (v, magnitude) = inputs_of(layer.parametrizations.weight)
+    x = torch.randn(2, 1024, dtype=DOUBLE, requires_grad=True)
+    bias = layer.bias.detach().clone().requires_grad_()
+
+    def forward(x, v, magnitude, bias):
+        params = {f"parametrizations.weight.{v_name}": v, f"parametrizations.weight.{m_name}": magnitude, "bias": bias}
+        return functional_call(layer, params, (x,))[:, :3]  # a few outputs: gradgradcheck's Jacobians stay small
+
+    computed.clear()
+    assert gradgradcheck(forward, (x, v, magnitude, bias), eps=1e-6, atol=1e-4, fast_mode=True)
+    assert set(computed) == {"scaled"}

@@ -228,3 +228,16 @@ def test_dynamic_quantization_after_folding_quantizes_the_linear_layer():
     with torch.no_grad():
         error = (quantized(X) - expected).abs().max() / expected.abs().max()
     assert 0 < error < 0.05  # int8 weights and activations: close, not equal
+
+
+def test_jit_trace_of_a_large_linear_records_w_from_g_and_v():
+    layer = weight_norm(nn.Linear(1024, 256))  # big, fed fewer rows than inputs: eager scales its output
+    x = torch.randn(3, 1024)
+    with filled_cache(layer, x, grad=True):
+        traced = torch.jit.trace(layer, x)
+    kinds = node_kinds(traced)
+    assert "aten::linalg_vector_norm" in kinds and "prim::PythonOp" not in kinds
+    torch.testing.assert_close(traced(x), layer(x), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        layer.parametrizations.weight.original0.mul_(2)
+    torch.testing.assert_close(traced(x), layer(x), rtol=0, atol=1e-5)

@@ -20,6 +20,7 @@ from lightning_wn import (
     weight_norms,
 )
 from lightning_wn._normalized_weight import NormalizedWeight
+from lightning_wn._scaled_linear import ScaledLinear
 from lightning_wn.weight_norm import default_dim, default_names
 
 torch.manual_seed(0)
@@ -164,6 +165,48 @@ def test_a_module_called_many_times_computes_its_weight_once_per_step_inside_cac
         assert len(calls) == (2 + 2 if scoped else 2 * 17)  # weight_ih and weight_hh, again after the step
     fresh = cell(x, (h, c))[0]
     torch.testing.assert_close(outputs[-1], fresh.detach())
+
+
+@pytest.mark.parametrize(("features", "rows", "scaled"), [(1024, 3, True), (1024, 2000, False), (64, 3, False)])
+@pytest.mark.parametrize("grad", [True, False])
+def test_a_linear_scales_its_output_only_where_that_is_cheaper(monkeypatch, features, rows, scaled, grad):
+    """A big weight fed fewer rows than inputs: the paper's output scaling; inside cached(), on the first call
+    only, and a second call builds w once; otherwise w itself."""
+    calls = []
+    apply = ScaledLinear.apply
+    monkeypatch.setattr(ScaledLinear, "apply", lambda *a: calls.append(1) or apply(*a))
+    layer = weight_norm(nn.Linear(features, 256))
+    x = torch.randn(rows, features)
+    with torch.set_grad_enabled(grad):
+        first = layer(x)
+        assert len(calls) == scaled
+        with cached():
+            second, third = layer(x), layer(x)
+        assert len(calls) == 2 * scaled
+    w = layer.parametrizations.weight.compute()
+    for out in (first, second, third):
+        torch.testing.assert_close(out, nn.functional.linear(x, w, layer.bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_output_scaling_under_autocast_runs_the_matmul_in_its_dtype_and_the_norm_in_float32(dtype):
+    torch.manual_seed(0)
+    layer = weight_norm(nn.Linear(1024, 256))
+    x = torch.randn(4, 1024)
+    with torch.autocast("cpu", dtype=dtype):
+        out = layer(x)  # the scaled path
+        expected = nn.functional.linear(x, layer.parametrizations.weight.compute(), layer.bias)  # w built, then cast
+    assert out.dtype == expected.dtype == dtype
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0.02, atol=0.02)
+    out.float().square().sum().backward()
+    g, v = layer.parametrizations.weight.original0, layer.parametrizations.weight.original1
+    assert g.grad.dtype == v.grad.dtype == torch.float32 and torch.isfinite(g.grad).all() and torch.isfinite(v.grad).all()
+    reference = copy.deepcopy(layer)
+    reference.zero_grad()
+    with torch.autocast("cpu", dtype=dtype):
+        nn.functional.linear(x, reference.parametrizations.weight.compute(), reference.bias).float().square().sum().backward()
+    rg = reference.parametrizations.weight.original0.grad
+    torch.testing.assert_close(g.grad, rg, rtol=0.05, atol=0.05 * rg.abs().max().item())
 
 
 @pytest.mark.parametrize("scoped", [True, False], ids=["cached", "uncached"])

@@ -1,0 +1,77 @@
+r"""The paper's fast path for a large weight-normalized ``Linear``: scale the output, not the weight.
+
+``y = (x @ v.T) * (g / ||v||) + b`` never builds ``w``. When the batch has fewer rows than the layer
+has inputs, scaling the (rows x out) output costs less than building the (out x in) weight, and the
+backward folds the norm's gradient into the matmul's gradient in place instead of adding two
+weight-sized tensors (measured on the Nature DQN's 3136 x 512 layer: 1.13x a plain step built,
+1.05x scaled, in float32; 1.3x against 1.0x under bfloat16 autocast). The matmul runs in
+``dtype`` (autocast's, for mixed precision), ``||v||`` in ``v``'s own. Under ``create_graph``
+(gradient penalties) the backward is built from differentiable ops instead: the scale and norm
+saved by the forward were computed outside the graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class ScaledLinear(torch.autograd.Function):
+    """``y = (x @ v.T) * g / ||v|| + b`` with ``||v||`` over each row of ``v``, the matmul in ``dtype``.
+
+    Example:
+        >>> x, v, g = torch.randn(3, 4), torch.randn(2, 4), torch.rand(2, 1)
+        >>> w = g * v / v.norm(dim=1, keepdim=True)
+        >>> torch.allclose(ScaledLinear.apply(x, v, g, None, torch.float32), x @ w.T, atol=1e-6)
+        True
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, v: Tensor, g: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+        norm = torch.linalg.vector_norm(v, dim=1)
+        scale = g.reshape(-1) / norm
+        x_low, v_low = x.to(dtype), v.to(dtype)
+        unscaled = F.linear(x_low, v_low)
+        out = unscaled * scale.to(dtype) if bias is None else torch.addcmul(bias.to(dtype), unscaled, scale.to(dtype))
+        ctx.save_for_backward(x_low, v, v_low, g, scale, norm, unscaled)
+        ctx.dtypes = x.dtype, None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, v, v_low, g, scale, norm, unscaled = ctx.saved_tensors
+        x_dtype, bias_dtype = ctx.dtypes
+        need_x, need_v, need_g, need_bias = ctx.needs_input_grad[:4]
+        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
+        x_rows = x.reshape(-1, x.shape[-1])
+        if torch.is_grad_enabled():  # create_graph: the saved scale and norm have no graph to differentiate
+            grad_x, grad_v, grad_g, grad_bias = _differentiable_grads(grad_rows, x_rows, v, g, x.shape, ctx.needs_input_grad)
+            grad_x = None if grad_x is None else grad_x.to(x_dtype)
+            return grad_x, grad_v, grad_g, None if grad_bias is None else grad_bias.to(bias_dtype), None
+        grad_unscaled = grad_rows * scale.to(grad_rows.dtype)
+        # summed in the norm's precision (float32 under autocast, float64 for float64 layers)
+        grad_g = (grad_rows.to(norm.dtype) * unscaled.reshape(grad_rows.shape).to(norm.dtype)).sum(0).div_(norm)
+        grad_x = grad_v = grad_bias = None
+        if need_x:
+            grad_x = (grad_unscaled @ v_low).reshape(x.shape).to(x_dtype)
+        if need_v:
+            grad_v = (grad_unscaled.T @ x_rows).to(v.dtype)
+            # d(g/||v||)/dv = -g * v / ||v||^3, added in place: no second weight-sized tensor
+            grad_v.addcmul_(v, (grad_g * scale).div_(norm).unsqueeze(1), value=-1)
+        if need_bias:
+            grad_bias = grad_rows.sum(0).to(bias_dtype)
+        return grad_x, grad_v, grad_g.reshape(g.shape) if need_g else None, grad_bias, None
+
+
+def _differentiable_grads(grad_rows: Tensor, x_rows: Tensor, v: Tensor, g: Tensor, x_shape, needs: tuple[bool, ...]):
+    """:meth:`ScaledLinear.backward` from out-of-place ops on tensors in the graph, so that it can be differentiated."""
+    need_x, need_v, need_g, need_bias = needs[:4]
+    norm = torch.linalg.vector_norm(v, dim=1)
+    scale = g.reshape(-1) / norm
+    grad_unscaled = grad_rows * scale.to(grad_rows.dtype)
+    grad_g = (grad_rows * (x_rows @ v.to(x_rows.dtype).T)).sum(0).to(norm.dtype) / norm
+    grad_x = (grad_unscaled @ v.to(grad_unscaled.dtype)).reshape(x_shape) if need_x else None
+    grad_v = (grad_unscaled.T @ x_rows).to(v.dtype) - v * (grad_g * scale / norm).unsqueeze(1) if need_v else None
+    grad_bias = grad_rows.sum(0) if need_bias else None
+    return grad_x, grad_v, grad_g.reshape(g.shape) if need_g else None, grad_bias
