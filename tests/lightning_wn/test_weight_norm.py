@@ -582,3 +582,25 @@ def test_parameters_made_in_inference_mode_compute_with_and_without_grad_and_ins
             torch.testing.assert_close(layer(x), expected)
         with scope(), torch.no_grad():
             torch.testing.assert_close(layer(x), expected)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv_transpose2d", "lstm_cell", "rnn"])
+def test_assigning_a_weight_sets_g_and_v_so_that_the_layer_computes_it(kind):
+    make, shape = LAYERS[kind]
+    layer = weight_norm(make())
+    name = default_names(layer)[-1]
+    wanted = torch.randn_like(getattr(layer, name))
+    params = {n: p for n, p in layer.named_parameters()}
+    setattr(layer, name, wanted)  # as torch's right_inverse: g and v change in place, the parameters stay
+    torch.testing.assert_close(getattr(layer, name), wanted)
+    assert {n: p for n, p in layer.named_parameters()} == params and is_weight_normalized(layer, name)
+    reference = make()
+    reference.load_state_dict({k: v for k, v in layer.state_dict().items()}, strict=False)  # fills the other tensors
+    with torch.no_grad():
+        for other in default_names(layer):
+            setattr(reference, other, nn.Parameter(getattr(layer, other).detach().clone()))
+    x = torch.randn(shape)
+    out, expected = layer(x), reference(x)
+    torch.testing.assert_close(out[0] if isinstance(out, tuple) else out, expected[0] if isinstance(expected, tuple) else expected)
+    with pytest.raises(TypeError, match=f"`{name}` of a weight-normalized layer is computed; assign a tensor"):
+        setattr(layer, name, 1.0)
