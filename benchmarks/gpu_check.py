@@ -177,7 +177,8 @@ def lstm(accelerator: str) -> None:
     assert_close("ours on the device against the CPU", (out, grads), reference, rtol=1e-4, atol=1e-5)
     assert_close("ours against torch's weight norm", (out, grads), (theirs_out, theirs_grads), rtol=1e-4, atol=1e-5)
     assert_close("ours against the folded LSTM", out, folded_out, rtol=1e-4, atol=1e-5)
-    dtypes = [torch.bfloat16, torch.float16] if device == "cuda" else [torch.bfloat16]
+    # on a CPU (the dry run) oneDNN has no bf16 LSTM below AVX-512 ("could not create a primitive descriptor")
+    dtypes = [torch.bfloat16, torch.float16] if device == "cuda" else []
     for dtype in dtypes:  # cuDNN runs the LSTM in the autocast dtype: ours must hand it weights it can cast
         out, grads = forward_backward(ours, x, target, dtype)
         theirs_out, _ = forward_backward(theirs, x, target, dtype)
