@@ -18,22 +18,11 @@ from lightning_wn.checkpoint import read_checkpoint
 from lightning_wn.convert import from_torch, to_torch
 from lightning_wn.init import InitReport, ModuleInit, data_dependent_init
 from lightning_wn.mean_only_bn import MeanOnlyBatchNorm, attach_mean_only_bn
-from lightning_wn.models import (
-    apply_weight_norm,
-    limit_direction_norm,
-    remove_weight_norm,
-    select_layers,
-    weight_normalized_modules,
-)
+from lightning_wn.models import apply_weight_norm, limit_direction_norm, remove_weight_norm, select_layers
+from lightning_wn.models import weight_normalized_modules
 from lightning_wn.state_dict import fold_state_dict
-from lightning_wn.weight_norm import (
-    DEFAULT_LAYERS,
-    SUPPORTED_LAYERS,
-    WeightNorm,
-    is_weight_normalized,
-    weight_norm,
-    weight_norms,
-)
+from lightning_wn.weight_norm import DEFAULT_LAYERS, SUPPORTED_LAYERS, WeightNorm, is_weight_normalized, weight_norm
+from lightning_wn.weight_norm import weight_norms
 
 _LIGHTNING = {"WeightNormalization", "FoldWeightNormOnLoad", "load_from_checkpoint"}
 
@@ -48,29 +37,9 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "DEFAULT_LAYERS",
-    "SUPPORTED_LAYERS",
-    "ComputedWeight",
-    "FoldWeightNormOnLoad",
-    "InitReport",
-    "MeanOnlyBatchNorm",
-    "ModuleInit",
-    "WeightNorm",
-    "WeightNormalization",
-    "apply_weight_norm",
-    "attach_mean_only_bn",
-    "cached",
-    "data_dependent_init",
-    "fold_state_dict",
-    "from_torch",
-    "is_weight_normalized",
-    "limit_direction_norm",
-    "load_from_checkpoint",
-    "read_checkpoint",
-    "remove_weight_norm",
-    "select_layers",
-    "to_torch",
-    "weight_norm",
-    "weight_norms",
-    "weight_normalized_modules",
-]
+    "DEFAULT_LAYERS", "SUPPORTED_LAYERS", "ComputedWeight", "FoldWeightNormOnLoad", "InitReport", "MeanOnlyBatchNorm",
+    "ModuleInit", "WeightNorm", "WeightNormalization", "apply_weight_norm", "attach_mean_only_bn", "cached",
+    "data_dependent_init", "fold_state_dict", "from_torch", "is_weight_normalized", "limit_direction_norm",
+    "load_from_checkpoint", "read_checkpoint", "remove_weight_norm", "select_layers", "to_torch", "weight_norm",
+    "weight_normalized_modules", "weight_norms",
+]  # fmt: skip

@@ -1,17 +1,4 @@
-r"""``w = g * v / ||v||`` as one autograd node, exact to the second derivative.
-
-The forward takes ATen's fused kernel where it has one (the norm over every axis but the first or
-the last, in float32 or float64), the one torch's own weight norm uses. The backward takes ATen's
-fused backward too, except under ``create_graph`` (gradient penalties): ATen's differentiable
-backward reads the norm it saved as an output of its own node, which drops the gradient sent to
-it, so the part of the second derivative that flows through ``||v||`` would be lost. There
-:func:`weight_norm_grads` rebuilds the gradients from differentiable ops on ``v`` and ``g``.
-
-The node keeps ``v`` and ``g`` as attributes instead of saving them: a ``w`` reused inside
-:func:`lightning_wn.cached` may serve several forward passes whose losses are backpropagated
-separately (``loss_a.backward(); loss_b.backward()``). Their versions are checked instead, as
-autograd checks saved tensors.
-"""
+r"""``w = g * v / ||v||`` as one autograd node, exact to the second derivative."""
 
 from __future__ import annotations
 
@@ -38,8 +25,7 @@ def weight_norm_grads(grad_w: Tensor, v: Tensor, g: Tensor, dim: int) -> tuple[T
 
     Example:
         >>> v, g = torch.randn(2, 3, requires_grad=True), torch.rand(2, 1, requires_grad=True)
-        >>> w = g * v / v.norm(dim=1, keepdim=True)
-        >>> grad_w = torch.randn(2, 3)
+        >>> w, grad_w = g * v / v.norm(dim=1, keepdim=True), torch.randn(2, 3)
         >>> expected = torch.autograd.grad(w, (v, g), grad_w)
         >>> all(torch.allclose(a, b, atol=1e-6) for a, b in zip(weight_norm_grads(grad_w, v, g, 0), expected))
         True
@@ -54,15 +40,19 @@ def weight_norm_grads(grad_w: Tensor, v: Tensor, g: Tensor, dim: int) -> tuple[T
 class NormalizedWeight(torch.autograd.Function):
     """``w = g * v / ||v||`` with the norm over every axis of ``v`` but ``dim`` (``-1``: one norm).
 
+    Forward and backward take ATen's fused kernels, the ones torch's own weight norm uses, where they
+    apply (the norm over every axis but the first or the last, in float32 or float64).
+
     Example:
         >>> v, g = torch.randn(2, 3), torch.rand(2, 1)
-        >>> w = NormalizedWeight.apply(v, g, 0)
-        >>> torch.allclose(w.norm(dim=1, keepdim=True), g)
+        >>> torch.allclose(NormalizedWeight.apply(v, g, 0).norm(dim=1, keepdim=True), g)
         True
     """
 
     @staticmethod
     def forward(ctx, v: Tensor, g: Tensor, dim: int) -> Tensor:
+        # kept, not saved: a w reused inside lightning_wn.cached() may serve several forward passes whose losses are
+        # backpropagated separately (loss_a.backward(); loss_b.backward()); versions are checked as autograd would
         ctx.v, ctx.g, ctx.dim, ctx.versions = v, g, dim, (v._version, g._version)
         ctx.fused = v.dim() > 1 and dim in (0, v.dim() - 1) and v.dtype in (torch.float32, torch.float64)
         if ctx.fused:
@@ -80,14 +70,15 @@ class NormalizedWeight(torch.autograd.Function):
                 "pass and its backward: the gradient would be computed from other weights. Call backward before "
                 "stepping, or recompute the forward."
             )
-        if torch.is_grad_enabled():  # create_graph: ctx.norm was computed outside the graph
+        if torch.is_grad_enabled():
+            # create_graph (gradient penalties): ctx.norm was computed outside the graph, and ATen's differentiable
+            # backward drops the gradient sent to the norm it saves, so the part through ||v|| would be lost
             return *weight_norm_grads(grad_w, v, g, ctx.dim), None
         if ctx.fused:
             grad_v, grad_g = torch.ops.aten._weight_norm_interface_backward.default(grad_w.contiguous(), v, g, norm, ctx.dim)
             return grad_v, grad_g, None
         dot = (grad_w * v).sum(dim=norm_axes(v, ctx.dim), keepdim=True)
-        grad_g = dot / norm
         # the component of grad_w along v does not reach v: w does not depend on ||v||
         grad_v = grad_w * (g / norm)
         grad_v.addcmul_(v, g * dot / norm.pow(3), value=-1)
-        return grad_v, grad_g.reshape(g.shape), None
+        return grad_v, (dot / norm).reshape(g.shape), None

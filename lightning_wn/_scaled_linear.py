@@ -1,14 +1,4 @@
-r"""The paper's fast path for a large weight-normalized ``Linear``: scale the output, not the weight.
-
-``y = (x @ v.T) * (g / ||v||) + b`` never builds ``w``. When the batch has fewer rows than the layer
-has inputs, scaling the (rows x out) output costs less than building the (out x in) weight, and the
-backward folds the norm's gradient into the matmul's gradient in place instead of adding two
-weight-sized tensors (measured on the Nature DQN's 3136 x 512 layer: 1.13x a plain step built,
-1.05x scaled, in float32; 1.3x against 1.0x under bfloat16 autocast). The matmul runs in
-``dtype`` (autocast's, for mixed precision), ``||v||`` in ``v``'s own. Under ``create_graph``
-(gradient penalties) the backward is built from differentiable ops instead: the scale and norm
-saved by the forward were computed outside the graph.
-"""
+"""The paper's fast path for a large weight-normalized ``Linear``: scale the output, not the weight."""
 
 from __future__ import annotations
 
@@ -18,7 +8,13 @@ from torch import Tensor
 
 
 class ScaledLinear(torch.autograd.Function):
-    """``y = (x @ v.T) * g / ||v|| + b`` with ``||v||`` over each row of ``v``, the matmul in ``dtype``.
+    """``y = (x @ v.T) * g / ||v|| + b`` with ``||v||`` over each row of ``v``, never building ``w``.
+
+    When the batch has fewer rows than the layer has inputs, scaling the (rows x out) output costs less
+    than building the (out x in) weight, and the backward folds the norm's gradient into the matmul's in
+    place instead of adding two weight-sized tensors (on the Nature DQN's 3136 x 512 layer a train step
+    pays a few percent less in float32, much less under bfloat16 autocast: docs/benchmarks.md). The
+    matmul runs in ``dtype`` (autocast's, for mixed precision), ``||v||`` in ``v``'s own.
 
     Example:
         >>> x, v, g = torch.randn(3, 4), torch.randn(2, 4), torch.rand(2, 1)
@@ -45,10 +41,16 @@ class ScaledLinear(torch.autograd.Function):
         need_x, need_v, need_g, need_bias = ctx.needs_input_grad[:4]
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
         x_rows = x.reshape(-1, x.shape[-1])
-        if torch.is_grad_enabled():  # create_graph: the saved scale and norm have no graph to differentiate
-            grad_x, grad_v, grad_g, grad_bias = _differentiable_grads(grad_rows, x_rows, v, g, x.shape, ctx.needs_input_grad)
-            grad_x = None if grad_x is None else grad_x.to(x_dtype)
-            return grad_x, grad_v, grad_g, None if grad_bias is None else grad_bias.to(bias_dtype), None
+        if torch.is_grad_enabled():
+            # create_graph (gradient penalties): the saved scale and norm have no graph; out-of-place ops from v and g
+            norm = torch.linalg.vector_norm(v, dim=1)
+            scale = g.reshape(-1) / norm
+            grad_unscaled = grad_rows * scale.to(grad_rows.dtype)
+            grad_g = (grad_rows * (x_rows @ v.to(x_rows.dtype).T)).sum(0).to(norm.dtype) / norm
+            grad_x = (grad_unscaled @ v.to(grad_unscaled.dtype)).reshape(x.shape).to(x_dtype) if need_x else None
+            grad_v = (grad_unscaled.T @ x_rows).to(v.dtype) - v * (grad_g * scale / norm).unsqueeze(1) if need_v else None
+            grad_bias = grad_rows.sum(0).to(bias_dtype) if need_bias else None
+            return grad_x, grad_v, grad_g.reshape(g.shape) if need_g else None, grad_bias, None
         grad_unscaled = grad_rows * scale.to(grad_rows.dtype)
         # summed in the norm's precision (float32 under autocast, float64 for float64 layers)
         grad_g = (grad_rows.to(norm.dtype) * unscaled.reshape(grad_rows.shape).to(norm.dtype)).sum(0).div_(norm)
@@ -63,15 +65,3 @@ class ScaledLinear(torch.autograd.Function):
             grad_bias = grad_rows.sum(0).to(bias_dtype)
         return grad_x, grad_v, grad_g.reshape(g.shape) if need_g else None, grad_bias, None
 
-
-def _differentiable_grads(grad_rows: Tensor, x_rows: Tensor, v: Tensor, g: Tensor, x_shape, needs: tuple[bool, ...]):
-    """:meth:`ScaledLinear.backward` from out-of-place ops on tensors in the graph, so that it can be differentiated."""
-    need_x, need_v, need_g, need_bias = needs[:4]
-    norm = torch.linalg.vector_norm(v, dim=1)
-    scale = g.reshape(-1) / norm
-    grad_unscaled = grad_rows * scale.to(grad_rows.dtype)
-    grad_g = (grad_rows * (x_rows @ v.to(x_rows.dtype).T)).sum(0).to(norm.dtype) / norm
-    grad_x = (grad_unscaled @ v.to(grad_unscaled.dtype)).reshape(x_shape) if need_x else None
-    grad_v = (grad_unscaled.T @ x_rows).to(v.dtype) - v * (grad_g * scale / norm).unsqueeze(1) if need_v else None
-    grad_bias = grad_rows.sum(0) if need_bias else None
-    return grad_x, grad_v, grad_g.reshape(g.shape) if need_g else None, grad_bias

@@ -1,17 +1,10 @@
-"""An explicit, scoped cache of normalized weights: ``with lightning_wn.cached(): ...``.
-
-Outside it every read of a normalized weight computes ``w = g * v / ||v||`` afresh. Inside it, each
-weight is computed once and reused, so a module called many times in one step (an unrolled
-``LSTMCell``) pays for one norm, not one per call. The cache dies with its ``with`` block, and an
-entry serves a read only while it was computed from the very same ``g`` and ``v`` tensors, at the
-same versions (an optimizer step inside the block recomputes) and in the same grad mode.
-"""
+"""An explicit, scoped cache of normalized weights: ``with lightning_wn.cached(): ...``."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from collections.abc import Iterator
 
 from torch import nn
 
@@ -20,10 +13,13 @@ _active: ContextVar[dict[nn.Module, tuple] | None] = ContextVar("lightning_wn_ca
 
 @contextmanager
 def cached() -> Iterator[None]:
-    """Compute each normalized weight once inside this block; nested blocks share the outer cache.
+    """Compute each normalized weight ``w = g * v / ||v||`` once inside this block, not at each read.
 
-    The ``WeightNormalization`` callback enters it around every training, validation, test and
-    predict step; in plain PyTorch, wrap a forward that calls a normalized module many times.
+    A module called many times in one step (an unrolled ``LSTMCell``) then pays for one norm, not one
+    per call. An entry serves only while made from the very same ``g`` and ``v`` tensors, at the same
+    versions (an optimizer step inside the block recomputes) and in the same grad mode; the cache dies
+    with the block, and nested blocks share the outer one. The ``WeightNormalization`` callback enters
+    it around every training, validation, test and predict step.
 
     Example:
         >>> import torch
@@ -36,10 +32,7 @@ def cached() -> Iterator[None]:
         >>> h[0].shape
         torch.Size([2, 8])
     """
-    if _active.get() is not None:
-        yield
-        return
-    token = _active.set({})
+    token = _active.set({} if _active.get() is None else _active.get())
     try:
         yield
     finally:

@@ -1,21 +1,15 @@
 """The ``WeightNormalization`` Lightning callback: *when* things happen; the library says *how*.
 
-* ``setup``: apply weight norm (and mean-only batch norm), before optimizers are built and DDP
-  wraps the model, so the optimizer holds ``g`` and ``v`` and DDP all-reduces their gradients.
-  What cannot work is refused here: a weight-averaging callback listed first (it copies the model
-  in its own ``setup``), pruning beside weight norm.
-* ``on_fit_start``: the data-dependent init, once per training run, on training examples
-  (``on_train_start`` under ``ModelParallelStrategy``, which restores a checkpoint after ``on_fit_start``).
-  Layers that ``configure_model`` built and left plain are refused here, the first moment they exist.
-* ``on_*_batch_start`` / ``on_*_batch_end``: every step runs inside :func:`lightning_wn.cached`.
-* ``on_train_batch_end``: the hard limit on ``||v||``, if asked for.
+* ``setup``: apply weight norm (and mean-only batch norm) before optimizers are built and DDP wraps
+  the model, so the optimizer holds ``g`` and ``v`` and DDP all-reduces their gradients.
+* ``on_fit_start``: the data-dependent init, once per training run, on training examples.
+* every step runs inside :func:`lightning_wn.cached`; after each training step, the limit on ``||v||``.
 * ``on_fit_end``: fold weight norm away, if asked for.
-* ``on_load_checkpoint``: a run trained without weight norm resumes with it; its optimizer states,
-  saved for plain weights, restart at ``on_fit_start``, before the trainer restores them.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Sequence
@@ -32,8 +26,8 @@ from typing_extensions import override
 
 from lightning_wn.cache import cached
 from lightning_wn.checkpoint import read_checkpoint
-from lightning_wn.init import data_dependent_init
-from lightning_wn.init_inputs import Inputs, concatenate, example_count, model_inputs
+from lightning_wn.init import _is_sharded, data_dependent_init
+from lightning_wn.init_inputs import concatenate, example_count, model_inputs
 from lightning_wn.mean_only_bn import attach_mean_only_bn
 from lightning_wn.models import (
     apply_weight_norm,
@@ -60,31 +54,26 @@ _UNSHARDED_ONLY = {
     "max_norm": "it rescales each rank's shard of v by norms taken on that shard only",
     "fold_on_fit_end": "it folds sharded g and v in place; fold the full checkpoint instead (`lightning_wn.load_from_checkpoint`)",
 }
+_OWN_KEYS = ("params", "param_names")  # what an optimizer's param group holds of its own, not hyperparameters
 
 
 class WeightNormalization(Callback):
     r"""Weight normalization for any LightningModule, with the paper's data-dependent init.
 
     Args:
-        include: the layers to normalize: ``torch.nn`` layer names (``"Conv2d"``) or glob
-            patterns over module names (``"encoder.*"``); default every ``Linear``, ``Conv*`` and
-            ``ConvTranspose*``. Recurrent layers (``"LSTMCell"``) only when named.
+        include: layers to normalize: ``torch.nn`` layer names (``"Conv2d"``) or glob patterns over module names
+            (``"encoder.*"``); default every ``Linear``, ``Conv*`` and ``ConvTranspose*`` (recurrent only when named).
         exclude: layers to leave plain, in the same form.
-        weight_norm: False leaves the layers plain and only runs the data-dependent init, like
-            the paper's un-normalized baseline (the init rescales weight rows instead of ``g``).
+        weight_norm: False leaves the layers plain and only runs the init (which then rescales weight rows).
         data_init: run the data-dependent init when fit starts (once per run, never on resume).
         init_samples: training examples for the init, split across ranks (500 in the paper).
         init_scale: the standard deviation each pre-activation starts with.
-        input_key: where the model input sits in a batch: an index into a tuple or list batch,
-            a key of a dict batch; default the batch itself if it is a tensor, else its first
-            element. The LightningModule's ``forward`` is called with it. A list of indices or
-            keys (``["mel", "noise"]``) passes those entries as positional arguments, in order.
-            For anything else, the LightningModule may define ``data_init_inputs(batch)``,
-            returning a tensor, a tuple (``forward(*inputs)``) or a dict (``forward(**inputs)``)
-            of tensors that share their first (batch) axis; ``input_key`` is then left out.
+        input_key: the index or dict key of ``forward``'s input in a batch (default the batch, or its first element);
+            a list (``["mel", "noise"]``) passes several as positional arguments. Or leave it out and define
+            ``data_init_inputs(batch)`` on the module, returning a tensor, a tuple (``forward(*inputs)``) or a
+            dict (``forward(**inputs)``) of tensors that share their first (batch) axis.
         mean_only_bn: put the paper's mean-only batch norm after every normalized layer.
-        max_norm: after each training batch, rescale any ``||v||`` above this (the paper's hard
-            limit; the network's function is unchanged).
+        max_norm: after each training batch, rescale any ``||v||`` above this (the function is unchanged).
         fold_on_fit_end: fold ``g`` and ``v`` into plain weights when fit ends.
         log_scale_factor: learn ``s`` with ``g = exp(c * s)``, ``c`` being this value.
         paper_init: re-draw every ``v`` from N(0, 0.05) before the init, as in the paper.
@@ -116,37 +105,32 @@ class WeightNormalization(Callback):
         init_scale = positive_number("init_scale", init_scale)
         max_norm = None if max_norm is None else positive_number("max_norm", max_norm)
         log_scale_factor = None if log_scale_factor is None else positive_number("log_scale_factor", log_scale_factor)
-        if not weight_norm:  # each of these acts on g or v, which a plain layer does not have
-            ignored = {"mean_only_bn": mean_only_bn, "max_norm": max_norm, "log_scale_factor": log_scale_factor,
-                       "paper_init": paper_init}  # fmt: skip
-            for argument, value in ignored.items():
-                if value not in (None, False):
-                    raise ValueError(
-                        f"`{argument}`={value!r} needs weight norm, but `weight_norm`=False leaves the layers "
-                        f"plain: set `weight_norm=True`, or leave `{argument}` out."
-                    )
+        # each of these acts on g or v, which a plain layer does not have
+        needs_g = {"mean_only_bn": mean_only_bn, "max_norm": max_norm, "log_scale_factor": log_scale_factor,
+                   "paper_init": paper_init}  # fmt: skip
+        for argument, value in () if weight_norm else needs_g.items():
+            if value not in (None, False):
+                raise ValueError(
+                    f"`{argument}`={value!r} needs weight norm, but `weight_norm`=False leaves the layers "
+                    f"plain: set `weight_norm=True`, or leave `{argument}` out."
+                )
         keys = list(input_key) if isinstance(input_key, (list, tuple)) else [input_key]
-        valid = all(isinstance(key, (int, str)) and not isinstance(key, bool) for key in keys)
-        if input_key is not None and not (keys and valid):
+        valid = keys and all(isinstance(key, (int, str)) and not isinstance(key, bool) for key in keys)
+        if input_key is not None and not valid:
             raise TypeError(f"`input_key` must be an index, a key, or a non-empty list of them, got {input_key!r}.")
         for argument, value in (("include", include), ("exclude", exclude)):
             if isinstance(value, str):
                 raise TypeError(f"`{argument}` must be a list of names or patterns, got the string {value!r}.")
         self.include = None if include is None else list(include)
         self.exclude = list(exclude)
-        self.weight_norm = weight_norm
-        self.data_init = data_init
-        self.init_samples = init_samples
+        self.weight_norm, self.data_init, self.init_samples = weight_norm, data_init, init_samples
         self.init_scale = init_scale
-        self.input_key = list(input_key) if isinstance(input_key, (list, tuple)) else input_key
-        self.mean_only_bn = mean_only_bn
-        self.max_norm = max_norm
-        self.fold_on_fit_end = fold_on_fit_end
-        self.log_scale_factor = log_scale_factor
-        self.paper_init = paper_init
+        self.input_key = keys if isinstance(input_key, (list, tuple)) else input_key
+        self.mean_only_bn, self.max_norm, self.fold_on_fit_end = mean_only_bn, max_norm, fold_on_fit_end
+        self.log_scale_factor, self.paper_init = log_scale_factor, paper_init
         self.normalized: list[str] = []
         self.initialized = False
-        self._restored: dict[str, Any] | None = None
+        self._restored: dict[str, Any] | None = None  # applied at the init, not in load_state_dict
         self._plain_checkpoint: dict[str, Any] | None = None  # its optimizer states are for plain weights
         self._cache = ExitStack()  # the open cached() scope of the current step, if any
 
@@ -156,35 +140,44 @@ class WeightNormalization(Callback):
         for refused, why in _REFUSED_STRATEGIES.items():
             if isinstance(strategy, refused):
                 raise RuntimeError(f"WeightNormalization does not support `{type(strategy).__name__}`: {why}. {_SHARD_INSTEAD}")
-        sharded = isinstance(strategy, ModelParallelStrategy)
-        if sharded:
-            self._check_model_parallel(strategy)
-        if self.input_key is not None and _init_inputs_hook(pl_module) is not None:
+        if isinstance(strategy, ModelParallelStrategy):
+            mesh = strategy.device_mesh
+            if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+                raise RuntimeError(
+                    f"WeightNormalization supports `ModelParallelStrategy` for data parallelism only (FSDP2's "
+                    f"`fully_shard`), but its `tensor_parallel_size` is {mesh['tensor_parallel'].size()}: tensor "
+                    "parallelism splits a layer's `weight` parameter, which weight norm computes from g and v, and its "
+                    "output, whose per-unit statistics the init needs whole. Set `tensor_parallel_size=1` and "
+                    "`data_parallel_size` to the number of devices."
+                )
+            for argument, why in _UNSHARDED_ONLY.items():
+                if (value := getattr(self, argument)) not in (None, False):
+                    raise ValueError(
+                        f"`{argument}`={value!r} is not supported under `ModelParallelStrategy`: {why}. Leave "
+                        f"`{argument}` out, or train with `strategy='ddp'`."
+                    )
+        if self.input_key is not None and callable(getattr(pl_module, "data_init_inputs", None)):
             raise ValueError(
                 f"`input_key`={self.input_key!r} and `{type(pl_module).__name__}.data_init_inputs` both say what "
                 "the data-dependent init passes to `forward`: keep one (leave `input_key` out to use the method)."
             )
         selected = select_layers(pl_module, self.include, self.exclude)
-        _refuse_callbacks_that_cannot_work(trainer, self, selected if self.weight_norm else [])
-        self._normalize_layers(pl_module, selected)
-
-    def _check_model_parallel(self, strategy: ModelParallelStrategy) -> None:
-        mesh = strategy.device_mesh
-        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+        callbacks = list(trainer.callbacks)
+        # a weight-averaging callback copies the model in its own setup: before ours, it copies plain layers
+        averaging = (StochasticWeightAveraging, WeightAveraging)
+        if first := [c for c in callbacks[: callbacks.index(self)] if isinstance(c, averaging)]:
             raise RuntimeError(
-                f"WeightNormalization supports `ModelParallelStrategy` for data parallelism only (FSDP2's "
-                f"`fully_shard`), but its `tensor_parallel_size` is {mesh['tensor_parallel'].size()}: tensor "
-                "parallelism splits a layer's `weight` parameter, which weight norm computes from g and v, and its "
-                "output, whose per-unit statistics the init needs whole. Set `tensor_parallel_size=1` and "
-                "`data_parallel_size` to the number of devices."
+                f"{type(first[0]).__name__} is listed before WeightNormalization, so it copies the model before its "
+                "layers are weight-normalized, and cannot average g and v into that copy. List WeightNormalization "
+                "first: `callbacks=[WeightNormalization(...), ...]`."
             )
-        for argument, why in _UNSHARDED_ONLY.items():
-            value = getattr(self, argument)
-            if value not in (None, False):
-                raise ValueError(
-                    f"`{argument}`={value!r} is not supported under `ModelParallelStrategy`: {why}. Leave "
-                    f"`{argument}` out, or train with `strategy='ddp'`."
-                )
+        if self.weight_norm and selected and any(isinstance(c, ModelPruning) for c in callbacks):
+            raise RuntimeError(
+                "ModelPruning cannot prune weight-normalized layers (their weight is computed from g and v, not a "
+                "parameter), and which layers it prunes is its own private state. Prune without weight norm: fit with "
+                "`WeightNormalization(fold_on_fit_end=True)`, then prune the plain layers in a run of their own."
+            )
+        self._normalize_layers(pl_module, selected)
 
     def _normalize_layers(self, pl_module: pl.LightningModule, selected: list[str]) -> None:
         self.normalized = selected
@@ -206,7 +199,16 @@ class WeightNormalization(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._refuse_plain_layers_from_configure_model(pl_module)
+        # configure_model has run since setup: the layers it built exist only now
+        selected = select_layers(pl_module, self.include, self.exclude)
+        modules = dict(pl_module.named_modules())
+        if plain := [name for name in selected if self.weight_norm and not is_weight_normalized(modules[name])]:
+            raise RuntimeError(
+                f"Layers {', '.join(f'`{name}`' for name in plain)} were built after WeightNormalization's `setup` "
+                "(in `configure_model`) and are left plain. Normalize them where they are built: call "
+                "`lightning_wn.apply_weight_norm(self, ...)` at the end of `configure_model` (before `fully_shard`)."
+            )
+        self.normalized = selected  # the init's targets, with the layers configure_model built
         self._restart_optimizer_states(trainer)
         if not trainer.strategy.restore_checkpoint_after_setup:
             self._data_init(trainer, pl_module)
@@ -216,18 +218,6 @@ class WeightNormalization(Callback):
         # ModelParallelStrategy restores a checkpoint after on_fit_start: only here is it known to be a resume
         if trainer.strategy.restore_checkpoint_after_setup:
             self._data_init(trainer, pl_module)
-
-    def _refuse_plain_layers_from_configure_model(self, pl_module: pl.LightningModule) -> None:
-        selected = select_layers(pl_module, self.include, self.exclude)
-        modules = dict(pl_module.named_modules())
-        plain = [name for name in selected if self.weight_norm and not is_weight_normalized(modules[name])]
-        if plain:
-            raise RuntimeError(
-                f"Layers {', '.join(f'`{name}`' for name in plain)} were built after WeightNormalization's `setup` "
-                "(in `configure_model`) and are left plain. Normalize them where they are built: call "
-                "`lightning_wn.apply_weight_norm(self, ...)` at the end of `configure_model` (before `fully_shard`)."
-            )
-        self.normalized = selected  # the init's targets, with the layers configure_model built
 
     # every step runs inside one cache scope: a module called many times per step computes its weight once
     def _open_cache(self, *args: Any) -> None:
@@ -243,7 +233,7 @@ class WeightNormalization(Callback):
     def _data_init(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Whether the init ran is our own state, restored or not: a tuner (BatchSizeFinder, LearningRateFinder)
         # also restores a checkpoint, one saved before the init
-        if self._restored is not None:  # restored state is applied here, not in load_state_dict
+        if self._restored is not None:
             self.initialized = self.initialized or bool(self._restored.get("initialized"))
             self._restored = None
         elif trainer.ckpt_path is not None and not self.initialized:
@@ -254,19 +244,6 @@ class WeightNormalization(Callback):
             self.initialized = True
         if not self.data_init or self.initialized:
             return
-        inputs, count = self._init_inputs(trainer, pl_module)
-        with trainer.precision_plugin.train_step_context():
-            # a run resumed without our state has no list of its own: every normalized layer
-            report = data_dependent_init(pl_module, inputs, modules=self.normalized or None, init_scale=self.init_scale)
-        self.initialized = True
-        stds = torch.cat([m.std for m in report.modules.values()])
-        rank_zero_info(
-            f"WeightNormalization: data-dependent init on {count} examples per rank; pre-init "
-            f"std per unit from {stds.min().item():.3g} to {stds.max().item():.3g}.\n{report}"
-        )
-
-    def _init_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Inputs, int]:
-        """The first ``init_samples / world_size`` examples of this rank's shard, as ``forward`` takes them."""
         trainer.fit_loop.setup_data()  # the processed loader: DistributedSampler, each rank its shard
         loader = trainer.train_dataloader
         if loader is None or isinstance(loader, (list, tuple, dict)):
@@ -274,24 +251,31 @@ class WeightNormalization(Callback):
                 "WeightNormalization's data-dependent init reads one training dataloader; got "
                 f"{type(loader).__name__}. Return a single DataLoader, or set `data_init=False`."
             )
-        wanted = math.ceil(self.init_samples / trainer.world_size)
-        hook = _init_inputs_hook(pl_module)
+        read = getattr(pl_module, "data_init_inputs", None)
+        where = f"`{type(pl_module).__name__}.data_init_inputs(batch)`"
+        if not callable(read):
+            where = f"the batch at `input_key`={self.input_key!r}"
+            read = functools.partial(model_inputs, input_key=self.input_key)
+        wanted = math.ceil(self.init_samples / trainer.world_size)  # the first examples of this rank's shard
         chunks, count = [], 0
         for batch in loader:
-            batch = trainer.strategy.batch_to_device(batch)
-            if hook is not None:
-                x = hook(batch)
-                where = f"`{type(pl_module).__name__}.data_init_inputs(batch)`"
-            else:
-                x = model_inputs(batch, self.input_key)
-                where = f"the batch at `input_key`={self.input_key!r}"
-            chunks.append(x)
-            count += example_count(x, where)
+            chunks.append(read(trainer.strategy.batch_to_device(batch)))
+            count += example_count(chunks[-1], where)
             if count >= wanted:
                 break
         if not chunks:
             raise ValueError("The training dataloader is empty: no examples for the data-dependent init.")
-        return concatenate(chunks, wanted), min(count, wanted)
+        with trainer.precision_plugin.train_step_context():
+            # a run resumed without our state has no list of its own: every normalized layer
+            report = data_dependent_init(
+                pl_module, concatenate(chunks, wanted), modules=self.normalized or None, init_scale=self.init_scale
+            )
+        self.initialized = True
+        stds = torch.cat([m.std for m in report.modules.values()])
+        rank_zero_info(
+            f"WeightNormalization: data-dependent init on {min(count, wanted)} examples per rank; pre-init "
+            f"std per unit from {stds.min().item():.3g} to {stds.max().item():.3g}.\n{report}"
+        )
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -307,12 +291,8 @@ class WeightNormalization(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "normalized": list(self.normalized),
-            "initialized": self.initialized,
-            "mean_only_bn": self.mean_only_bn,
-            "log_scale_factor": self.log_scale_factor,
-        }
+        state = {"normalized": list(self.normalized), "initialized": self.initialized}
+        return state | {"mean_only_bn": self.mean_only_bn, "log_scale_factor": self.log_scale_factor}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -321,9 +301,10 @@ class WeightNormalization(Callback):
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Weights trained without weight norm (a plain layer's `weight`) have just loaded into g and v; the
-        # optimizers, built later, get theirs after on_fit_start, which is where they are rewritten
+        # optimizers, built later, get theirs after on_fit_start, which is where they are rewritten. Only fit
+        # restores optimizer states; our own state in the checkpoint says it was trained with weight norm
         if trainer.state.fn != TrainerFn.FITTING or "optimizer_states" not in checkpoint:
-            return  # only fit restores optimizer states
+            return
         if self.state_key in checkpoint.get("callbacks", {}):
             return
         tensors = [f"{n}.{t}" for n, m in weight_normalized_modules(pl_module) for t in weight_norms(m)]
@@ -331,20 +312,19 @@ class WeightNormalization(Callback):
             self._plain_checkpoint = checkpoint
 
     def _restart_optimizer_states(self, trainer: pl.Trainer) -> None:
-        """The saved optimizer states hold moments of plain weights, which are now g and v: restart them.
-
-        Each group keeps its saved hyperparameters (a learning rate a scheduler lowered); the
-        per-parameter state (Adam's moments, momentum buffers) starts empty, as for a new parameter.
-        """
+        # the saved states hold moments of plain weights, now g and v: each group keeps its saved hyperparameters
+        # (a learning rate a scheduler lowered), its per-parameter state (Adam's moments) starts empty
         checkpoint, self._plain_checkpoint = self._plain_checkpoint, None
         if checkpoint is None:
             return
         restarted = []
         for saved, optimizer in zip(checkpoint["optimizer_states"], trainer.optimizers):
             fresh = optimizer.state_dict()
-            groups = saved["param_groups"]
-            if len(groups) == len(fresh["param_groups"]):
-                fresh["param_groups"] = [_with_params_of(new, old) for old, new in zip(groups, fresh["param_groups"])]
+            if len(groups := saved["param_groups"]) == len(fresh["param_groups"]):
+                fresh["param_groups"] = [
+                    {k: v for k, v in old.items() if k not in _OWN_KEYS} | {k: new[k] for k in _OWN_KEYS if k in new}
+                    for old, new in zip(groups, fresh["param_groups"])
+                ]
             restarted.append(fresh)
         checkpoint["optimizer_states"] = restarted
         rank_zero_warn(
@@ -354,33 +334,24 @@ class WeightNormalization(Callback):
         )
 
 
-def _with_params_of(group: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
-    """``saved``'s hyperparameters for ``group``'s parameters (and their names: the saved ones are plain weights')."""
-    hyperparameters = {key: value for key, value in saved.items() if key not in ("params", "param_names")}
-    return {**hyperparameters, **{key: group[key] for key in ("params", "param_names") if key in group}}
-
-
 class FoldWeightNormOnLoad:
-    """LightningModule mixin: checkpoints trained with weight norm load into the plain model.
+    """LightningModule mixin: ``Model.load_from_checkpoint`` folds the ``g`` and ``v`` it lacks into plain weights.
 
-    ``Model.load_from_checkpoint(path)`` then folds every ``g`` and ``v`` the model does not
-    itself have into plain weights; a model that is weight-normalized loads them as they are.
-    Put it before ``LightningModule`` in the bases: ``class Model(FoldWeightNormOnLoad, LightningModule)``.
+    A weight-normalized model loads them as they are. Put it first in the bases:
+    ``class Model(FoldWeightNormOnLoad, LightningModule)``.
     """
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
-        if "state_dict" not in checkpoint:  # ModelParallelStrategy loaded the weights into the model itself
-            return
-        own = self.state_dict().keys()  # type: ignore[attr-defined]
-        checkpoint["state_dict"] = fold_state_dict(checkpoint["state_dict"], keep=own)
+        if "state_dict" in checkpoint:  # absent when ModelParallelStrategy loaded the weights into the model itself
+            own = self.state_dict().keys()  # type: ignore[attr-defined]
+            checkpoint["state_dict"] = fold_state_dict(checkpoint["state_dict"], keep=own)
 
 
 def load_from_checkpoint(model_class: type[pl.LightningModule], path: str, **kwargs: Any) -> pl.LightningModule:
-    """``model_class.load_from_checkpoint(path)`` for a checkpoint trained with weight norm.
+    """``model_class.load_from_checkpoint(path)`` for a checkpoint trained with weight norm, folded into plain weights.
 
-    The weight-normalized entries are folded into plain weights first, so the plain model class
-    loads it strictly and computes exactly the trained function.
+    The plain model class then loads it strictly and computes exactly the trained function.
     """
     checkpoint = read_checkpoint(path, weights_only=False)
     checkpoint["state_dict"] = fold_state_dict(checkpoint["state_dict"])
@@ -390,40 +361,11 @@ def load_from_checkpoint(model_class: type[pl.LightningModule], path: str, **kwa
     return model_class.load_from_checkpoint(buffer, **kwargs)
 
 
-def _init_inputs_hook(pl_module: pl.LightningModule):
-    hook = getattr(pl_module, "data_init_inputs", None)
-    return hook if callable(hook) else None
-
-
 def _refuse_sharded_plain_layers(modules: dict[str, torch.nn.Module], plain: list[str]) -> None:
-    """A layer sharded by ``fully_shard`` before weight norm reached it cannot be normalized any more."""
-    if not torch.distributed.is_available():
-        return
-    from torch.distributed.tensor import DTensor
-
-    sharded = [name for name in plain if any(isinstance(p, DTensor) for p in modules[name].parameters())]
-    if sharded:
+    if sharded := [name for name in plain if any(map(_is_sharded, modules[name].parameters()))]:
         raise RuntimeError(
             f"Layers {', '.join(f'`{name}`' for name in sharded)} were sharded (`fully_shard`) before weight norm "
             "was applied: their parameters are now shards, and g and v must be made from the whole weight, then "
             "sharded. Build such layers in `__init__`, or call `lightning_wn.apply_weight_norm(self, ...)` in "
             "`configure_model` before `fully_shard`."
-        )
-
-
-def _refuse_callbacks_that_cannot_work(trainer: pl.Trainer, ours: Callback, normalized: list[str]) -> None:
-    callbacks = list(trainer.callbacks)
-    # a weight-averaging callback copies the model in its own setup: before ours, it copies plain layers
-    first = [c for c in callbacks[: callbacks.index(ours)] if isinstance(c, (StochasticWeightAveraging, WeightAveraging))]
-    if first:
-        raise RuntimeError(
-            f"{type(first[0]).__name__} is listed before WeightNormalization, so it copies the model before its "
-            "layers are weight-normalized, and cannot average g and v into that copy. List WeightNormalization "
-            "first: `callbacks=[WeightNormalization(...), ...]`."
-        )
-    if normalized and any(isinstance(c, ModelPruning) for c in callbacks):
-        raise RuntimeError(
-            "ModelPruning cannot prune weight-normalized layers (their weight is computed from g and v, not a "
-            "parameter), and which layers it prunes is its own private state. Prune without weight norm: fit with "
-            "`WeightNormalization(fold_on_fit_end=True)`, then prune the plain layers in a run of their own."
         )

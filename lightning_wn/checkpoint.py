@@ -1,7 +1,4 @@
-"""Reading a Lightning checkpoint file, with one clear error when the file is not one: an empty file, a copy cut
-short, a git-lfs pointer (cloned without ``git lfs pull``) or a bare ``torch.save(model.state_dict())`` otherwise
-surfaces as ``EOFError``, ``UnpicklingError`` or ``KeyError: 'state_dict'``, naming neither the file nor the fault.
-"""
+"""Reading a Lightning checkpoint file, with one clear error when the file is not one."""
 
 from __future__ import annotations
 
@@ -17,6 +14,8 @@ import torch
 def read_checkpoint(path: str | PathLike, *, weights_only: bool = True) -> dict[str, Any]:
     """The Lightning checkpoint at ``path``; a ``ValueError`` naming the file and its fault otherwise.
 
+    An empty file, a copy cut short, a git-lfs pointer or a bare ``torch.save(model.state_dict())`` would
+    otherwise surface as ``EOFError``, ``UnpicklingError`` or ``KeyError: 'state_dict'``, naming neither.
     ``weights_only`` is passed to ``torch.load`` (``False`` unpickles any object: trusted files only).
     A sharded checkpoint (the folder ``ModelParallelStrategy`` saves) is gathered into one full checkpoint.
 

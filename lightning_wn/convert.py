@@ -26,15 +26,10 @@ from lightning_wn.weight_norm import weight_norm, weight_norms
 def from_torch(model: nn.Module) -> list[str]:
     """Replace torch's weight norm with this library's, in place, on exactly the layers and tensors that have it.
 
-    Both torch's parametrization (``torch.nn.utils.parametrizations.weight_norm``) and its legacy hook
-    (``torch.nn.utils.weight_norm``), any ``dim`` (torch's ``None`` or -1, one norm over the whole tensor, is
-    ``dim=None`` here). Each tensor keeps its axis and its ``g`` and ``v`` bit for bit, so the model computes
-    and trains as before; spectral norm stays. ``g`` and ``v`` are new tensors: build the optimizer after.
-    Returns the qualified names of the modules converted, ``[]`` if none has torch's weight norm.
-
-    Raises:
-        ValueError: torch's weight norm is chained with, or on one layer beside, another of torch's
-            reparametrizations; checked before anything changes.
+    Torch's parametrization or legacy hook, any ``dim`` (torch's ``None`` or -1 is ``dim=None`` here); spectral
+    norm stays. ``g`` and ``v`` are new tensors: build the optimizer after. Returns the names of the modules
+    converted. A ``ValueError``, before anything changes, if torch's weight norm is chained with, or on one
+    layer beside, another of torch's reparametrizations.
     """
     found = {}
     for module_name, module in model.named_modules():
@@ -60,15 +55,10 @@ def from_torch(model: nn.Module) -> list[str]:
 def to_torch(model: nn.Module, legacy: bool = False) -> list[str]:
     """Put every layer weight-normalized by this library under torch's weight norm instead, in place.
 
-    Same tensors, axes, and ``g`` and ``v`` bit for bit, under ``torch.nn.utils.parametrizations.weight_norm``
-    (keys ``parametrizations.<name>.original0/1``) or, with ``legacy=True``, ``torch.nn.utils.weight_norm``
-    (``<name>_g``, ``<name>_v``), for a package's own code that saves, loads or inspects the model. ``g`` and
-    ``v`` are new tensors: build the optimizer after. torch pickles a parametrized model only by state dict.
-    Returns the qualified names of the modules converted.
-
-    Raises:
-        ValueError: a layer learns ``g = exp(c * s)`` (``log_scale_factor``), which torch has no form for;
-            checked before anything changes.
+    ``torch.nn.utils.parametrizations.weight_norm``, or ``torch.nn.utils.weight_norm`` with ``legacy=True``,
+    for code that saves, loads or inspects the model in torch's layout (torch pickles it only by state dict).
+    ``g`` and ``v`` are new tensors: build the optimizer after. Returns the names of the modules converted; a
+    ``ValueError`` before anything changes if a layer learns ``g = exp(c * s)`` (``log_scale_factor``).
     """
     normalized = list(weight_normalized_modules(model))
     for module_name, module in normalized:

@@ -1,12 +1,7 @@
-"""The paper's data-dependent initialization, done in one forward pass.
+"""The paper's data-dependent initialization, in one forward pass.
 
-Forward hooks fire in execution order. Each target module, on its first call, measures the
-per-unit mean and standard deviation of its output, rescales its own parameters so that output
-becomes zero-mean with standard deviation ``init_scale``, and hands the normalized output on:
-later layers see already-initialized inputs, exactly as a fresh forward pass would give them.
-Under ``torch.distributed`` the per-unit sums are all-reduced, so every rank sets the same values.
-A model sharded with FSDP2 (``fully_shard``) runs the pass on gathered parameters, which are freed
-after it: the same rescaling is then written into each rank's shard of the sharded parameters.
+Forward hooks fire in execution order: each target module, on its first call, rescales its own
+parameters and normalizes that output in place, so later layers see already-initialized inputs.
 """
 
 from __future__ import annotations
@@ -74,20 +69,18 @@ def data_dependent_init(
     r"""Initialize ``model`` so each target module's output starts zero-mean with std ``init_scale``.
 
     One forward pass of ``inputs`` (``model(inputs)``, ``model(*inputs)`` for a tuple or list,
-    ``model(**inputs)`` for a dict). Per output unit with pre-init mean :math:`\mu` and standard
-    deviation :math:`\sigma`, and :math:`s` = ``init_scale``:
+    ``model(**inputs)`` for a dict); under ``torch.distributed`` the statistics are over all ranks.
+    Per output unit with pre-init mean :math:`\mu` and std :math:`\sigma`, and :math:`s` = ``init_scale``:
 
     * weight-normalized layers: :math:`g \leftarrow g\,s/\sigma`, :math:`b \leftarrow (b - \mu)\,s/\sigma`;
-    * plain layers (the paper notes the method works without weight norm): the unit's weights
-      are multiplied by :math:`s/\sigma` instead of ``g``;
+    * plain layers (the paper notes it works without weight norm): the unit's weights times :math:`s/\sigma`;
     * :class:`~lightning_wn.MeanOnlyBatchNorm`: its running mean is set to the batch mean.
 
     Args:
         model: the network, in the mode (train/eval) it should be initialized in.
         inputs: one batch of model inputs; the paper used a few hundred examples.
-        modules: qualified names or glob patterns of the modules to initialize; default every
-            weight-normalized module, or every ``Linear``/``Conv*`` if none is normalized.
-            Recurrent layers are skipped: the method is for networks without recursion.
+        modules: names or glob patterns of the modules to initialize; default every weight-normalized
+            module, else every ``Linear``/``Conv*``. Recurrent layers are skipped (no recursion in the method).
         init_scale: the standard deviation each output unit starts with.
         min_std: units whose output varies less than this on the batch are left alone.
 
@@ -119,21 +112,17 @@ def data_dependent_init(
     sharded = [m for m in model.modules() if _is_sharded(m)]
     for m in sharded:
         m.reshard()
-    init = _Init(init_scale, min_std, report)
+    writes: list[tuple[nn.Module, Tensor, Tensor]] = []  # (module, scale, shift) of each rescaling
+    hook = functools.partial(_init_module, report, writes, init_scale, min_std)
     # prepended: a layer's own hooks (an attached mean-only batch norm) must see the initialized output
-    handles = [m.register_forward_hook(functools.partial(init.hook, name), prepend=True) for name, m in targets.items()]
+    handles = [m.register_forward_hook(functools.partial(hook, name), prepend=True) for name, m in targets.items()]
     # what the hooks rescale (the shards, under FSDP2), kept to put back if the forward fails halfway
-    touched = list({id(t): t for m in targets.values() for t in (*m.parameters(), *m.buffers())}.values())
-    before = [t.clone() for t in touched]
+    positional = isinstance(inputs, (tuple, list))
+    before = {id(t): (t, t.clone()) for m in targets.values() for t in (*m.parameters(), *m.buffers())}
     try:
-        if isinstance(inputs, dict):
-            model(**inputs)
-        elif isinstance(inputs, (tuple, list)):
-            model(*inputs)
-        else:
-            model(inputs)
+        model(**inputs) if isinstance(inputs, dict) else model(*inputs) if positional else model(inputs)
     except BaseException:
-        for tensor, saved in zip(touched, before):
+        for tensor, saved in before.values():
             tensor.copy_(saved)
         raise
     finally:
@@ -141,7 +130,7 @@ def data_dependent_init(
             handle.remove()
         for m in sharded:
             m.reshard()
-    for module, scale, shift in init.writes if sharded else ():  # the hooks rescaled gathered copies; now the shards
+    for module, scale, shift in writes if sharded else ():  # the hooks rescaled gathered copies; now the shards
         _rescale(module, scale, shift)
     for name, module in targets.items():
         if name in report.modules:
@@ -151,52 +140,43 @@ def data_dependent_init(
     return report
 
 
-@dataclass
-class _Init:
-    """One run of :func:`data_dependent_init`: its settings, its report, and the rescalings it made."""
-
-    init_scale: float
-    min_std: float
-    report: InitReport
-    writes: list[tuple[nn.Module, Tensor, Tensor]] = field(default_factory=list)  # (module, scale, shift) of each
-
-    def hook(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
-        """Initializes ``module`` on its first call and normalizes that call's output in place."""
-        if name in self.report.modules:  # called again in the same forward: the first call counts
-            return
-        if not isinstance(output, Tensor):
-            raise TypeError(f"Module `{name}` returned {type(output).__name__}, not a tensor.")
-        # inside its forward, an FSDP2 layer holds gathered plain tensors: a DTensor there is split across ranks by
-        # tensor parallelism, and so is the layer's output, whose per-unit statistics this rank cannot measure alone
-        if any(_is_sharded(p) for p in module.parameters()):
-            raise RuntimeError(
-                f"Module `{name}` has parameters split across ranks by tensor parallelism (DTensors in its forward): "
-                "data-dependent init measures each unit's statistics on the whole output, so it supports data "
-                "parallelism (DDP, FSDP2's `fully_shard`) only. Leave the tensor-parallel layers out of `modules`."
-            )
-        if isinstance(module, MeanOnlyBatchNorm):
-            mean, var = _unit_moments(args[0], 1, name)
-            shift = mean.to(module.running_mean.dtype) - module.running_mean
-            module.running_mean.add_(shift)
-            if not module.training:  # eval subtracted the old running mean; a fresh pass uses the new one
-                output.sub_(shift.view(1, -1, *([1] * (output.dim() - 2))).to(output.dtype))
-            ones = torch.ones_like(mean)
-            self.report.modules[name] = ModuleInit("mean_only_bn", mean.cpu(), var.sqrt().cpu(), ones.cpu(), True)
-            return
-        axis = output.dim() - 1 if isinstance(module, nn.Linear) else 1
-        mean, var = _unit_moments(output, axis, name)
-        std = var.sqrt()
-        tiny = std < self.min_std
-        has_bias = isinstance(getattr(module, "bias", None), Tensor)
-        scale = torch.where(tiny, 1.0, self.init_scale / std)
-        shift = torch.where(tiny | (not has_bias), 0.0, mean)
-        self.writes.append((module, scale, shift))
-        _rescale(module, scale, shift)
-        shape = [1] * output.dim()
-        shape[axis] = -1
-        output.sub_(shift.view(shape).to(output.dtype)).mul_(scale.view(shape).to(output.dtype))
-        kind, tiny_units = "weight_norm" if is_weight_normalized(module) else "plain", tiny.nonzero().flatten().tolist()
-        self.report.modules[name] = ModuleInit(kind, mean.cpu(), std.cpu(), scale.cpu(), has_bias, tiny_units)
+def _init_module(report: InitReport, writes: list, init_scale: float, min_std: float, name: str,
+                 module: nn.Module, args: tuple, output: Tensor) -> None:  # fmt: skip
+    """A forward hook: initializes ``module`` on its first call and normalizes that call's output in place."""
+    if name in report.modules:  # called again in the same forward: the first call counts
+        return
+    if not isinstance(output, Tensor):
+        raise TypeError(f"Module `{name}` returned {type(output).__name__}, not a tensor.")
+    # inside its forward, an FSDP2 layer holds gathered plain tensors: a DTensor there is split across ranks by
+    # tensor parallelism, and so is the layer's output, whose per-unit statistics this rank cannot measure alone
+    if any(_is_sharded(p) for p in module.parameters()):
+        raise RuntimeError(
+            f"Module `{name}` has parameters split across ranks by tensor parallelism (DTensors in its forward): "
+            "data-dependent init measures each unit's statistics on the whole output, so it supports data "
+            "parallelism (DDP, FSDP2's `fully_shard`) only. Leave the tensor-parallel layers out of `modules`."
+        )
+    if isinstance(module, MeanOnlyBatchNorm):
+        mean, var = _unit_moments(args[0], 1, name)
+        shift = mean.to(module.running_mean.dtype) - module.running_mean
+        module.running_mean.add_(shift)
+        if not module.training:  # eval subtracted the old running mean; a fresh pass uses the new one
+            output.sub_(shift.view(1, -1, *([1] * (output.dim() - 2))).to(output.dtype))
+        ones = torch.ones_like(mean)
+        report.modules[name] = ModuleInit("mean_only_bn", mean.cpu(), var.sqrt().cpu(), ones.cpu(), True)
+        return
+    axis = output.dim() - 1 if isinstance(module, nn.Linear) else 1
+    mean, var = _unit_moments(output, axis, name)
+    std = var.sqrt()
+    tiny = std < min_std
+    has_bias = isinstance(getattr(module, "bias", None), Tensor)
+    scale = torch.where(tiny, 1.0, init_scale / std)
+    shift = torch.where(tiny | (not has_bias), 0.0, mean)
+    writes.append((module, scale, shift))
+    _rescale(module, scale, shift)
+    shape = [-1 if d == axis else 1 for d in range(output.dim())]
+    output.sub_(shift.view(shape).to(output.dtype)).mul_(scale.view(shape).to(output.dtype))
+    kind, tiny_units = "weight_norm" if is_weight_normalized(module) else "plain", tiny.nonzero().flatten().tolist()
+    report.modules[name] = ModuleInit(kind, mean.cpu(), std.cpu(), scale.cpu(), has_bias, tiny_units)
 
 
 def _unit_moments(y: Tensor, axis: int, name: str) -> tuple[Tensor, Tensor]:
@@ -244,17 +224,16 @@ def _rescale(module: nn.Module, scale: Tensor, shift: Tensor) -> None:
 
 
 def _shards(param: Tensor, *full: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """``param``'s own values and each of ``full`` (broadcast to its shape) cut as ``param`` is: for a sharded
-    parameter (an FSDP2 ``DTensor``) this rank's shard, which is what an in-place write must reach."""
+    """``param`` and each of ``full`` (broadcast to its shape) as an in-place write must reach them: this rank's shard
+    of an FSDP2 ``DTensor``."""
     full = [t.to(param.dtype) for t in full]
     if not _is_sharded(param):
         return param, full
     from torch.distributed.tensor import distribute_tensor
 
     # each rank holds the same full tensor (all-reduced statistics): cut locally, no communication
-    cut = [
-        distribute_tensor(t.expand(param.shape), param.device_mesh, param.placements, src_data_rank=None) for t in full
-    ]
+    mesh, placements = param.device_mesh, param.placements
+    cut = [distribute_tensor(t.expand(param.shape), mesh, placements, src_data_rank=None) for t in full]
     return param.to_local(), [t.to_local() for t in cut]
 
 

@@ -1,7 +1,4 @@
-"""Mean-only batch normalization, the paper's companion to weight norm (Section 3): weight norm fixes the scale of
-each pre-activation, subtracting the minibatch mean removes the shift. Without the division by the batch std, the
-noise it adds is milder and Gaussian-like, which the paper found to regularize well (its best CIFAR-10 result).
-"""
+"""Mean-only batch normalization, the paper's companion to weight norm (Section 3)."""
 
 from __future__ import annotations
 
@@ -12,8 +9,9 @@ from torch import Tensor, nn
 class MeanOnlyBatchNorm(nn.Module):
     r"""Subtract the per-channel mean, then add a learned bias: :math:`y = x - \mu + \beta`.
 
-    Inputs are ``(N, C, *)``. In training ``\mu`` is the mean over every axis but the channel axis 1;
-    in evaluation it is a running mean, updated with ``momentum`` as in ``nn.BatchNorm*``.
+    Weight norm fixes each pre-activation's scale; this removes its shift. Without the division by the batch
+    std its noise is milder, which the paper found to regularize well (its best CIFAR-10 result). Inputs are
+    ``(N, C, *)``; ``\mu`` is the mean over all axes but 1 in training, a running mean (``momentum``) in eval.
 
     Example:
         >>> norm = MeanOnlyBatchNorm(3)
@@ -50,11 +48,9 @@ class MeanOnlyBatchNorm(nn.Module):
 
 
 def attach_mean_only_bn(layer: nn.Module, momentum: float = 0.1) -> MeanOnlyBatchNorm:
-    """Put a :class:`MeanOnlyBatchNorm` right after ``layer``, in place, without re-wiring the model.
+    """Put a :class:`MeanOnlyBatchNorm` after ``layer``, in place: the child ``layer.mean_only_bn``, applied by a hook.
 
-    The norm becomes the child ``layer.mean_only_bn`` (state-dict keys ``<layer>.mean_only_bn.*``) and a
-    forward hook applies it to the layer's output, so the layer's own name and parameters stay where they
-    were. Output units are on axis 1 of the output (``Linear`` layers must then be fed ``(N, features)``).
+    The layer's own names stay; output units are on axis 1 (feed ``Linear`` layers ``(N, features)``).
 
     Example:
         >>> layer = nn.Linear(3, 4)

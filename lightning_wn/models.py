@@ -1,12 +1,4 @@
-"""Weight norm over a whole model: choosing its layers, limiting ``||v||``, folding it away.
-
-Example:
-    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 2))
-    >>> apply_weight_norm(model)
-    ['0', '3']
-    >>> remove_weight_norm(model)
-    ['0', '3']
-"""
+"""Weight norm over a whole model: choosing its layers, limiting ``||v||``, folding it away."""
 
 from __future__ import annotations
 
@@ -36,30 +28,21 @@ from lightning_wn.weight_norm import (
     weight_norms,
 )
 
+Selection = Sequence[type[nn.Module] | str] | type[nn.Module] | str  # layer types and name patterns, or one
 
-def apply_weight_norm(
-    model: nn.Module,
-    include: Sequence[type[nn.Module] | str] | type[nn.Module] | str | None = None,
-    exclude: Sequence[type[nn.Module] | str] | type[nn.Module] | str = (),
-    **options,
-) -> list[str]:
+
+def apply_weight_norm(model: nn.Module, include: Selection | None = None, exclude: Selection = (), **options) -> list[str]:
     """Weight-normalize every submodule of ``model`` selected by ``include`` and not by ``exclude``.
 
-    Entries are layer types (``nn.Conv2d``, or its name ``"Conv2d"`` in ``torch.nn``) or glob
-    patterns over qualified module names (``"decoder.*"``); a pattern also selects the supported
-    layers inside a matching module.
-    ``include`` defaults to every ``Linear``, ``Conv*`` and ``ConvTranspose*``; recurrent layers
-    are normalized only when asked for. ``options`` go to :func:`weight_norm`.
-
+    Selection are layer types (``nn.Conv2d``, or its name ``"Conv2d"`` in ``torch.nn``) or glob patterns
+    over qualified module names (``"decoder.*"``), a pattern selecting the supported layers inside the
+    modules it matches. ``include`` defaults to every ``Linear``, ``Conv*`` and ``ConvTranspose*``;
+    recurrent layers are normalized only when asked for. ``options`` go to :func:`weight_norm`.
     Returns the qualified names of the modules normalized.
 
-    Layers already reparametrized by torch (its weight norm or spectral norm, parametrized or as
-    legacy hooks) are left alone with a warning naming them; naming one (its exact name in
-    ``include``) is an error.
-
     Raises:
-        ValueError: a pattern matches no module, a selected module is not a supported layer,
-            is already normalized (by this library, or by torch and named), or nothing at all is selected.
+        ValueError: a pattern matches no module, a selected module is not a supported layer, is
+            already normalized (by this library, or by torch and named), or nothing at all is selected.
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Linear(8, 2))
@@ -68,27 +51,33 @@ def apply_weight_norm(
     """
     names = select_layers(model, include, exclude)
     modules = dict(model.named_modules())
-    for name in names:
+    owners: dict[int, list[str]] = {}  # a tied weight (embeddings) would be untied: two g, and v stepped twice
+    for module_name, module in modules.items():
+        for param_name, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(param), []).append(f"{module_name}.{param_name}".lstrip("."))
+    for name in names:  # all checked before any is normalized
         if is_weight_normalized(modules[name]):
             raise ValueError(
                 f"Module `{name}` ({type(modules[name]).__name__}) is already weight-normalized. "
                 "Leave it out with `exclude`, or call `remove_weight_norm` first."
             )
-    _refuse_tied_weights(modules, names)
+        for tensor_name in default_names(modules[name]):
+            if len(shared := owners.get(id(getattr(modules[name], tensor_name, None)), [])) > 1:
+                layers = sorted({owner.rpartition(".")[0] for owner in shared})
+                raise ValueError(
+                    f"{' and '.join(f'`{s}`' for s in shared)} are one tensor (tied weights): weight norm would untie "
+                    f"it into two g and v. Leave the tied layers out: `exclude`={layers!r}."
+                )
     for name in names:
         weight_norm(modules[name], **options)
     return names
 
 
-def select_layers(
-    model: nn.Module,
-    include: Sequence[type[nn.Module] | str] | type[nn.Module] | str | None = None,
-    exclude: Sequence[type[nn.Module] | str] | type[nn.Module] | str = (),
-) -> list[str]:
+def select_layers(model: nn.Module, include: Selection | None = None, exclude: Selection = ()) -> list[str]:
     """The qualified names :func:`apply_weight_norm` would normalize, in module order.
 
-    Layers torch already reparametrizes are left out, with a warning naming them; naming one
-    (its exact name in ``include``) is a ``ValueError``.
+    Layers torch already reparametrizes (weight or spectral norm) are left out with a warning naming
+    them; naming one exactly in ``include`` is a ``ValueError``.
 
     Example:
         >>> select_layers(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)), exclude="2")
@@ -96,15 +85,16 @@ def select_layers(
     """
     include = DEFAULT_LAYERS if include is None else include
     modules = dict(model.named_modules())
-    chosen = _select(modules, _as_list(include), "include")
-    chosen -= _select(modules, _as_list(exclude), "exclude")
+    chosen = _select(modules, _as_list(include), "include") - _select(modules, _as_list(exclude), "exclude")
     reparametrized = {n: found for n in modules if n in chosen and (found := torch_reparametrizations(modules[n]))}
-    named = reparametrized.keys() & {e for e in _as_list(include) if isinstance(e, str) and not _is_glob(e)}
-    if named:
-        listed = ", ".join(f"`{name}` ({', '.join(reparametrized[name])})" for name in sorted(named))
+
+    def listed(names) -> str:
+        return ", ".join(f"`{name}` ({', '.join(reparametrized[name])})" for name in names)
+
+    if named := reparametrized.keys() & {e for e in _as_list(include) if isinstance(e, str) and not _is_glob(e)}:
         raise ValueError(
-            f"`include` names {listed}, already reparametrized by torch: weight norm on top would stack two "
-            f"reparametrizations. {TORCH_FIX}"
+            f"`include` names {listed(sorted(named))}, already reparametrized by torch: weight norm on top would "
+            f"stack two reparametrizations. {TORCH_FIX}"
         )
     chosen -= reparametrized.keys()
     if not chosen:
@@ -114,11 +104,9 @@ def select_layers(
             f"`exclude`={exclude!r}{skipped}. Modules: {_preview(modules)}."
         )
     if reparametrized:
-        listed = ", ".join(f"`{name}` ({', '.join(found)})" for name, found in reparametrized.items())
         warnings.warn(
-            f"Weight norm leaves {len(reparametrized)} layers alone that torch already reparametrizes: {listed}. "
-            f"{TORCH_FIX} Leave them out with `exclude` to silence this.",
-            UserWarning,
+            f"Weight norm leaves {len(reparametrized)} layers alone that torch already reparametrizes: "
+            f"{listed(reparametrized)}. {TORCH_FIX} Leave them out with `exclude` to silence this.",
             stacklevel=2,
         )
     return [name for name in modules if name in chosen]
@@ -139,8 +127,8 @@ def remove_weight_norm(model: nn.Module) -> list[str]:
     """Fold ``g`` and ``v`` back into plain weights everywhere in ``model``, for inference or export.
 
     Folds weight norm whatever applied it: this library, ``torch.nn.utils.parametrizations.weight_norm``
-    or the legacy ``torch.nn.utils.weight_norm`` hook; other reparametrizations (spectral norm)
-    stay. Returns the qualified names of the modules folded.
+    or the legacy ``torch.nn.utils.weight_norm`` hook; other reparametrizations (spectral norm) stay.
+    Returns the qualified names of the modules folded.
 
     Raises:
         ValueError: a tensor's torch parametrization chains weight norm with another one.
@@ -172,20 +160,18 @@ def _remove_own_weight_norm(module: nn.Module) -> None:
         weights = {name: nn.Parameter(wn.compute().clone(), wn.v.requires_grad) for name, wn in weight_norms(module).items()}
     module.__class__ = type(module)._wn_base
     del module.parametrizations
-    if "_wn_in_forward" in vars(module):
-        del module._wn_in_forward
+    vars(module).pop("_wn_in_forward", None)
     for name, weight in weights.items():
         setattr(module, name, weight)  # RNNBase's __setattr__ keeps its flat weights in step
 
 
 @torch.no_grad()
 def limit_direction_norm(model: nn.Module, max_norm: float) -> int:
-    """Rescale every direction ``v`` whose norm exceeds ``max_norm`` down to ``max_norm``.
+    """Rescale every direction ``v`` whose norm exceeds ``max_norm`` down to ``max_norm``; returns how many units.
 
-    The paper's hard limit on ``||v||``: since ``w`` depends on ``v`` only through
-    ``v / ||v||``, the network computes exactly the same function afterwards, while the
-    effective learning rate, which shrinks as ``||v||`` grows, is kept from decaying.
-    Call it after each optimizer step. Returns how many units were rescaled.
+    The paper's hard limit on ``||v||``, meant after each optimizer step: ``w`` depends on ``v`` only
+    through ``v / ||v||``, so the function stays the same, while the effective learning rate, which
+    shrinks as ``||v||`` grows, is kept from decaying.
 
     Raises:
         ValueError: ``model`` has no layer weight-normalized by this library.
@@ -202,7 +188,14 @@ def limit_direction_norm(model: nn.Module, max_norm: float) -> int:
     max_norm = positive_number("max_norm", max_norm)
     normalized = [wn for _, module in weight_normalized_modules(model) for wn in weight_norms(module).values()]
     if not normalized:
-        raise ValueError(f"`limit_direction_norm` found no weight-normalized layer in {type(model).__name__}. {nothing_normalized_why(model)}")
+        torch_wn = [name or type(model).__name__ for name, m in model.named_modules() if has_torch_weight_norm(m)]
+        why = (
+            f"{len(torch_wn)} layers are under torch's weight norm ({', '.join(torch_wn[:5])}"
+            f"{', ...' if len(torch_wn) > 5 else ''}): convert them with `lightning_wn.from_torch(model)`."
+            if torch_wn
+            else "Normalize its layers first with `lightning_wn.apply_weight_norm(model)`."
+        )
+        raise ValueError(f"`limit_direction_norm` found no weight-normalized layer in {type(model).__name__}. {why}")
     rescaled = 0
     for wn in normalized:
         norm = torch.linalg.vector_norm(wn.v, dim=norm_axes(wn.v, wn.dim), keepdim=True)
@@ -210,42 +203,6 @@ def limit_direction_norm(model: nn.Module, max_norm: float) -> int:
         wn.v.mul_(torch.where(too_long, max_norm / norm, 1.0))
         rescaled += int(too_long.sum())
     return rescaled
-
-
-def nothing_normalized_why(model: nn.Module) -> str:
-    """Why a model has no layer of ours: torch's weight norm, with the fix, or none applied at all."""
-    under_torch = [name or type(model).__name__ for name, m in model.named_modules() if has_torch_weight_norm(m)]
-    if under_torch:
-        return (
-            f"{len(under_torch)} layers are under torch's weight norm ({', '.join(under_torch[:5])}"
-            f"{', ...' if len(under_torch) > 5 else ''}): convert them with `lightning_wn.from_torch(model)`."
-        )
-    return "Normalize its layers first with `lightning_wn.apply_weight_norm(model)`."
-
-
-def _refuse_tied_weights(modules: dict[str, nn.Module], names: list[str]) -> None:
-    """A weight shared by two modules (tied embeddings) would be untied: two ``g``, and ``v`` stepped twice."""
-    owners: dict[int, list[str]] = {}
-    for module_name, module in modules.items():
-        for param_name, param in module.named_parameters(recurse=False, remove_duplicate=False):
-            owners.setdefault(id(param), []).append(f"{module_name}.{param_name}".lstrip("."))
-    for name in names:
-        for tensor_name in default_names(modules[name]):
-            param = getattr(modules[name], tensor_name, None)
-            shared = owners.get(id(param), []) if param is not None else []
-            if len(shared) > 1:
-                layers = sorted({owner.rpartition(".")[0] for owner in shared})
-                raise ValueError(
-                    f"{' and '.join(f'`{s}`' for s in shared)} are one tensor (tied weights): weight norm would untie "
-                    f"it into two g and v. Leave the tied layers out: `exclude`={layers!r}."
-                )
-
-
-def _is_glob(pattern: str) -> bool:
-    return any(char in pattern for char in "*?[")
-
-
-# --- selecting modules ---------------------------------------------------------------------------
 
 
 def _select(modules: dict[str, nn.Module], entries: list, argument: str) -> set[str]:
@@ -260,38 +217,30 @@ def _select(modules: dict[str, nn.Module], entries: list, argument: str) -> set[
                     f"supported layers are {_names(SUPPORTED_LAYERS)}."
                 )
             chosen |= {name for name, m in modules.items() if isinstance(m, entry)}
-        elif isinstance(entry, str):
-            chosen |= _select_pattern(modules, entry, argument)
-        else:
+            continue
+        if not isinstance(entry, str):
             raise TypeError(
-                f"`{argument}` entries must be layer types or name patterns, got {entry!r} "
-                f"({type(entry).__name__})."
+                f"`{argument}` entries must be layer types or name patterns, got {entry!r} ({type(entry).__name__})."
             )
+        if not (matched := [name for name in modules if fnmatch.fnmatchcase(name, entry)]):
+            raise ValueError(f"`{argument}` pattern {entry!r} matches no module. Module names: {_preview(modules)}.")
+        for root in matched:  # a pattern selects the supported layers inside the modules it matches
+            inside = {
+                name
+                for name, m in modules.items()
+                if (name == root or name.startswith(f"{root}.") or not root) and isinstance(m, SUPPORTED_LAYERS)
+            }
+            if not inside and argument == "include":
+                raise ValueError(
+                    f"`{argument}` pattern {entry!r} matches `{root}` ({type(modules[root]).__name__}), which is not "
+                    f"a supported layer and holds none; supported layers are {_names(SUPPORTED_LAYERS)}."
+                )
+            chosen |= inside
     return chosen
 
 
-def _select_pattern(modules: dict[str, nn.Module], pattern: str, argument: str) -> set[str]:
-    matched = [name for name in modules if fnmatch.fnmatchcase(name, pattern)]
-    if not matched:
-        raise ValueError(
-            f"`{argument}` pattern {pattern!r} matches no module. Module names: {_preview(modules)}."
-        )
-    chosen = set()
-    for root in matched:
-        inside = {
-            name
-            for name, m in modules.items()
-            if (name == root or name.startswith(f"{root}.") or not root)
-            and isinstance(m, SUPPORTED_LAYERS)
-        }
-        if not inside and argument == "include":
-            raise ValueError(
-                f"`{argument}` pattern {pattern!r} matches `{root}` ({type(modules[root]).__name__}), "
-                f"which is not a supported layer and holds none; supported layers are "
-                f"{_names(SUPPORTED_LAYERS)}."
-            )
-        chosen |= inside
-    return chosen
+def _is_glob(pattern: str) -> bool:
+    return any(char in pattern for char in "*?[")
 
 
 def _as_list(entries) -> list:

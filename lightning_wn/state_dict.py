@@ -1,13 +1,4 @@
-"""Fold weight-normalized entries of a state dict into plain weights (``<layer>.<name> = g * v / ||v||``), so a
-checkpoint trained with weight norm loads into the plain model class with ``strict=True``. Three spellings:
-
-* ``<layer>.parametrizations.<name>.original0`` (``g``) and ``original1`` (``v``), as written by
-  this library and by ``torch.nn.utils.parametrizations.weight_norm``;
-* ``...parametrizations.<name>.s`` and ``c`` instead of ``original0`` (this library's ``g = exp(c * s)``);
-* ``<layer>.<name>_g`` and ``<layer>.<name>_v``, as written by the legacy ``torch.nn.utils.weight_norm``.
-
-The axis ``g`` was taken along is read from its shape (see ``_norm_axis``).
-"""
+"""State-dict spellings of weight norm: folding them into plain weights, and reading them into this library's layout."""
 
 from __future__ import annotations
 
@@ -21,15 +12,14 @@ WHOLE_TENSOR = -1
 
 
 def fold_state_dict(state_dict: Mapping[str, Tensor], keep: Container[str] = ()) -> dict[str, Tensor]:
-    """A copy of ``state_dict`` with every weight-normalized tensor folded into a plain one.
+    """A copy of ``state_dict`` with every weight-normalized tensor folded into a plain one, ``g * v / ||v||``.
 
-    Entries whose keys are in ``keep`` stay as they are (pass a model's own ``state_dict()``
-    keys to fold only what that model does not expect). A whole Lightning checkpoint (a dict
-    with a ``'state_dict'`` entry) gives its folded state dict.
-
-    Raises:
-        TypeError: ``state_dict`` is not a mapping of names to tensors, nor a Lightning checkpoint.
-        ValueError: entries under ``parametrizations.<name>`` are not a weight norm's ``g`` and ``v``.
+    So a checkpoint trained with weight norm loads into the plain model class with ``strict=True``. Spellings:
+    ``<layer>.parametrizations.<name>.original0`` (``g``) and ``original1`` (``v``), as written by this library
+    and torch's ``parametrizations.weight_norm``; ``s`` and ``c`` instead of ``original0`` (``g = exp(c * s)``);
+    legacy ``<layer>.<name>_g`` and ``_v``. The axis of ``g`` is read from its shape. Keys in ``keep`` stay as
+    they are (a model's own ``state_dict()`` keys: fold only what it does not expect). A whole Lightning
+    checkpoint (a dict with a ``'state_dict'`` entry) gives its folded state dict.
 
     Example:
         >>> from torch import nn
@@ -87,9 +77,8 @@ def fold_state_dict(state_dict: Mapping[str, Tensor], keep: Container[str] = ())
 
 
 def _norm_axis(g: object, v: object) -> int | None:
-    """The axis tensor ``g`` was taken along, :data:`WHOLE_TENSOR` for one norm, None if ``g`` is no norm of ``v``:
-    a per-axis ``g`` keeps that axis of ``v`` and is 1 on the others; a 0-d ``g`` (torch's ``dim=None``)
-    or one of size 1 only (a single output unit, a 1-d ``v``) is the whole tensor's norm."""
+    """The axis ``g`` was taken along (it keeps that axis of ``v``, 1 on the others), :data:`WHOLE_TENSOR` for a 0-d
+    or all-1 ``g``, None if ``g`` is no norm of ``v``."""
     if not (isinstance(g, Tensor) and isinstance(v, Tensor)):
         return None
     if g.dim() == 0:
@@ -110,9 +99,9 @@ def _fold(g: Tensor, v: Tensor) -> Tensor:
 def adopt_other_spellings(normalized, state_dict: dict[str, Tensor], prefix: str, name: str, error_msgs: list) -> None:
     """Rewrite one normalized tensor's entries of ``state_dict`` into ``normalized``'s own layout, in place.
 
-    Each computes exactly the function it was saved with: torch's legacy ``<name>_g``/``<name>_v``; a ``g``
-    along another axis than ours (torch's ``dim=0`` on a ``ConvTranspose``, ``dim=None``) or where ours is
-    ``s``, folded and split again; a plain ``<name>`` (trained without weight norm) where there is no ``g``/``v``.
+    Legacy ``<name>_g``/``_v`` are renamed; a ``g`` along another axis (torch's ``dim=0`` on a ``ConvTranspose``,
+    ``dim=None``) or where ours is ``s`` is folded and split again; a plain ``<name>`` (trained without weight
+    norm) is split. Each computes exactly the function it was saved with.
     """
     ours, plain = f"{prefix}parametrizations.{name}.", f"{prefix}{name}"
     if f"{plain}_g" in state_dict and f"{plain}_v" in state_dict and f"{ours}original1" not in state_dict:

@@ -1,16 +1,5 @@
-"""Torch's own weight and spectral norms on a layer: finding them, and removing torch's weight norm.
-
-torch ships weight norm twice, as a parametrization (``torch.nn.utils.parametrizations.weight_norm``)
-and as a legacy forward pre-hook (``torch.nn.utils.weight_norm``); spectral norm likewise.
-
-Example:
-    >>> from torch import nn
-    >>> layer = nn.utils.parametrizations.weight_norm(nn.Linear(2, 3))
-    >>> torch_reparametrizations(layer)
-    ['weight: torch.nn.utils.parametrizations.weight_norm']
-    >>> remove_torch_weight_norm(layer), torch_reparametrizations(layer)
-    (True, [])
-"""
+"""Torch's own weight and spectral norms on a layer, each shipped twice: as a parametrization
+(``torch.nn.utils.parametrizations.weight_norm``) and as a legacy forward pre-hook (``torch.nn.utils.weight_norm``)."""
 
 from __future__ import annotations
 
@@ -47,16 +36,22 @@ def legacy_hooks(module: nn.Module) -> list[LegacyWeightNorm | LegacySpectralNor
 
 
 def torch_reparametrizations(module: nn.Module) -> list[str]:
-    """What torch reparametrizes in ``module``, as ``"<tensor>: <how>"``; empty if nothing."""
+    """What torch reparametrizes in ``module``, as ``"<tensor>: <how>"``; empty if nothing.
+
+    Example:
+        >>> layer = nn.utils.parametrizations.weight_norm(nn.Linear(2, 3))
+        >>> torch_reparametrizations(layer)
+        ['weight: torch.nn.utils.parametrizations.weight_norm']
+        >>> remove_torch_weight_norm(layer), torch_reparametrizations(layer)
+        (True, [])
+    """
     found = [f"{name}: {' + '.join(map(_kind, chain))}" for name, chain in parametrization_chains(module).items()]
     return found + [f"{hook.name}: {_kind(hook)}" for hook in legacy_hooks(module)]
 
 
 def has_torch_weight_norm(module: nn.Module) -> bool:
-    chains = parametrization_chains(module).values()
-    return any(isinstance(p, _WeightNorm) for chain in chains for p in chain) or any(
-        isinstance(hook, LegacyWeightNorm) for hook in legacy_hooks(module)
-    )
+    found = [p for chain in parametrization_chains(module).values() for p in chain] + legacy_hooks(module)
+    return any(isinstance(p, (_WeightNorm, LegacyWeightNorm)) for p in found)
 
 
 def refuse_chained_weight_norm(module_name: str, module: nn.Module) -> None:
@@ -72,27 +67,16 @@ def refuse_chained_weight_norm(module_name: str, module: nn.Module) -> None:
 
 def remove_torch_weight_norm(module: nn.Module) -> bool:
     """Fold torch's weight norms of ``module`` into plain weights; whether there was one."""
-    found = False
-    for name, chain in parametrization_chains(module).items():
-        if isinstance(chain[0], _WeightNorm):
-            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-            found = True
-    for hook in legacy_hooks(module):
-        if isinstance(hook, LegacyWeightNorm):
-            nn.utils.remove_weight_norm(module, hook.name)
-            found = True
-    if found:
-        drop_compat_hook(module)
-    return found
-
-
-def drop_compat_hook(module: nn.Module) -> None:
-    """Remove the state-dict hook torch's weight norm leaves behind (it is a local function: nothing pickles).
-
-    ``parametrizations.weight_norm`` registers it with no handle returned, and neither removing the
-    parametrization nor anything public removes it; it only renames legacy ``weight_g``/``weight_v`` keys.
-    """
-    hooks = module._load_state_dict_pre_hooks
-    for key, hook in list(hooks.items()):
-        if getattr(getattr(hook, "hook", hook), "__name__", "") == "_weight_norm_compat_hook":
-            del hooks[key]
+    chains = [name for name, chain in parametrization_chains(module).items() if isinstance(chain[0], _WeightNorm)]
+    hooks = [hook.name for hook in legacy_hooks(module) if isinstance(hook, LegacyWeightNorm)]
+    for name in chains:
+        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    for name in hooks:
+        nn.utils.remove_weight_norm(module, name)
+    if chains or hooks:  # torch's weight norm leaves a state-dict hook (renaming legacy `weight_g`/`weight_v` keys),
+        # with no handle to remove it by; it is a local function, so nothing holding it pickles
+        pre_hooks = module._load_state_dict_pre_hooks
+        for key, hook in list(pre_hooks.items()):
+            if getattr(getattr(hook, "hook", hook), "__name__", "") == "_weight_norm_compat_hook":
+                del pre_hooks[key]
+    return bool(chains or hooks)

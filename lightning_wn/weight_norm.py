@@ -1,15 +1,15 @@
 r"""Weight normalization (Salimans & Kingma, 2016, https://arxiv.org/abs/1602.07868) of one layer.
 
-Each output unit's weight vector is written as :math:`w = g \, v / \lVert v \rVert`, its length
-``g`` and its direction ``v`` learned separately. ``g`` and ``v`` are stored where torch's
-``parametrizations.weight_norm`` stores them (``parametrizations.<name>.original0`` and
-``original1``), so state dicts move freely between the two. ``w`` is computed at each read, inside
-``with lightning_wn.cached():`` once per block. ``layer.weight`` read from outside the layer's
-forward refuses in-place writes, which would be lost; ``layer.weight = W`` sets ``g`` and ``v``.
+Each output unit's weight is :math:`w = g \, v / \lVert v \rVert`, its length ``g`` and direction ``v``
+learned separately and stored where torch's ``parametrizations.weight_norm`` stores them
+(``parametrizations.<name>.original0`` and ``original1``), so state dicts move freely between the two.
+``w`` is computed at each read, once per ``with lightning_wn.cached():`` block; ``layer.weight = W``
+sets ``g`` and ``v``, and in-place writes into ``layer.weight``, which would be lost, are refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -28,24 +28,26 @@ from lightning_wn.torch_norms import TORCH_FIX, torch_reparametrizations
 
 _ConvTranspose = nn.modules.conv._ConvTransposeNd
 RECURRENT_LAYERS: tuple[type[nn.Module], ...] = (nn.RNNBase, nn.RNNCellBase)
+#: Layer types whose output-unit axis is known, so ``dim`` may be left out.
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd, *RECURRENT_LAYERS)
-"""Layer types whose output-unit axis is known, so ``dim`` may be left out."""
+#: What :func:`apply_weight_norm` normalizes when ``include`` is not given.
 DEFAULT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
-"""What :func:`apply_weight_norm` normalizes when ``include`` is not given."""
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 class WeightNorm(nn.Module):
     r"""The parameters of one weight-normalized tensor, and ``w`` computed from them.
 
-    ``original0`` is the magnitude ``g`` (or ``s`` with :math:`g = e^{c s}` when
-    ``log_scale_factor`` ``c`` is set, kept in the buffer ``c``) and ``original1`` the direction
-    ``v``; ``dim`` is the output-unit axis, the one axis the norm is not taken over, or None for
-    one norm over the whole tensor (a 0-d ``g``), kept as ``dim == -1`` as torch keeps it.
+    ``original0`` is ``g`` (or ``s``, with :math:`g = e^{c s}` and ``c = log_scale_factor`` kept in
+    the buffer ``c``), ``original1`` is ``v``; ``dim`` is the output-unit axis, or ``-1`` (given
+    None) for one norm over the whole tensor and a 0-d ``g``, as torch keeps it.
 
     Example:
         >>> weight = torch.randn(4, 3)
-        >>> wn = WeightNorm(weight, dim=0)
-        >>> torch.allclose(wn(), weight, atol=1e-6)
+        >>> torch.allclose(WeightNorm(weight, dim=0)(), weight, atol=1e-6)
         True
     """
 
@@ -65,18 +67,15 @@ class WeightNorm(nn.Module):
 
     def split(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         """``v`` and the magnitude parameter (``g``, or ``s``) that give ``weight``."""
-        magnitude = self._norm(weight)
+        axes, keep = norm_axes(weight, self.dim), self.dim != WHOLE_TENSOR  # torch's dim=None keeps a 0-d g
+        magnitude = torch.linalg.vector_norm(weight, dim=axes, keepdim=keep)
         zero = magnitude == 0
         if not weight.is_meta and zero.any():  # a zero unit (nn.init.zeros_) has no direction: give it one, g = 0
             weight = torch.where(zero, torch.randn_like(weight), weight)
-            magnitude = torch.where(zero, 0.0, self._norm(weight))
+            magnitude = torch.where(zero, 0.0, torch.linalg.vector_norm(weight, dim=axes, keepdim=keep))
         if self.log_scale_factor is not None:  # g = 0 is exp(-inf): the smallest normal number instead
             magnitude = magnitude.clamp_min(torch.finfo(magnitude.dtype).tiny).log() / self.log_scale_factor
         return weight, magnitude
-
-    def _norm(self, weight: Tensor) -> Tensor:
-        keep = self.dim != WHOLE_TENSOR  # torch's dim=None keeps a 0-d g
-        return torch.linalg.vector_norm(weight, dim=norm_axes(weight, self.dim), keepdim=keep)
 
     @torch.no_grad()
     def reset(self, weight: Tensor) -> None:
@@ -85,14 +84,11 @@ class WeightNorm(nn.Module):
         self.v.copy_(v)
         self.magnitude_param.copy_(magnitude)
 
-    @property
-    def v(self) -> nn.Parameter:
-        return self.original1
-
-    @property
-    def magnitude_param(self) -> nn.Parameter:
-        """The learned tensor behind ``g``: ``original0``, or ``s`` where ``g = exp(c * s)``."""
-        return self.original0 if self.log_scale_factor is None else self.s
+    v = property(lambda self: self.original1, doc="The direction ``v``: ``original1``.")
+    magnitude_param = property(
+        lambda self: self.original0 if self.log_scale_factor is None else self.s,
+        doc="The learned tensor behind ``g``: ``original0``, or ``s`` where ``g = exp(c * s)``.",
+    )
 
     def g(self) -> Tensor:
         return self.original0 if self.log_scale_factor is None else torch.exp(self.log_scale_factor * self.s)
@@ -100,7 +96,7 @@ class WeightNorm(nn.Module):
     def forward(self) -> Tensor:
         """``w``: computed, or inside :func:`lightning_wn.cached` the one computed from these same ``g`` and ``v``."""
         cache, v, m = active_cache(), self.original1, self.magnitude_param
-        if cache is None or torch.compiler.is_compiling() or torch.jit.is_tracing() or v.is_inference() or m.is_inference():
+        if cache is None or _tracing() or v.is_inference() or m.is_inference():
             return self.compute()  # inference tensors (made in inference mode) keep no version counter to key on
         entry = cache.get(self)
         if not self._valid(entry) or entry[3] is None:  # None: only the output was scaled (see linear)
@@ -109,26 +105,23 @@ class WeightNorm(nn.Module):
 
     def _state(self) -> tuple:
         # g's and v's versions, and the mode: a w built without grad has no graph, one in inference mode no versions
-        return self.original1._version, self.magnitude_param._version, torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        v, m = self.original1, self.magnitude_param
+        return v._version, m._version, torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def _valid(self, entry: tuple | None) -> bool:
-        """Whether a cache entry was made from these very ``g`` and ``v`` tensors (functional_call and
-        ``load_state_dict(assign=True)`` swap them), at their current versions, in the current mode."""
-        return entry is not None and entry[0] is self.original1 and entry[1] is self.magnitude_param and entry[2] == self._state()
+        # from these very g and v (functional_call, load_state_dict(assign=True) swap them), as they are now
+        v, m = self.original1, self.magnitude_param
+        return entry is not None and entry[0] is v and entry[1] is m and entry[2] == self._state()
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        """``F.linear(x, w, bias)``; for a large weight fed fewer rows than it has inputs, the paper's output scaling.
-
-        Scaling the output pays on the first call after ``g`` or ``v`` changed; a second call inside
-        :func:`lightning_wn.cached` builds ``w`` once and reuses it, as for any other layer.
-        """
+        """``F.linear(x, w, bias)``; for a large weight fed fewer rows than it has inputs, the paper's output scaling
+        (on the first call after ``g`` or ``v`` changed: a second inside :func:`lightning_wn.cached` builds ``w``)."""
         v, cache = self.original1, active_cache()
         pays = v.numel() >= 1 << 18 and self.dim == 0 and x.dim() > 0 and x.numel() < x.shape[-1] ** 2
-        if not pays or torch.compiler.is_compiling() or torch.jit.is_tracing() or v.is_inference():
+        # a valid cache entry: called before in this block, so build w (if only scaled so far) or reuse it
+        if not pays or _tracing() or v.is_inference() or (cache is not None and self._valid(cache.get(self))):
             return F.linear(x, self(), bias)
         if cache is not None:
-            if self._valid(cache.get(self)):  # called before in this block: w, built now if only scaled so far
-                return F.linear(x, self(), bias)
             cache[self] = (v, self.magnitude_param, self._state(), None)
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
@@ -137,7 +130,7 @@ class WeightNorm(nn.Module):
 
     def compute(self) -> Tensor:
         v, g = self.original1, self.g()
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if _tracing():
             # plain ops: traced and compiled graphs keep their second derivatives, and the fusion is the compiler's
             return v * (g / torch.linalg.vector_norm(v, dim=norm_axes(v, self.dim), keepdim=True))
         if not torch.is_grad_enabled():  # no graph to build: ATen's op as it is (its dim -1 is the whole tensor)
@@ -160,10 +153,8 @@ def default_dim(module: nn.Module) -> int:
         return 1
     if isinstance(module, SUPPORTED_LAYERS):
         return 0
-    raise ValueError(
-        f"Cannot tell the output-unit axis of `{type(module).__name__}`; supported layers are "
-        f"{_names(SUPPORTED_LAYERS)}. Pass `dim=` to say which axis holds the output units."
-    )
+    raise ValueError(f"Cannot tell the output-unit axis of `{type(module).__name__}`; supported layers are "
+                     f"{_names(SUPPORTED_LAYERS)}. Pass `dim=` to say which axis holds the output units.")
 
 
 def default_names(module: nn.Module) -> list[str]:
@@ -177,9 +168,7 @@ def default_names(module: nn.Module) -> list[str]:
         parts = ("ih", "hh", "hr") if module.proj_size else ("ih", "hh")
         directions = ("", "_reverse") if module.bidirectional else ("",)
         return [f"weight_{p}_l{k}{d}" for k in range(module.num_layers) for d in directions for p in parts]
-    if isinstance(module, nn.RNNCellBase):
-        return ["weight_ih", "weight_hh"]
-    return ["weight"]
+    return ["weight_ih", "weight_hh"] if isinstance(module, nn.RNNCellBase) else ["weight"]
 
 
 def is_weight_normalized(module: nn.Module, name: str | None = None) -> bool:
@@ -215,27 +204,23 @@ def weight_norm(
     log_scale_factor: float | None = None,
     paper_init: bool = False,
 ) -> nn.Module:
-    r"""Reparameterize ``module``'s weight as :math:`w = g \, v / \lVert v \rVert`, in place.
+    r"""Reparameterize ``module``'s weight as :math:`w = g \, v / \lVert v \rVert` in place; it computes the same.
 
     Args:
-        module: a ``Linear``, ``Conv*``, ``ConvTranspose*``, ``RNN``/``LSTM``/``GRU`` or cell, or
-            any module whose forward reads ``module.<name>`` if ``dim`` is given.
-        name: the tensor(s) to normalize; default ``weight``, or every ``weight_ih*`` and
-            ``weight_hh*`` of a recurrent layer (each row, i.e. each gate unit, its own ``g``).
-        dim: the output-unit axis (the norm runs over all others); left out, 0, or 1 for
-            transposed convolutions, whose weights are laid out (in, out, ...). ``None`` takes
-            one norm over the whole tensor (one ``g``), as in torch. Unlike torch's functions,
-            whose ``dim`` is 0 for every layer, leaving it out normalizes each output unit;
-            ``dim=-1`` is refused, since torch reads it as the whole tensor and Python as the last axis.
+        module: a ``Linear``, ``Conv*``, ``ConvTranspose*``, ``RNN``/``LSTM``/``GRU`` or cell, or any
+            module whose forward reads ``module.<name>`` if ``dim`` is given.
+        name: the tensor(s) to normalize; default ``weight``, or every ``weight_ih*`` and ``weight_hh*``
+            of a recurrent layer (each row, i.e. each gate unit, its own ``g``).
+        dim: the output-unit axis, the one the norm does not run over; left out, the layer's own: 0, or 1
+            for transposed convolutions (laid out in, out, ...), where torch always takes 0. ``None``
+            takes one norm over the whole tensor, as in torch; ``-1`` is refused (torch reads it as
+            ``None``, Python as the last axis).
         log_scale_factor: ``c`` in the paper's :math:`g = e^{c s}`; ``s`` is learned instead of ``g``.
-        paper_init: re-draw ``v`` from N(0, 0.05) as in the paper, with ``g = ||v||``; meant to
-            be followed by :func:`~lightning_wn.data_dependent_init`.
-
-    The layer computes the same function as before unless ``paper_init`` is set.
+        paper_init: re-draw ``v`` from N(0, 0.05) as in the paper, with ``g = ||v||`` (the function then
+            changes); meant to be followed by :func:`~lightning_wn.data_dependent_init`.
 
     Example:
-        >>> layer = nn.Linear(20, 40)
-        >>> x = torch.randn(8, 20)
+        >>> layer, x = nn.Linear(20, 40), torch.randn(8, 20)
         >>> before = layer(x)
         >>> layer = weight_norm(layer)
         >>> sorted(name for name, _ in layer.named_parameters())
@@ -246,37 +231,26 @@ def weight_norm(
         torch.Size([])
     """
     names = default_names(module) if name is None else [name] if isinstance(name, str) else list(name)
-    if dim is OUTPUT_AXIS:
-        dim = default_dim(module)
+    dim = default_dim(module) if dim is OUTPUT_AXIS else dim
+    kind = type(module).__name__
     if dim == -1:
-        raise ValueError(
-            "`dim`=-1 is ambiguous: torch's weight norm reads it as one norm over the whole tensor, Python as the "
-            "last axis. Pass `dim=None` for the whole tensor, or the last axis's positive index."
-        )
+        raise ValueError("`dim`=-1 is ambiguous: torch's weight norm reads it as one norm over the whole tensor, Python "
+                         "as the last axis. Pass `dim=None` for the whole tensor, or the last axis's positive index.")
     if reparametrized := torch_reparametrizations(module):
-        raise ValueError(
-            f"This {type(module).__name__} is already reparametrized by torch ({', '.join(reparametrized)}); weight "
-            f"norm on top would stack two reparametrizations. {TORCH_FIX}"
-        )
+        raise ValueError(f"This {kind} is already reparametrized by torch ({', '.join(reparametrized)}); weight "
+                         f"norm on top would stack two reparametrizations. {TORCH_FIX}")
     if log_scale_factor is not None:
         log_scale_factor = positive_number("log_scale_factor", log_scale_factor)
     if isinstance(module, _ConvTranspose) and module.groups > 1 and dim == 1:
-        raise ValueError(
-            f"`{type(module).__name__}` with groups={module.groups} shares each weight column "
-            "between groups, so a per-output-channel `g` does not exist. Use groups=1."
-        )
+        raise ValueError(f"`{kind}` with groups={module.groups} shares each weight column between groups, so a "
+                         "per-output-channel `g` does not exist. Use groups=1.")
     for tensor_name in names:
-        if is_weight_normalized(module, tensor_name):
-            raise ValueError(
-                f"`{tensor_name}` of this {type(module).__name__} is already weight-normalized. "
-                "Call `remove_weight_norm` first to apply it again."
-            )
         param = module._parameters.get(tensor_name)
+        if is_weight_normalized(module, tensor_name):
+            raise ValueError(f"`{tensor_name}` of this {kind} is already weight-normalized. "
+                             "Call `remove_weight_norm` first to apply it again.")
         if not isinstance(param, nn.Parameter):
-            raise ValueError(
-                f"{type(module).__name__} has no parameter `{tensor_name}`; "
-                f"its parameters are {sorted(module._parameters)}."
-            )
+            raise ValueError(f"{kind} has no parameter `{tensor_name}`; its parameters are {sorted(module._parameters)}.")
         if dim is not None and not -param.dim() <= dim < max(param.dim(), 1):
             raise ValueError(f"`dim`={dim} is out of range for `{tensor_name}` of shape {tuple(param.shape)}.")
 
@@ -285,12 +259,9 @@ def weight_norm(
     for tensor_name in names:
         param = module._parameters.pop(tensor_name)
         if paper_init:
-            with torch.no_grad():
-                param.normal_(0.0, 0.05)
+            param.detach().normal_(0.0, 0.05)
         normalized = WeightNorm(param, None if dim is None else dim % max(param.dim(), 1), log_scale_factor)
-        for p in normalized.parameters():
-            p.requires_grad_(param.requires_grad)
-        setattr(module.parametrizations, tensor_name, normalized)
+        setattr(module.parametrizations, tensor_name, normalized.requires_grad_(param.requires_grad))
     base = getattr(type(module), "_wn_base", type(module))
     module.__class__ = _normalized_class(base, (*getattr(type(module), "_wn_names", ()), *names))
     return module
@@ -315,24 +286,13 @@ def positive_number(argument: str, value: object) -> float:
     return float(value)
 
 
-# --- the normalized layer's class ----------------------------------------------------------------
-
-
 @functools.cache
 def _normalized_class(base: type[nn.Module], names: tuple[str, ...]) -> type[nn.Module]:
     """A subclass of ``base`` whose tensors ``names`` are computed from their :class:`WeightNorm`."""
-    attrs: dict[str, object] = {
-        "_wn_base": base,
-        "_wn_names": names,
-        "_wn_in_forward": False,
-        "forward": _forward,
-        "__setattr__": _setattr,
-        "__reduce_ex__": _reduce_ex,
-        "_load_from_state_dict": _load_from_state_dict,
-        "__module__": __name__,
-    }
-    if names == ("weight",) and base.forward is nn.Linear.forward:
-        attrs["forward"] = _linear_forward  # the output-scaling path; the weight is never handed out
+    attrs = dict(_wn_base=base, _wn_names=names, _wn_in_forward=False, forward=_forward, __setattr__=_setattr,
+                 __reduce_ex__=_reduce_ex, _load_from_state_dict=_load_from_state_dict, __module__=__name__)
+    if names == ("weight",) and base.forward is nn.Linear.forward:  # the output-scaling path: w is never handed out
+        attrs["forward"] = lambda self, input: self.parametrizations.weight.linear(input, self.bias)
     for name in names:
         attrs[name] = property(functools.partial(_read, name=name), doc=f"``{name}`` = g * v / ||v||")
     if hasattr(base, "reset_parameters"):
@@ -342,7 +302,7 @@ def _normalized_class(base: type[nn.Module], names: tuple[str, ...]) -> type[nn.
 
 def _read(module: nn.Module, name: str) -> Tensor:
     weight = getattr(module.parametrizations, name)()
-    if module._wn_in_forward or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if module._wn_in_forward or _tracing():
         return weight
     return weight.as_subclass(ComputedWeight)  # handed out: refuses in-place writes, which would be lost
 
@@ -353,33 +313,22 @@ def _forward(self: nn.Module, *args, **kwargs):
     if torch.compiler.is_compiling():  # the property hands out plain tensors there anyway
         return forward(self, *args, **kwargs)
     outer, self._wn_in_forward = self._wn_in_forward, True
-    try:
-        if isinstance(self, nn.RNNBase):  # it reads each weight twice per call, to see whether one was swapped
-            with cached():
-                return forward(self, *args, **kwargs)
-        return forward(self, *args, **kwargs)
+    try:  # RNNBase reads each weight twice per call, to see whether one was swapped: once, in cached()
+        with cached() if isinstance(self, nn.RNNBase) else contextlib.nullcontext():
+            return forward(self, *args, **kwargs)
     finally:
         self._wn_in_forward = outer
-
-
-def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
-    return self.parametrizations.weight.linear(input, self.bias)
 
 
 def _setattr(self: nn.Module, name: str, value: object) -> None:
     if name in type(self)._wn_names:  # `layer.weight = W`: g and v that give W, as torch's right_inverse
         if not isinstance(value, Tensor):
             raise TypeError(f"`{name}` of a weight-normalized layer is computed; assign a tensor, got {type(value).__name__}.")
-        getattr(self.parametrizations, name).reset(value)
-        return
+        return getattr(self.parametrizations, name).reset(value)
     if name == "qconfig":  # eager-mode quantization swaps only modules of exactly the types it maps
-        warnings.warn(
-            f"torch.ao.quantization matches module types exactly, so it leaves `{type(self).__name__}` unquantized, "
-            f"in float, even where it would quantize a `{type(self)._wn_base.__name__}`. Fold weight norm first "
-            "with `lightning_wn.remove_weight_norm(model)`, then quantize.",
-            UserWarning,
-            stacklevel=2,
-        )
+        warnings.warn(f"torch.ao.quantization matches module types exactly, so it leaves `{type(self).__name__}` "
+                      f"unquantized, in float, even where it would quantize a `{type(self)._wn_base.__name__}`. Fold "
+                      "weight norm first with `lightning_wn.remove_weight_norm(model)`, then quantize.", stacklevel=2)
     type(self)._wn_base.__setattr__(self, name, value)
 
 
@@ -395,13 +344,11 @@ def _reset_parameters(self: nn.Module) -> None:
         wn.reset(plain._parameters[name])
 
 
-def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+def _load_from_state_dict(self, state_dict, prefix, *args):  # args: local_metadata, strict, ..., error_msgs
     """Loads torch's spellings of ``g`` and ``v``, and a plain layer's weight: ``strict=True`` takes them all."""
     for name, normalized in weight_norms(self).items():
-        adopt_other_spellings(normalized, state_dict, prefix, name, error_msgs)
-    type(self)._wn_base._load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    )
+        adopt_other_spellings(normalized, state_dict, prefix, name, error_msgs=args[-1])
+    type(self)._wn_base._load_from_state_dict(self, state_dict, prefix, *args)
 
 
 def _reduce_ex(self: nn.Module, protocol: int):
