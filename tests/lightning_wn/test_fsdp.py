@@ -58,6 +58,7 @@ def _init_sharded(rank: int, port: int, folder: str) -> None:
         with torch.no_grad():
             output = model(x)  # a fresh forward: gathers the shards the init wrote
         torch.save({"sharded": sharded, "full": full, "out": output}, f"{folder}/rank{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while the other is still in it (an abort at exit, seen once)
     finally:
         dist.destroy_process_group()
 
