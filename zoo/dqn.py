@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
+from lightning_wn import fold_state_dict
 from zoo.compiled_optim import with_compiled_update
 from zoo.data.envs import Episode, EnvRunner, frames_per_step, make_vector_env
 from zoo.data.replay import ReplayBuffer, Transitions
@@ -220,15 +221,21 @@ class DQN(LightningModule):
 
     @torch.no_grad()
     def sync_target(self, tau: float = 1.0) -> None:
-        """Copy the network into the target network, or move the target ``tau`` of the way there."""
+        """Copy the network into the target network, or move the target ``tau`` of the way there.
+
+        A plain target of a weight-normalized network gets its weights folded (``g * v / ||v||``): it is never
+        trained, so it computes the same function without computing ``w`` again at every step.
+        """
+        target = self.target_net.state_dict()
+        online = fold_state_dict(self.q_net.state_dict(), keep=target.keys())
         if tau == 1.0:
-            self.target_net.load_state_dict(self.q_net.state_dict())
+            self.target_net.load_state_dict(online)
             return
-        for target, online in zip(self.target_net.state_dict().values(), self.q_net.state_dict().values()):
-            if target.is_floating_point():
-                target.lerp_(online, tau)
+        for key, value in target.items():
+            if value.is_floating_point():
+                value.lerp_(online[key], tau)
             else:
-                target.copy_(online)
+                value.copy_(online[key])
 
     @override
     def configure_optimizers(self) -> Any:

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-from lightning_wn import WeightNormalization, apply_weight_norm
+from lightning_wn import WeightNormalization, apply_weight_norm, fold_state_dict
 from zoo.cli import main
 from zoo.dqn import DQN, td_targets
 
@@ -146,6 +146,22 @@ def test_a_soft_target_update_moves_the_target_tau_of_the_way():
     for key, value in agent.target_net.state_dict().items():
         torch.testing.assert_close(value, before[key] + 0.25 * (online[key] - before[key]))
     assert not torch.equal(agent.target_net.state_dict()["0.parametrizations.weight.original1"], before["0.parametrizations.weight.original1"])
+
+
+def test_a_plain_target_network_takes_the_folded_weights_of_a_weight_normalized_network():
+    agent = DQN(env_id="CartPole-v1", learning_starts=64, hidden=[16])
+    apply_weight_norm(agent, exclude=["target_net"])  # as the weight-norm configs do
+    torch.nn.init.normal_(agent.q_net[0].parametrizations.weight.original1)
+    x = torch.randn(8, 4)
+    before = {k: v.clone() for k, v in agent.target_net.state_dict().items()}
+    assert sorted(before) == ["0.bias", "0.weight", "2.bias", "2.weight"]  # plain
+    folded = {k: v.clone() for k, v in fold_state_dict(agent.q_net.state_dict()).items()}
+    agent.sync_target(0.25)
+    for key, value in agent.target_net.state_dict().items():
+        torch.testing.assert_close(value, before[key] + 0.25 * (folded[key] - before[key]))
+    agent.sync_target()
+    with torch.no_grad():
+        torch.testing.assert_close(agent.target_net(x), agent.q_net(x), rtol=1e-6, atol=1e-6)
 
 
 def test_the_learning_rate_falls_linearly_over_max_steps(tmp_path):
