@@ -75,7 +75,8 @@ class NormalizedWeight(torch.autograd.Function):
             # backward drops the gradient sent to the norm it saves, so the part through ||v|| would be lost
             return *weight_norm_grads(grad_w, v, g, ctx.dim), None
         if ctx.fused:
-            grad_v, grad_g = torch.ops.aten._weight_norm_interface_backward.default(grad_w.contiguous(), v, g, norm, ctx.dim)
+            fused_backward = torch.ops.aten._weight_norm_interface_backward.default
+            grad_v, grad_g = fused_backward(grad_w.contiguous(), v, g, norm, ctx.dim)
             return grad_v, grad_g, None
         dot = (grad_w * v).sum(dim=norm_axes(v, ctx.dim), keepdim=True)
         # the component of grad_w along v does not reach v: w does not depend on ||v||

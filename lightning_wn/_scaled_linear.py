@@ -10,11 +10,9 @@ from torch import Tensor
 class ScaledLinear(torch.autograd.Function):
     """``y = (x @ v.T) * g / ||v|| + b`` with ``||v||`` over each row of ``v``, never building ``w``.
 
-    When the batch has fewer rows than the layer has inputs, scaling the (rows x out) output costs less
-    than building the (out x in) weight, and the backward folds the norm's gradient into the matmul's in
-    place instead of adding two weight-sized tensors (on the Nature DQN's 3136 x 512 layer a train step
-    pays a few percent less in float32, much less under bfloat16 autocast: docs/benchmarks.md). The
-    matmul runs in ``dtype`` (autocast's, for mixed precision), ``||v||`` in ``v``'s own.
+    For fewer rows than inputs, scaling the (rows x out) output costs less than building the (out x in)
+    weight, and the backward folds the norm's gradient into the matmul's in place (docs/benchmarks.md).
+    The matmul runs in ``dtype`` (autocast's, for mixed precision), ``||v||`` in ``v``'s own.
 
     Example:
         >>> x, v, g = torch.randn(3, 4), torch.randn(2, 4), torch.rand(2, 1)
@@ -48,7 +46,9 @@ class ScaledLinear(torch.autograd.Function):
             grad_unscaled = grad_rows * scale.to(grad_rows.dtype)
             grad_g = (grad_rows * (x_rows @ v.to(x_rows.dtype).T)).sum(0).to(norm.dtype) / norm
             grad_x = (grad_unscaled @ v.to(grad_unscaled.dtype)).reshape(x.shape).to(x_dtype) if need_x else None
-            grad_v = (grad_unscaled.T @ x_rows).to(v.dtype) - v * (grad_g * scale / norm).unsqueeze(1) if need_v else None
+            grad_v = None
+            if need_v:
+                grad_v = (grad_unscaled.T @ x_rows).to(v.dtype) - v * (grad_g * scale / norm).unsqueeze(1)
             grad_bias = grad_rows.sum(0).to(bias_dtype) if need_bias else None
             return grad_x, grad_v, grad_g.reshape(g.shape) if need_g else None, grad_bias, None
         grad_unscaled = grad_rows * scale.to(grad_rows.dtype)

@@ -15,11 +15,9 @@ _active: ContextVar[dict[nn.Module, tuple] | None] = ContextVar("lightning_wn_ca
 def cached() -> Iterator[None]:
     """Compute each normalized weight ``w = g * v / ||v||`` once inside this block, not at each read.
 
-    A module called many times in one step (an unrolled ``LSTMCell``) then pays for one norm, not one
-    per call. An entry serves only while made from the very same ``g`` and ``v`` tensors, at the same
-    versions (an optimizer step inside the block recomputes) and in the same grad mode; the cache dies
-    with the block, and nested blocks share the outer one. The ``WeightNormalization`` callback enters
-    it around every training, validation, test and predict step.
+    An entry serves only while made from the very same ``g`` and ``v`` tensors, at the same versions
+    (an optimizer step inside the block recomputes) and in the same grad mode; it dies with the block,
+    and nested blocks share the outer one. ``WeightNormalization`` enters it around every step.
 
     Example:
         >>> import torch

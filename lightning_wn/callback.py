@@ -1,10 +1,7 @@
 """The ``WeightNormalization`` Lightning callback: *when* things happen; the library says *how*.
 
-* ``setup``: apply weight norm (and mean-only batch norm) before optimizers are built and DDP wraps
-  the model, so the optimizer holds ``g`` and ``v`` and DDP all-reduces their gradients.
-* ``on_fit_start``: the data-dependent init, once per training run, on training examples.
-* every step runs inside :func:`lightning_wn.cached`; after each training step, the limit on ``||v||``.
-* ``on_fit_end``: fold weight norm away, if asked for.
+Weight norm is applied in ``setup``, before optimizers are built and DDP wraps the model, so the optimizer
+holds ``g`` and ``v`` and DDP all-reduces their gradients; the data-dependent init runs once per training run.
 """
 
 from __future__ import annotations
@@ -27,32 +24,22 @@ from typing_extensions import override
 from lightning_wn.cache import cached
 from lightning_wn.checkpoint import read_checkpoint
 from lightning_wn.init import _is_sharded, data_dependent_init
-from lightning_wn.init_inputs import concatenate, example_count, model_inputs
+from lightning_wn.init_inputs import first_examples, model_inputs
 from lightning_wn.mean_only_bn import attach_mean_only_bn
-from lightning_wn.models import (
-    apply_weight_norm,
-    limit_direction_norm,
-    remove_weight_norm,
-    select_layers,
-    weight_normalized_modules,
-)
+from lightning_wn.models import apply_weight_norm, limit_direction_norm, remove_weight_norm, select_layers
 from lightning_wn.state_dict import fold_state_dict
 from lightning_wn.weight_norm import is_weight_normalized, positive_number, weight_norms
 
-# and their subclasses: why each cannot carry weight norm; both point to FSDP2 or DDP instead
+# and their subclasses: why each cannot carry weight norm
 _REFUSED_STRATEGIES = {
     FSDPStrategy: "FSDP1's FlatParameter holds gathered copies of g and v, so the init's writes into them are lost",
     DeepSpeedStrategy: "DeepSpeed re-creates parameters inside its engine (ZeRO), which weight norm cannot follow",
 }
-_SHARD_INSTEAD = (
-    "Use `ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)` with `fully_shard` (FSDP2) in "
-    "`configure_model`, or `strategy='ddp'`."
-)
 # options that act on g, v or buffers per rank, which a sharded model does not keep in step across ranks
 _UNSHARDED_ONLY = {
     "mean_only_bn": "its running mean is a buffer FSDP2 does not synchronize, so the ranks' copies would drift apart",
     "max_norm": "it rescales each rank's shard of v by norms taken on that shard only",
-    "fold_on_fit_end": "it folds sharded g and v in place; fold the full checkpoint instead (`lightning_wn.load_from_checkpoint`)",
+    "fold_on_fit_end": "it would fold shards in place; fold the full checkpoint instead (`load_from_checkpoint`)",
 }
 _OWN_KEYS = ("params", "param_names")  # what an optimizer's param group holds of its own, not hyperparameters
 
@@ -69,9 +56,8 @@ class WeightNormalization(Callback):
         init_samples: training examples for the init, split across ranks (500 in the paper).
         init_scale: the standard deviation each pre-activation starts with.
         input_key: the index or dict key of ``forward``'s input in a batch (default the batch, or its first element);
-            a list (``["mel", "noise"]``) passes several as positional arguments. Or leave it out and define
-            ``data_init_inputs(batch)`` on the module, returning a tensor, a tuple (``forward(*inputs)``) or a
-            dict (``forward(**inputs)``) of tensors that share their first (batch) axis.
+            a list (``["mel", "noise"]``) passes several as positional arguments. Or define ``data_init_inputs(batch)``
+            on the module, returning a tensor, a tuple (``forward(*inputs)``) or a dict (``forward(**inputs)``).
         mean_only_bn: put the paper's mean-only batch norm after every normalized layer.
         max_norm: after each training batch, rescale any ``||v||`` above this (the function is unchanged).
         fold_on_fit_end: fold ``g`` and ``v`` into plain weights when fit ends.
@@ -102,18 +88,6 @@ class WeightNormalization(Callback):
             raise TypeError(f"`init_samples` must be an integer, got {init_samples!r} ({type(init_samples).__name__}).")
         if init_samples < 1:
             raise ValueError(f"`init_samples` must be a positive integer, got {init_samples!r}.")
-        init_scale = positive_number("init_scale", init_scale)
-        max_norm = None if max_norm is None else positive_number("max_norm", max_norm)
-        log_scale_factor = None if log_scale_factor is None else positive_number("log_scale_factor", log_scale_factor)
-        # each of these acts on g or v, which a plain layer does not have
-        needs_g = {"mean_only_bn": mean_only_bn, "max_norm": max_norm, "log_scale_factor": log_scale_factor,
-                   "paper_init": paper_init}  # fmt: skip
-        for argument, value in () if weight_norm else needs_g.items():
-            if value not in (None, False):
-                raise ValueError(
-                    f"`{argument}`={value!r} needs weight norm, but `weight_norm`=False leaves the layers "
-                    f"plain: set `weight_norm=True`, or leave `{argument}` out."
-                )
         keys = list(input_key) if isinstance(input_key, (list, tuple)) else [input_key]
         valid = keys and all(isinstance(key, (int, str)) and not isinstance(key, bool) for key in keys)
         if input_key is not None and not valid:
@@ -124,10 +98,18 @@ class WeightNormalization(Callback):
         self.include = None if include is None else list(include)
         self.exclude = list(exclude)
         self.weight_norm, self.data_init, self.init_samples = weight_norm, data_init, init_samples
-        self.init_scale = init_scale
+        self.init_scale = positive_number("init_scale", init_scale)
         self.input_key = keys if isinstance(input_key, (list, tuple)) else input_key
-        self.mean_only_bn, self.max_norm, self.fold_on_fit_end = mean_only_bn, max_norm, fold_on_fit_end
-        self.log_scale_factor, self.paper_init = log_scale_factor, paper_init
+        self.mean_only_bn, self.fold_on_fit_end, self.paper_init = mean_only_bn, fold_on_fit_end, paper_init
+        self.max_norm = None if max_norm is None else positive_number("max_norm", max_norm)
+        if log_scale_factor is not None:
+            log_scale_factor = positive_number("log_scale_factor", log_scale_factor)
+        self.log_scale_factor = log_scale_factor
+        # each of these acts on g or v, which a plain layer does not have
+        for argument in () if weight_norm else ("mean_only_bn", "max_norm", "log_scale_factor", "paper_init"):
+            if (value := getattr(self, argument)) not in (None, False):
+                raise ValueError(f"`{argument}`={value!r} needs weight norm, but `weight_norm`=False leaves the layers "
+                                 f"plain: set `weight_norm=True`, or leave `{argument}` out.")
         self.normalized: list[str] = []
         self.initialized = False
         self._restored: dict[str, Any] | None = None  # applied at the init, not in load_state_dict
@@ -139,44 +121,34 @@ class WeightNormalization(Callback):
         strategy = trainer.strategy
         for refused, why in _REFUSED_STRATEGIES.items():
             if isinstance(strategy, refused):
-                raise RuntimeError(f"WeightNormalization does not support `{type(strategy).__name__}`: {why}. {_SHARD_INSTEAD}")
+                raise RuntimeError(f"WeightNormalization does not support `{type(strategy).__name__}`: {why}. Use "
+                                   "`strategy='ddp'`, or `ModelParallelStrategy(data_parallel_size=N, "
+                                   "tensor_parallel_size=1)` with `fully_shard` (FSDP2) in `configure_model`.")
         if isinstance(strategy, ModelParallelStrategy):
             mesh = strategy.device_mesh
-            if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
-                raise RuntimeError(
-                    f"WeightNormalization supports `ModelParallelStrategy` for data parallelism only (FSDP2's "
-                    f"`fully_shard`), but its `tensor_parallel_size` is {mesh['tensor_parallel'].size()}: tensor "
-                    "parallelism splits a layer's `weight` parameter, which weight norm computes from g and v, and its "
-                    "output, whose per-unit statistics the init needs whole. Set `tensor_parallel_size=1` and "
-                    "`data_parallel_size` to the number of devices."
-                )
+            if "tensor_parallel" in (mesh.mesh_dim_names or ()) and (size := mesh["tensor_parallel"].size()) > 1:
+                raise RuntimeError(f"WeightNormalization cannot run under tensor parallelism (`tensor_parallel_size` "
+                                   f"is {size}): it splits layers that weight norm and its init need whole. Set "
+                                   "`tensor_parallel_size=1` and `data_parallel_size` to the number of devices.")
             for argument, why in _UNSHARDED_ONLY.items():
                 if (value := getattr(self, argument)) not in (None, False):
-                    raise ValueError(
-                        f"`{argument}`={value!r} is not supported under `ModelParallelStrategy`: {why}. Leave "
-                        f"`{argument}` out, or train with `strategy='ddp'`."
-                    )
+                    raise ValueError(f"`{argument}`={value!r} is not supported under `ModelParallelStrategy`: {why}. "
+                                     f"Leave `{argument}` out, or train with `strategy='ddp'`.")
         if self.input_key is not None and callable(getattr(pl_module, "data_init_inputs", None)):
-            raise ValueError(
-                f"`input_key`={self.input_key!r} and `{type(pl_module).__name__}.data_init_inputs` both say what "
-                "the data-dependent init passes to `forward`: keep one (leave `input_key` out to use the method)."
-            )
+            raise ValueError(f"`input_key`={self.input_key!r} and `{type(pl_module).__name__}.data_init_inputs` both "
+                             "say what the data-dependent init passes to `forward`: keep one.")
         selected = select_layers(pl_module, self.include, self.exclude)
         callbacks = list(trainer.callbacks)
         # a weight-averaging callback copies the model in its own setup: before ours, it copies plain layers
         averaging = (StochasticWeightAveraging, WeightAveraging)
         if first := [c for c in callbacks[: callbacks.index(self)] if isinstance(c, averaging)]:
-            raise RuntimeError(
-                f"{type(first[0]).__name__} is listed before WeightNormalization, so it copies the model before its "
-                "layers are weight-normalized, and cannot average g and v into that copy. List WeightNormalization "
-                "first: `callbacks=[WeightNormalization(...), ...]`."
-            )
+            raise RuntimeError(f"{type(first[0]).__name__} is listed before WeightNormalization, so it copies the "
+                               "layers before they are weight-normalized. List WeightNormalization first: "
+                               "`callbacks=[WeightNormalization(...), ...]`.")
         if self.weight_norm and selected and any(isinstance(c, ModelPruning) for c in callbacks):
-            raise RuntimeError(
-                "ModelPruning cannot prune weight-normalized layers (their weight is computed from g and v, not a "
-                "parameter), and which layers it prunes is its own private state. Prune without weight norm: fit with "
-                "`WeightNormalization(fold_on_fit_end=True)`, then prune the plain layers in a run of their own."
-            )
+            raise RuntimeError("ModelPruning cannot prune weight-normalized layers (their weight is computed from g "
+                               "and v). Fit with `WeightNormalization(fold_on_fit_end=True)`, then prune the plain "
+                               "layers in a run of their own.")
         self._normalize_layers(pl_module, selected)
 
     def _normalize_layers(self, pl_module: pl.LightningModule, selected: list[str]) -> None:
@@ -195,7 +167,8 @@ class WeightNormalization(Callback):
         if plain or attached:
             kept = f" ({len(selected) - len(plain)} of them already were)" if len(plain) < len(selected) else ""
             extra = f", {len(attached)} with mean-only batch norm" if attached else ""
-            rank_zero_info(f"WeightNormalization: normalized {len(selected)} layers{kept}{extra}: {', '.join(selected)}")
+            names = ", ".join(selected)
+            rank_zero_info(f"WeightNormalization: normalized {len(selected)} layers{kept}{extra}: {names}")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -203,11 +176,10 @@ class WeightNormalization(Callback):
         selected = select_layers(pl_module, self.include, self.exclude)
         modules = dict(pl_module.named_modules())
         if plain := [name for name in selected if self.weight_norm and not is_weight_normalized(modules[name])]:
-            raise RuntimeError(
-                f"Layers {', '.join(f'`{name}`' for name in plain)} were built after WeightNormalization's `setup` "
-                "(in `configure_model`) and are left plain. Normalize them where they are built: call "
-                "`lightning_wn.apply_weight_norm(self, ...)` at the end of `configure_model` (before `fully_shard`)."
-            )
+            raise RuntimeError(f"Layers {', '.join(f'`{name}`' for name in plain)} were built after "
+                               "WeightNormalization's `setup` (in `configure_model`) and are left plain: call "
+                               "`lightning_wn.apply_weight_norm(self, ...)` at the end of `configure_model` (before "
+                               "`fully_shard`).")
         self.normalized = selected  # the init's targets, with the layers configure_model built
         self._restart_optimizer_states(trainer)
         if not trainer.strategy.restore_checkpoint_after_setup:
@@ -237,45 +209,29 @@ class WeightNormalization(Callback):
             self.initialized = self.initialized or bool(self._restored.get("initialized"))
             self._restored = None
         elif trainer.ckpt_path is not None and not self.initialized:
-            rank_zero_info(
-                f"WeightNormalization: {trainer.ckpt_path} holds no state of this callback; its weights were "
-                "trained without it, so they are kept and the data-dependent init does not run."
-            )
+            rank_zero_info(f"WeightNormalization: {trainer.ckpt_path} holds no state of this callback; its weights "
+                           "were trained without it, so they are kept and the data-dependent init does not run.")
             self.initialized = True
         if not self.data_init or self.initialized:
             return
         trainer.fit_loop.setup_data()  # the processed loader: DistributedSampler, each rank its shard
         loader = trainer.train_dataloader
         if loader is None or isinstance(loader, (list, tuple, dict)):
-            raise ValueError(
-                "WeightNormalization's data-dependent init reads one training dataloader; got "
-                f"{type(loader).__name__}. Return a single DataLoader, or set `data_init=False`."
-            )
+            raise ValueError(f"WeightNormalization's data-dependent init reads one training dataloader, got "
+                             f"{type(loader).__name__}. Return a single DataLoader, or set `data_init=False`.")
         read = getattr(pl_module, "data_init_inputs", None)
         where = f"`{type(pl_module).__name__}.data_init_inputs(batch)`"
         if not callable(read):
             where = f"the batch at `input_key`={self.input_key!r}"
             read = functools.partial(model_inputs, input_key=self.input_key)
         wanted = math.ceil(self.init_samples / trainer.world_size)  # the first examples of this rank's shard
-        chunks, count = [], 0
-        for batch in loader:
-            chunks.append(read(trainer.strategy.batch_to_device(batch)))
-            count += example_count(chunks[-1], where)
-            if count >= wanted:
-                break
-        if not chunks:
-            raise ValueError("The training dataloader is empty: no examples for the data-dependent init.")
+        batches = (read(trainer.strategy.batch_to_device(batch)) for batch in loader)
+        inputs, count = first_examples(batches, wanted, where)
         with trainer.precision_plugin.train_step_context():
             # a run resumed without our state has no list of its own: every normalized layer
-            report = data_dependent_init(
-                pl_module, concatenate(chunks, wanted), modules=self.normalized or None, init_scale=self.init_scale
-            )
+            report = data_dependent_init(pl_module, inputs, modules=self.normalized or None, init_scale=self.init_scale)
         self.initialized = True
-        stds = torch.cat([m.std for m in report.modules.values()])
-        rank_zero_info(
-            f"WeightNormalization: data-dependent init on {min(count, wanted)} examples per rank; pre-init "
-            f"std per unit from {stds.min().item():.3g} to {stds.max().item():.3g}.\n{report}"
-        )
+        rank_zero_info(f"WeightNormalization: data-dependent init on {count} examples per rank.\n{report}")
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -299,16 +255,14 @@ class WeightNormalization(Callback):
         self._restored = dict(state_dict)
 
     @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        # Weights trained without weight norm (a plain layer's `weight`) have just loaded into g and v; the
-        # optimizers, built later, get theirs after on_fit_start, which is where they are rewritten. Only fit
-        # restores optimizer states; our own state in the checkpoint says it was trained with weight norm
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # Plain weights (a checkpoint trained without weight norm) have just loaded into g and v; the optimizers,
+        # built later, get their states after on_fit_start, which is where those are rewritten
         if trainer.state.fn != TrainerFn.FITTING or "optimizer_states" not in checkpoint:
-            return
-        if self.state_key in checkpoint.get("callbacks", {}):
-            return
-        tensors = [f"{n}.{t}" for n, m in weight_normalized_modules(pl_module) for t in weight_norms(m)]
-        if any(tensor in checkpoint["state_dict"] for tensor in tensors):
+            return  # only fit restores optimizer states
+        tensors = [f"{n}.{t}" for n, m in pl_module.named_modules() for t in weight_norms(m)]
+        ours = self.state_key in checkpoint.get("callbacks", {})
+        if not ours and any(tensor in checkpoint["state_dict"] for tensor in tensors):
             self._plain_checkpoint = checkpoint
 
     def _restart_optimizer_states(self, trainer: pl.Trainer) -> None:
@@ -320,25 +274,20 @@ class WeightNormalization(Callback):
         restarted = []
         for saved, optimizer in zip(checkpoint["optimizer_states"], trainer.optimizers):
             fresh = optimizer.state_dict()
-            if len(groups := saved["param_groups"]) == len(fresh["param_groups"]):
-                fresh["param_groups"] = [
-                    {k: v for k, v in old.items() if k not in _OWN_KEYS} | {k: new[k] for k in _OWN_KEYS if k in new}
-                    for old, new in zip(groups, fresh["param_groups"])
-                ]
+            if len(saved["param_groups"]) == len(fresh["param_groups"]):
+                for old, new in zip(saved["param_groups"], fresh["param_groups"]):
+                    new |= {k: v for k, v in old.items() if k not in _OWN_KEYS}
             restarted.append(fresh)
         checkpoint["optimizer_states"] = restarted
-        rank_zero_warn(
-            f"WeightNormalization: {trainer.ckpt_path} was trained without weight norm; its plain weights now "
-            "load as g and v, so the optimizer state saved for them (momentum, Adam's moments) cannot apply "
-            "and restarts from zero. Learning rates and the loop's progress are restored."
-        )
+        rank_zero_warn(f"WeightNormalization: {trainer.ckpt_path} was trained without weight norm, so the optimizer "
+                       "state saved for its plain weights (momentum, Adam's moments) cannot apply to g and v and "
+                       "restarts from zero. Learning rates and the loop's progress are restored.")
 
 
 class FoldWeightNormOnLoad:
     """LightningModule mixin: ``Model.load_from_checkpoint`` folds the ``g`` and ``v`` it lacks into plain weights.
 
-    A weight-normalized model loads them as they are. Put it first in the bases:
-    ``class Model(FoldWeightNormOnLoad, LightningModule)``.
+    Put it first in the bases: ``class Model(FoldWeightNormOnLoad, LightningModule)``.
     """
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -349,10 +298,7 @@ class FoldWeightNormOnLoad:
 
 
 def load_from_checkpoint(model_class: type[pl.LightningModule], path: str, **kwargs: Any) -> pl.LightningModule:
-    """``model_class.load_from_checkpoint(path)`` for a checkpoint trained with weight norm, folded into plain weights.
-
-    The plain model class then loads it strictly and computes exactly the trained function.
-    """
+    """``model_class.load_from_checkpoint(path)`` of a weight-normalized checkpoint, folded into plain weights."""
     checkpoint = read_checkpoint(path, weights_only=False)
     checkpoint["state_dict"] = fold_state_dict(checkpoint["state_dict"])
     buffer = io.BytesIO()
@@ -363,9 +309,6 @@ def load_from_checkpoint(model_class: type[pl.LightningModule], path: str, **kwa
 
 def _refuse_sharded_plain_layers(modules: dict[str, torch.nn.Module], plain: list[str]) -> None:
     if sharded := [name for name in plain if any(map(_is_sharded, modules[name].parameters()))]:
-        raise RuntimeError(
-            f"Layers {', '.join(f'`{name}`' for name in sharded)} were sharded (`fully_shard`) before weight norm "
-            "was applied: their parameters are now shards, and g and v must be made from the whole weight, then "
-            "sharded. Build such layers in `__init__`, or call `lightning_wn.apply_weight_norm(self, ...)` in "
-            "`configure_model` before `fully_shard`."
-        )
+        raise RuntimeError(f"Layers {', '.join(f'`{name}`' for name in sharded)} were sharded (`fully_shard`) before "
+                           "weight norm, which needs the whole weight. Build them in `__init__`, or call "
+                           "`lightning_wn.apply_weight_norm(self, ...)` in `configure_model` before `fully_shard`.")

@@ -12,12 +12,10 @@ import torch
 
 
 def read_checkpoint(path: str | PathLike, *, weights_only: bool = True) -> dict[str, Any]:
-    """The Lightning checkpoint at ``path``; a ``ValueError`` naming the file and its fault otherwise.
+    """The Lightning checkpoint at ``path``, or a ``ValueError`` naming the file and its fault.
 
-    An empty file, a copy cut short, a git-lfs pointer or a bare ``torch.save(model.state_dict())`` would
-    otherwise surface as ``EOFError``, ``UnpicklingError`` or ``KeyError: 'state_dict'``, naming neither.
-    ``weights_only`` is passed to ``torch.load`` (``False`` unpickles any object: trusted files only).
-    A sharded checkpoint (the folder ``ModelParallelStrategy`` saves) is gathered into one full checkpoint.
+    ``weights_only`` goes to ``torch.load`` (``False`` unpickles any object: trusted files only). A sharded
+    checkpoint (the folder ``ModelParallelStrategy`` saves) is gathered into one full checkpoint.
 
     Example:
         >>> path = Path(tempfile.mkdtemp()) / "model.pt"
@@ -25,7 +23,7 @@ def read_checkpoint(path: str | PathLike, *, weights_only: bool = True) -> dict[
         >>> read_checkpoint(path)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: `.../model.pt` holds a bare state dict (`torch.save(model.state_dict())`), not a Lightning checkpoint: ...
+        ValueError: `.../model.pt` holds a bare state dict (...), not a Lightning checkpoint: ...
     """
     path = Path(path)
     if (path / "meta.pt").is_file() and (path / ".metadata").is_file():  # a sharded checkpoint's folder
@@ -56,11 +54,10 @@ def read_checkpoint(path: str | PathLike, *, weights_only: bool = True) -> dict[
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
         return checkpoint
     if isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise ValueError(
-            f"`{path}` holds a bare state dict (`torch.save(model.state_dict())`), not a Lightning checkpoint: "
-            "load it with `model.load_state_dict(torch.load(path))`, or save one with `trainer.save_checkpoint(path)`."
-        )
-    found = f"a {type(checkpoint).__name__}"
+        raise ValueError(f"`{path}` holds a bare state dict (`torch.save(model.state_dict())`), not a Lightning "
+                         "checkpoint: load it with `model.load_state_dict(torch.load(path))`, or save one with "
+                         "`trainer.save_checkpoint(path)`.")
+    found = type(checkpoint).__name__
     if isinstance(checkpoint, dict):
-        found = f"a dict with keys {sorted(map(str, checkpoint))[:8]}"
-    raise ValueError(f"`{path}` is not a Lightning checkpoint (a dict with a 'state_dict'): it holds {found}.")
+        found = f"dict with keys {sorted(map(str, checkpoint))[:8]}"
+    raise ValueError(f"`{path}` is not a Lightning checkpoint (a dict with a 'state_dict'): it holds a {found}.")

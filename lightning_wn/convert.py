@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.weight_norm import WeightNorm as LegacyWeightNorm
 
 from lightning_wn import torch_norms
@@ -24,70 +23,53 @@ from lightning_wn.weight_norm import weight_norm, weight_norms
 
 
 def from_torch(model: nn.Module) -> list[str]:
-    """Replace torch's weight norm with this library's, in place, on exactly the layers and tensors that have it.
+    """Replace torch's weight norm (parametrization or legacy hook) with this library's, in place, keeping ``dim``.
 
-    Torch's parametrization or legacy hook, any ``dim`` (torch's ``None`` or -1 is ``dim=None`` here); spectral
-    norm stays. ``g`` and ``v`` are new tensors: build the optimizer after. Returns the names of the modules
-    converted. A ``ValueError``, before anything changes, if torch's weight norm is chained with, or on one
-    layer beside, another of torch's reparametrizations.
+    ``g`` and ``v`` are new tensors: build the optimizer after. Returns the names of the modules converted; a
+    ``ValueError`` before anything changes if torch's weight norm shares a layer with another reparametrization.
     """
     found = {}
     for module_name, module in model.named_modules():
         torch_norms.refuse_chained_weight_norm(module_name, module)
-        if norms := _torch_weight_norms(module):
+        if norms := torch_norms.torch_weight_norms(module):
             if len(others := torch_norms.torch_reparametrizations(module)) > len(norms):
-                raise ValueError(
-                    f"`{module_name}` mixes torch's weight norm with other reparametrizations ({', '.join(others)}): "
-                    "this library's weight norm does not stack on torch's. Remove the others from that layer first."
-                )
+                raise ValueError(f"`{module_name}` mixes torch's weight norm with other reparametrizations "
+                                 f"({', '.join(others)}). Remove the others from that layer first.")
             found[module_name] = (module, norms)
     for module, norms in found.values():
         torch_norms.remove_torch_weight_norm(module)  # folds into a plain weight; drops torch's state-dict hook
-        for name, dim, g, v in norms:
+        for name, norm, g, v in norms:
             if not isinstance(module._parameters.get(name), nn.Parameter):  # torch folds a frozen one into a buffer
                 module.register_parameter(name, nn.Parameter(module._buffers.pop(name), requires_grad=False))
-            weight_norm(module, name, dim=None if dim == WHOLE_TENSOR else dim)  # other negative dims are axes
-            wn = weight_norms(module)[name]
-            _copy((wn.original0, wn.original1), (g, v))  # our split of the fold has ||v|| = g: torch's v instead
+            weight_norm(module, name, dim=None if norm.dim == WHOLE_TENSOR else norm.dim)  # other negative dims: axes
+            ours = weight_norms(module)[name]
+            _copy((ours.original0, ours.original1), (g, v))  # our split of the fold has ||v|| = g: torch's v instead
     return list(found)
 
 
 def to_torch(model: nn.Module, legacy: bool = False) -> list[str]:
     """Put every layer weight-normalized by this library under torch's weight norm instead, in place.
 
-    ``torch.nn.utils.parametrizations.weight_norm``, or ``torch.nn.utils.weight_norm`` with ``legacy=True``,
-    for code that saves, loads or inspects the model in torch's layout (torch pickles it only by state dict).
+    ``torch.nn.utils.parametrizations.weight_norm``, or ``torch.nn.utils.weight_norm`` with ``legacy=True``.
     ``g`` and ``v`` are new tensors: build the optimizer after. Returns the names of the modules converted; a
     ``ValueError`` before anything changes if a layer learns ``g = exp(c * s)`` (``log_scale_factor``).
     """
     normalized = list(weight_normalized_modules(model))
     for module_name, module in normalized:
         if any(wn.log_scale_factor is not None for wn in weight_norms(module).values()):
-            raise ValueError(
-                f"`{module_name}` learns g = exp(c * s) (`log_scale_factor`), which torch's weight norm has no form "
-                "for. Fold it with `lightning_wn.remove_weight_norm`, or train without `log_scale_factor`."
-            )
+            raise ValueError(f"`{module_name}` learns g = exp(c * s) (`log_scale_factor`), which torch's weight norm "
+                             "has no form for. Fold it with `lightning_wn.remove_weight_norm`, or train without it.")
     apply = nn.utils.weight_norm if legacy else nn.utils.parametrizations.weight_norm
     for _, module in normalized:
-        saved = {name: (wn.dim, wn.original0, wn.original1) for name, wn in weight_norms(module).items()}
+        ours = weight_norms(module)
         _remove_own_weight_norm(module)
-        for name, (dim, _, _) in saved.items():
-            apply(module, name, dim=None if dim == WHOLE_TENSOR else dim)
-        for name, _, g, v in _torch_weight_norms(module):  # torch's split of the fold: ours instead, bit for bit
-            _copy((g, v), saved[name][1:])
-        for hook in torch_norms.legacy_hooks(module):
-            if isinstance(hook, LegacyWeightNorm):  # it computed `module.<name>` from torch's split: again, from ours
-                hook(module, ())
+        for name, wn in ours.items():
+            apply(module, name, dim=wn.dim)  # WHOLE_TENSOR is torch's own -1
+        for name, norm, g, v in torch_norms.torch_weight_norms(module):
+            _copy((g, v), (ours[name].original0, ours[name].original1))  # torch's split of the fold: ours instead
+            if isinstance(norm, LegacyWeightNorm):  # it computed `module.<name>` from torch's split: again, from ours
+                norm(module, ())
     return [name for name, _ in normalized]
-
-
-def _torch_weight_norms(module: nn.Module) -> list[tuple[str, int, Tensor, Tensor]]:
-    """``(tensor name, torch's dim, g, v)`` of each of ``module``'s tensors under torch's weight norm."""
-    chains = torch_norms.parametrization_chains(module).items()
-    found = [(n, c[0].dim, c.original0, c.original1) for n, c in chains if isinstance(c[0], _WeightNorm)]
-    hooks = [h for h in torch_norms.legacy_hooks(module) if isinstance(h, LegacyWeightNorm)]
-    params = module._parameters
-    return found + [(h.name, h.dim, params[f"{h.name}_g"], params[f"{h.name}_v"]) for h in hooks]
 
 
 @torch.no_grad()

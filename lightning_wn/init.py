@@ -1,8 +1,4 @@
-"""The paper's data-dependent initialization, in one forward pass.
-
-Forward hooks fire in execution order: each target module, on its first call, rescales its own
-parameters and normalizes that output in place, so later layers see already-initialized inputs.
-"""
+"""The paper's data-dependent initialization, in one forward pass."""
 
 from __future__ import annotations
 
@@ -45,27 +41,18 @@ class InitReport:
     skipped: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        def span(t: Tensor) -> str:
-            return f"[{t.min().item():+.3g}, {t.max().item():+.3g}]" if t.numel() else "-"
-
         lines = [f"{'module':<32} {'kind':<12} {'units':>5} {'mean range':>21} {'std range':>21} note"]
         for name, m in self.modules.items():
+            mean, std = (f"[{t.min().item():+.3g}, {t.max().item():+.3g}]" for t in (m.mean, m.std))
             notes = [f"{len(m.tiny_units)} units with ~0 std left alone"] if m.tiny_units else []
             notes += [] if m.bias_set else ["no bias: mean kept"]
-            stats = f"{m.mean.numel():>5} {span(m.mean):>21} {span(m.std):>21}"
-            lines.append(f"{name:<32} {m.kind:<12} {stats} {'; '.join(notes)}")
+            lines.append(f"{name:<32} {m.kind:<12} {m.mean.numel():>5} {mean:>21} {std:>21} {'; '.join(notes)}")
         return "\n".join(lines + [f"{name:<32} skipped: {why}" for name, why in self.skipped.items()])
 
 
 @torch.no_grad()
-def data_dependent_init(
-    model: nn.Module,
-    inputs: object,
-    modules: Sequence[str] | None = None,
-    init_scale: float = 1.0,
-    *,
-    min_std: float = 1e-6,
-) -> InitReport:
+def data_dependent_init(model: nn.Module, inputs: object, modules: Sequence[str] | None = None, init_scale: float = 1.0,
+                        *, min_std: float = 1e-6) -> InitReport:  # fmt: skip
     r"""Initialize ``model`` so each target module's output starts zero-mean with std ``init_scale``.
 
     One forward pass of ``inputs`` (``model(inputs)``, ``model(*inputs)`` for a tuple or list,
@@ -76,6 +63,8 @@ def data_dependent_init(
     * plain layers (the paper notes it works without weight norm): the unit's weights times :math:`s/\sigma`;
     * :class:`~lightning_wn.MeanOnlyBatchNorm`: its running mean is set to the batch mean.
 
+    Returns an :class:`InitReport`: the statistics measured, the scales set, and what was skipped and why.
+
     Args:
         model: the network, in the mode (train/eval) it should be initialized in.
         inputs: one batch of model inputs; the paper used a few hundred examples.
@@ -83,8 +72,6 @@ def data_dependent_init(
             module, else every ``Linear``/``Conv*``. Recurrent layers are skipped (no recursion in the method).
         init_scale: the standard deviation each output unit starts with.
         min_std: units whose output varies less than this on the batch are left alone.
-
-    Returns an :class:`InitReport`: the statistics measured, the scales set, and what was skipped and why.
 
     Example:
         >>> from lightning_wn import weight_norm
@@ -97,31 +84,28 @@ def data_dependent_init(
     """
     if not (init_scale > 0 and math.isfinite(init_scale)):
         raise ValueError(f"`init_scale` must be a positive number, got {init_scale!r}.")
-    _check_batch(inputs)
+    if not _check_batch(inputs):
+        raise TypeError(f"`inputs` holds no tensor (got {type(inputs).__name__}); pass a batch of model inputs.")
     targets, report = _targets(model, modules)
     if again := [f"`{name}`" for name, m in targets.items() if getattr(m, _INITIALIZED, False)]:
         more = f" and {len(again) - 5} more" if len(again) > 5 else ""
-        warnings.warn(
-            f"data_dependent_init: {', '.join(again[:5])}{more} were initialized by an earlier call; this one rescales "
-            "them again, to statistics that the first init already set. Call it once per model (a resumed model must "
-            "not be initialized again), or pass `modules` to pick the others.",
-            stacklevel=2,
-        )
-    # FSDP2: the forward runs on gathered copies of the parameters and frees them afterwards, so the shards are
-    # what the init must write; resharded (FSDPModule.reshard frees the gathered copies), a module exposes its shards
+        warnings.warn(f"data_dependent_init: {', '.join(again[:5])}{more} were initialized by an earlier call; this "
+                      "one rescales them again. Call it once per model (not again after resuming), or pass `modules` "
+                      "to pick the others.", stacklevel=2)
+    # FSDP2 runs the forward on gathered copies of the parameters and frees them: the init must write the shards
     sharded = [m for m in model.modules() if _is_sharded(m)]
     for m in sharded:
         m.reshard()
     writes: list[tuple[nn.Module, Tensor, Tensor]] = []  # (module, scale, shift) of each rescaling
     hook = functools.partial(_init_module, report, writes, init_scale, min_std)
-    # prepended: a layer's own hooks (an attached mean-only batch norm) must see the initialized output
+    # a target's first call rescales it and normalizes that output in place: later layers see initialized inputs,
+    # and so, the hook prepended, do the layer's own hooks (an attached mean-only batch norm)
     handles = [m.register_forward_hook(functools.partial(hook, name), prepend=True) for name, m in targets.items()]
-    # what the hooks rescale (the shards, under FSDP2), kept to put back if the forward fails halfway
-    positional = isinstance(inputs, (tuple, list))
     before = {id(t): (t, t.clone()) for m in targets.values() for t in (*m.parameters(), *m.buffers())}
+    positional = isinstance(inputs, (tuple, list))
     try:
         model(**inputs) if isinstance(inputs, dict) else model(*inputs) if positional else model(inputs)
-    except BaseException:
+    except BaseException:  # put back what the hooks rescaled
         for tensor, saved in before.values():
             tensor.copy_(saved)
         raise
@@ -132,11 +116,9 @@ def data_dependent_init(
             m.reshard()
     for module, scale, shift in writes if sharded else ():  # the hooks rescaled gathered copies; now the shards
         _rescale(module, scale, shift)
-    for name, module in targets.items():
-        if name in report.modules:
-            setattr(module, _INITIALIZED, True)
-        else:
-            report.skipped[name] = "not called by the forward pass"
+    for name in report.modules:
+        setattr(targets[name], _INITIALIZED, True)
+    report.skipped.update({name: "not called by the forward pass" for name in targets if name not in report.modules})
     return report
 
 
@@ -147,20 +129,16 @@ def _init_module(report: InitReport, writes: list, init_scale: float, min_std: f
         return
     if not isinstance(output, Tensor):
         raise TypeError(f"Module `{name}` returned {type(output).__name__}, not a tensor.")
-    # inside its forward, an FSDP2 layer holds gathered plain tensors: a DTensor there is split across ranks by
-    # tensor parallelism, and so is the layer's output, whose per-unit statistics this rank cannot measure alone
+    # in its forward an FSDP2 layer holds plain tensors, so a DTensor here is split by tensor parallelism
     if any(_is_sharded(p) for p in module.parameters()):
-        raise RuntimeError(
-            f"Module `{name}` has parameters split across ranks by tensor parallelism (DTensors in its forward): "
-            "data-dependent init measures each unit's statistics on the whole output, so it supports data "
-            "parallelism (DDP, FSDP2's `fully_shard`) only. Leave the tensor-parallel layers out of `modules`."
-        )
+        raise RuntimeError(f"Module `{name}` has parameters split across ranks by tensor parallelism; data-dependent "
+                           "init needs each unit's whole output. Leave tensor-parallel layers out of `modules`.")
     if isinstance(module, MeanOnlyBatchNorm):
         mean, var = _unit_moments(args[0], 1, name)
         shift = mean.to(module.running_mean.dtype) - module.running_mean
         module.running_mean.add_(shift)
         if not module.training:  # eval subtracted the old running mean; a fresh pass uses the new one
-            output.sub_(shift.view(1, -1, *([1] * (output.dim() - 2))).to(output.dtype))
+            output.sub_(shift.view(1, -1, *[1] * (output.dim() - 2)).to(output.dtype))
         ones = torch.ones_like(mean)
         report.modules[name] = ModuleInit("mean_only_bn", mean.cpu(), var.sqrt().cpu(), ones.cpu(), True)
         return
@@ -191,10 +169,8 @@ def _unit_moments(y: Tensor, axis: int, name: str) -> tuple[Tensor, Tensor]:
         mean = total / count
         var = (total_sq / count - mean.square()).clamp_min(0.0)
     if count.item() < 2:
-        raise ValueError(
-            f"Module `{name}` gives one value per output unit on the init batch: no variance to measure. "
-            "Pass a batch of several examples (the paper used a few hundred)."
-        )
+        raise ValueError(f"Module `{name}` gives one value per output unit on the init batch: no variance to measure. "
+                         "Pass a batch of several examples (the paper used a few hundred).")
     if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
         raise ValueError(f"Module `{name}`'s outputs on the init batch overflow (not finite): scale the inputs down.")
     return mean, var
@@ -217,15 +193,13 @@ def _rescale(module: nn.Module, scale: Tensor, shift: Tensor) -> None:
             factor = scale.view(-1, 1)
         weight, (factor,) = _shards(weight, factor.reshape(*factor.shape, *[1] * (weight.dim() - 2)))
         weight.mul_(factor)
-    bias = getattr(module, "bias", None)
-    if isinstance(bias, Tensor):
-        bias, (shift, scale) = _shards(bias, shift, scale)
+    if isinstance(getattr(module, "bias", None), Tensor):
+        bias, (shift, scale) = _shards(module.bias, shift, scale)
         bias.sub_(shift).mul_(scale)
 
 
 def _shards(param: Tensor, *full: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """``param`` and each of ``full`` (broadcast to its shape) as an in-place write must reach them: this rank's shard
-    of an FSDP2 ``DTensor``."""
+    """``param`` and ``full`` (broadcast to its shape) where an in-place write must go: the local FSDP2 shard."""
     full = [t.to(param.dtype) for t in full]
     if not _is_sharded(param):
         return param, full
@@ -248,75 +222,56 @@ def _is_sharded(obj: object) -> bool:
 
 
 def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str, nn.Module], InitReport]:
-    report = InitReport()
-    named = dict(model.named_modules())
+    """The modules to initialize, the mean-only batch norms last, and a report of those skipped."""
+    report, named = InitReport(), dict(model.named_modules())
     if patterns is None:
         chosen = [name for name, m in named.items() if is_weight_normalized(m)]
         chosen = chosen or [name for name, m in named.items() if isinstance(m, SUPPORTED_LAYERS)]
     else:
-        chosen = []
+        chosen = {}
         for pattern in [patterns] if isinstance(patterns, str) else patterns:
-            matched = [name for name in named if fnmatch.fnmatchcase(name, pattern)]
-            if not matched:
+            if not (matched := [name for name in named if fnmatch.fnmatchcase(name, pattern)]):
                 raise ValueError(f"`modules` pattern {pattern!r} matches no module of {type(model).__name__}.")
-            chosen += [name for name in matched if name not in chosen]
+            chosen.update(dict.fromkeys(matched))
     targets = {}
     for name in chosen:
         module = named[name]
         if isinstance(module, RECURRENT_LAYERS):
             report.skipped[name] = "recurrent: the data-dependent init is for networks without recursion"
         elif not isinstance(module, SUPPORTED_LAYERS):
-            raise ValueError(
-                f"Module `{name}` ({type(module).__name__}) is not a layer data-dependent init can "
-                "rescale; name Linear, Conv* or ConvTranspose* layers in `modules`."
-            )
-        elif reparametrized := torch_reparametrizations(module):
-            # its weight is recomputed from torch's parameters at each call: scaling it in place would be lost
+            raise ValueError(f"Module `{name}` ({type(module).__name__}) is not a layer data-dependent init can "
+                             "rescale; name Linear, Conv* or ConvTranspose* layers in `modules`.")
+        elif reparametrized := torch_reparametrizations(module):  # torch recomputes its weight at each call
             why = f"reparametrized by torch ({', '.join(reparametrized)}): its weight cannot be rescaled in place"
             if patterns is not None:
-                raise ValueError(
-                    f"Module `{name}` is {why}. Fold torch's weight norm first (`lightning_wn.remove_weight_norm`), "
-                    "or leave the module out of `modules`."
-                )
+                raise ValueError(f"Module `{name}` is {why}. {TORCH_FIX}")
             report.skipped[name] = why
+        elif len(normalized := weight_norms(module)) > 1:
+            raise ValueError(f"Module `{name}` normalizes {sorted(normalized)}, but data-dependent init needs one "
+                             "normalized weight per layer: normalize only `weight`, or leave it out of `modules`.")
+        elif dims := [wn.dim for wn in normalized.values() if wn.dim != default_dim(module)]:
+            axis = "one g for the whole tensor (dim=None)" if dims[0] == WHOLE_TENSOR else f"dim={dims[0]}"
+            raise ValueError(f"Module `{name}` is weight-normalized with {axis}, but data-dependent init sets one g "
+                             f"per output unit (dim={default_dim(module)} for {type(module)._wn_base.__name__}). "
+                             "Normalize it with `dim` left out, or leave it out of `modules`.")
         else:
-            normalized = weight_norms(module)
-            if len(normalized) > 1:
-                raise ValueError(
-                    f"Data-dependent init needs one normalized weight per layer, got {sorted(normalized)}."
-                )
-            for wn in normalized.values():  # the init sets one g per output unit: g must be along that axis
-                if wn.dim != default_dim(module):
-                    axis = "one g for the whole tensor (dim=None)" if wn.dim == WHOLE_TENSOR else f"dim={wn.dim}"
-                    raise ValueError(
-                        f"Module `{name}` is weight-normalized with {axis}, but data-dependent init sets one g per "
-                        f"output unit (dim={default_dim(module)} for {type(module)._wn_base.__name__}). Normalize it "
-                        "with `dim` left out, or leave it out of `modules`."
-                    )
             targets[name] = module
     if not targets:
         under_torch = sum(why.startswith("reparametrized by torch") for why in report.skipped.values())
         why = f" {under_torch} layers are under torch's weight or spectral norm. {TORCH_FIX}" if under_torch else ""
-        raise ValueError(
-            f"No module of {type(model).__name__} to initialize: it has no weight-normalized, "
-            f"Linear or Conv* layer matching `modules` (recurrent layers are skipped).{why}"
-        )
-    targets.update({name: m for name, m in named.items() if isinstance(m, MeanOnlyBatchNorm)})
-    return targets, report
+        raise ValueError(f"No module of {type(model).__name__} to initialize: it has no weight-normalized, Linear or "
+                         f"Conv* layer matching `modules` (recurrent layers are skipped).{why}")
+    return targets | {name: m for name, m in named.items() if isinstance(m, MeanOnlyBatchNorm)}, report
 
 
-def _check_batch(inputs: object) -> None:
-    def tensors(x: object) -> list[Tensor]:
-        if isinstance(x, Tensor):
-            return [x]
-        values = x.values() if isinstance(x, dict) else x if isinstance(x, (tuple, list)) else ()
-        return [t for value in values for t in tensors(value)]
-
-    found = tensors(inputs)
-    if not found:
-        raise TypeError(f"`inputs` holds no tensor (got {type(inputs).__name__}); pass a batch of model inputs.")
-    for tensor in found:
-        if tensor.dim() and tensor.shape[0] == 0:
-            raise ValueError(f"`inputs` is an empty batch (a tensor of shape {tuple(tensor.shape)}).")
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+def _check_batch(x: object) -> bool:
+    """Whether ``x`` (nested tuples, lists and dicts) holds a tensor; every one must be a non-empty, finite batch."""
+    if isinstance(x, Tensor):
+        if x.dim() and x.shape[0] == 0:
+            raise ValueError(f"`inputs` is an empty batch (a tensor of shape {tuple(x.shape)}).")
+        if x.is_floating_point() and not torch.isfinite(x).all():
             raise ValueError("`inputs` contains NaN or infinite values; the init statistics would be NaN.")
+        return True
+    values = x.values() if isinstance(x, dict) else x if isinstance(x, (tuple, list)) else ()
+    found = [_check_batch(value) for value in values]  # every tensor checked, not only those up to the first
+    return any(found)

@@ -33,9 +33,8 @@ class MeanOnlyBatchNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_features:
-            raise ValueError(
-                f"MeanOnlyBatchNorm expects input (N, {self.num_features}, ...), got shape {tuple(x.shape)}."
-            )
+            raise ValueError(f"MeanOnlyBatchNorm expects input (N, {self.num_features}, ...), got shape "
+                             f"{tuple(x.shape)}.")
         mean = self.running_mean
         if self.training:
             mean = x.mean(dim=[0, *range(2, x.dim())])
@@ -61,10 +60,8 @@ def attach_mean_only_bn(layer: nn.Module, momentum: float = 0.1) -> MeanOnlyBatc
     if "mean_only_bn" in layer._modules:
         raise ValueError(f"This {type(layer).__name__} already has a mean-only batch norm attached.")
     if not (units := getattr(layer, "out_features", None) or getattr(layer, "out_channels", None)):
-        raise ValueError(
-            f"Cannot attach mean-only batch norm to `{type(layer).__name__}`: it has no `out_features` or "
-            "`out_channels`; supported are Linear, Conv* and ConvTranspose*."
-        )
+        raise ValueError(f"Cannot attach mean-only batch norm to `{type(layer).__name__}`, which has no `out_features` "
+                         "or `out_channels`; supported are Linear, Conv* and ConvTranspose*.")
     layer.mean_only_bn = MeanOnlyBatchNorm(units, momentum)
     layer.register_forward_hook(_apply_mean_only_bn)
     return layer.mean_only_bn

@@ -9,14 +9,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from lightning_wn import torch_norms
 from lightning_wn._normalized_weight import norm_axes
-from lightning_wn.torch_norms import (
-    TORCH_FIX,
-    has_torch_weight_norm,
-    refuse_chained_weight_norm,
-    remove_torch_weight_norm,
-    torch_reparametrizations,
-)
 from lightning_wn.weight_norm import (
     DEFAULT_LAYERS,
     SUPPORTED_LAYERS,
@@ -31,18 +25,19 @@ from lightning_wn.weight_norm import (
 Selection = Sequence[type[nn.Module] | str] | type[nn.Module] | str  # layer types and name patterns, or one
 
 
-def apply_weight_norm(model: nn.Module, include: Selection | None = None, exclude: Selection = (), **options) -> list[str]:
+def apply_weight_norm(
+    model: nn.Module, include: Selection | None = None, exclude: Selection = (), **options
+) -> list[str]:
     """Weight-normalize every submodule of ``model`` selected by ``include`` and not by ``exclude``.
 
-    Selection are layer types (``nn.Conv2d``, or its name ``"Conv2d"`` in ``torch.nn``) or glob patterns
-    over qualified module names (``"decoder.*"``), a pattern selecting the supported layers inside the
-    modules it matches. ``include`` defaults to every ``Linear``, ``Conv*`` and ``ConvTranspose*``;
-    recurrent layers are normalized only when asked for. ``options`` go to :func:`weight_norm`.
+    Entries are layer types (``nn.Conv2d`` or ``"Conv2d"``) or globs over module names (``"decoder.*"``), which
+    select the supported layers inside the modules they match; ``include`` defaults to every ``Linear``, ``Conv*``
+    and ``ConvTranspose*`` (recurrent layers only when asked for). ``options`` go to :func:`weight_norm`.
     Returns the qualified names of the modules normalized.
 
     Raises:
-        ValueError: a pattern matches no module, a selected module is not a supported layer, is
-            already normalized (by this library, or by torch and named), or nothing at all is selected.
+        ValueError: a pattern matches no module, a selected module is unsupported, normalized or tied, or
+            nothing is selected.
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Linear(8, 2))
@@ -56,18 +51,14 @@ def apply_weight_norm(model: nn.Module, include: Selection | None = None, exclud
         for param_name, param in module.named_parameters(recurse=False, remove_duplicate=False):
             owners.setdefault(id(param), []).append(f"{module_name}.{param_name}".lstrip("."))
     for name in names:  # all checked before any is normalized
-        if is_weight_normalized(modules[name]):
-            raise ValueError(
-                f"Module `{name}` ({type(modules[name]).__name__}) is already weight-normalized. "
-                "Leave it out with `exclude`, or call `remove_weight_norm` first."
-            )
-        for tensor_name in default_names(modules[name]):
-            if len(shared := owners.get(id(getattr(modules[name], tensor_name, None)), [])) > 1:
+        if is_weight_normalized(module := modules[name]):
+            raise ValueError(f"Module `{name}` ({type(module).__name__}) is already weight-normalized. "
+                             "Leave it out with `exclude`, or call `remove_weight_norm` first.")
+        for tensor_name in default_names(module):
+            if len(shared := owners.get(id(getattr(module, tensor_name, None)), [])) > 1:
                 layers = sorted({owner.rpartition(".")[0] for owner in shared})
-                raise ValueError(
-                    f"{' and '.join(f'`{s}`' for s in shared)} are one tensor (tied weights): weight norm would untie "
-                    f"it into two g and v. Leave the tied layers out: `exclude`={layers!r}."
-                )
+                raise ValueError(f"{' and '.join(f'`{s}`' for s in shared)} are one tensor (tied weights), which "
+                                 f"weight norm would untie. Leave them out: `exclude`={layers!r}.")
     for name in names:
         weight_norm(modules[name], **options)
     return names
@@ -76,8 +67,7 @@ def apply_weight_norm(model: nn.Module, include: Selection | None = None, exclud
 def select_layers(model: nn.Module, include: Selection | None = None, exclude: Selection = ()) -> list[str]:
     """The qualified names :func:`apply_weight_norm` would normalize, in module order.
 
-    Layers torch already reparametrizes (weight or spectral norm) are left out with a warning naming
-    them; naming one exactly in ``include`` is a ``ValueError``.
+    Layers torch already reparametrizes are left out with a warning; naming one in ``include`` is an error.
 
     Example:
         >>> select_layers(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)), exclude="2")
@@ -85,30 +75,21 @@ def select_layers(model: nn.Module, include: Selection | None = None, exclude: S
     """
     include = DEFAULT_LAYERS if include is None else include
     modules = dict(model.named_modules())
-    chosen = _select(modules, _as_list(include), "include") - _select(modules, _as_list(exclude), "exclude")
-    reparametrized = {n: found for n in modules if n in chosen and (found := torch_reparametrizations(modules[n]))}
-
-    def listed(names) -> str:
-        return ", ".join(f"`{name}` ({', '.join(reparametrized[name])})" for name in names)
-
-    if named := reparametrized.keys() & {e for e in _as_list(include) if isinstance(e, str) and not _is_glob(e)}:
-        raise ValueError(
-            f"`include` names {listed(sorted(named))}, already reparametrized by torch: weight norm on top would "
-            f"stack two reparametrizations. {TORCH_FIX}"
-        )
-    chosen -= reparametrized.keys()
+    chosen = _select(modules, include, "include") - _select(modules, exclude, "exclude")
+    found = {n: torch_norms.torch_reparametrizations(modules[n]) for n in modules if n in chosen}
+    by_torch = {n: f"`{n}` ({', '.join(kinds)})" for n, kinds in found.items() if kinds}  # as the messages show them
+    if named := [shown for n, shown in by_torch.items() if n in _entries(include)]:  # named exactly, not matched
+        raise ValueError(f"`include` names {', '.join(named)}, already reparametrized by torch: weight norm on top "
+                         f"would stack two reparametrizations. {torch_norms.TORCH_FIX}")
+    chosen -= by_torch.keys()
     if not chosen:
-        skipped = f" ({len(reparametrized)} selected layers are reparametrized by torch)" if reparametrized else ""
-        raise ValueError(
-            f"No module of {type(model).__name__} is selected by `include`={include!r} and "
-            f"`exclude`={exclude!r}{skipped}. Modules: {_preview(modules)}."
-        )
-    if reparametrized:
-        warnings.warn(
-            f"Weight norm leaves {len(reparametrized)} layers alone that torch already reparametrizes: "
-            f"{listed(reparametrized)}. {TORCH_FIX} Leave them out with `exclude` to silence this.",
-            stacklevel=2,
-        )
+        skipped = f" ({len(by_torch)} selected layers are reparametrized by torch)" if by_torch else ""
+        raise ValueError(f"No module of {type(model).__name__} is selected by `include`={include!r} and "
+                         f"`exclude`={exclude!r}{skipped}. Modules: {_preview(modules)}.")
+    if by_torch:
+        warnings.warn(f"Weight norm leaves {len(by_torch)} layers alone that torch already reparametrizes: "
+                      f"{', '.join(by_torch.values())}. {torch_norms.TORCH_FIX} Leave them out with `exclude` to "
+                      "silence this.", stacklevel=2)
     return [name for name in modules if name in chosen]
 
 
@@ -126,12 +107,9 @@ def weight_normalized_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module
 def remove_weight_norm(model: nn.Module) -> list[str]:
     """Fold ``g`` and ``v`` back into plain weights everywhere in ``model``, for inference or export.
 
-    Folds weight norm whatever applied it: this library, ``torch.nn.utils.parametrizations.weight_norm``
-    or the legacy ``torch.nn.utils.weight_norm`` hook; other reparametrizations (spectral norm) stay.
-    Returns the qualified names of the modules folded.
-
-    Raises:
-        ValueError: a tensor's torch parametrization chains weight norm with another one.
+    Folds this library's weight norm and torch's (parametrization or legacy hook); spectral norm stays.
+    Returns the qualified names of the modules folded; a ``ValueError``, before anything changes, if a
+    torch parametrization chains weight norm with another one.
 
     Example:
         >>> model = nn.Sequential(weight_norm(nn.Linear(2, 3)), nn.ReLU())
@@ -144,20 +122,20 @@ def remove_weight_norm(model: nn.Module) -> list[str]:
     """
     modules = list(model.named_modules())
     for module_name, module in modules:  # checked before anything is folded: an error leaves the model as it was
-        refuse_chained_weight_norm(module_name, module)
+        torch_norms.refuse_chained_weight_norm(module_name, module)
     folded = []
     for module_name, module in modules:
         if is_weight_normalized(module):
             _remove_own_weight_norm(module)
-        elif not remove_torch_weight_norm(module):
-            continue
-        folded.append(module_name)
+            folded.append(module_name)
+        elif torch_norms.remove_torch_weight_norm(module):
+            folded.append(module_name)
     return folded
 
 
 def _remove_own_weight_norm(module: nn.Module) -> None:
     with torch.no_grad():
-        weights = {name: nn.Parameter(wn.compute().clone(), wn.v.requires_grad) for name, wn in weight_norms(module).items()}
+        weights = {n: nn.Parameter(wn.compute().clone(), wn.v.requires_grad) for n, wn in weight_norms(module).items()}
     module.__class__ = type(module)._wn_base
     del module.parametrizations
     vars(module).pop("_wn_in_forward", None)
@@ -169,12 +147,9 @@ def _remove_own_weight_norm(module: nn.Module) -> None:
 def limit_direction_norm(model: nn.Module, max_norm: float) -> int:
     """Rescale every direction ``v`` whose norm exceeds ``max_norm`` down to ``max_norm``; returns how many units.
 
-    The paper's hard limit on ``||v||``, meant after each optimizer step: ``w`` depends on ``v`` only
-    through ``v / ||v||``, so the function stays the same, while the effective learning rate, which
-    shrinks as ``||v||`` grows, is kept from decaying.
-
-    Raises:
-        ValueError: ``model`` has no layer weight-normalized by this library.
+    The paper's hard limit on ``||v||``, meant after each optimizer step: ``w`` depends on ``v`` only through
+    ``v / ||v||``, so the function stays, while the effective learning rate is kept from decaying. A
+    ``ValueError`` if ``model`` has no layer weight-normalized by this library.
 
     Example:
         >>> layer = weight_norm(nn.Linear(4, 2))
@@ -186,15 +161,12 @@ def limit_direction_norm(model: nn.Module, max_norm: float) -> int:
         True
     """
     max_norm = positive_number("max_norm", max_norm)
-    normalized = [wn for _, module in weight_normalized_modules(model) for wn in weight_norms(module).values()]
+    normalized = [wn for module in model.modules() for wn in weight_norms(module).values()]
     if not normalized:
-        torch_wn = [name or type(model).__name__ for name, m in model.named_modules() if has_torch_weight_norm(m)]
-        why = (
-            f"{len(torch_wn)} layers are under torch's weight norm ({', '.join(torch_wn[:5])}"
-            f"{', ...' if len(torch_wn) > 5 else ''}): convert them with `lightning_wn.from_torch(model)`."
-            if torch_wn
-            else "Normalize its layers first with `lightning_wn.apply_weight_norm(model)`."
-        )
+        torch_wn = [n or type(model).__name__ for n, m in model.named_modules() if torch_norms.has_torch_weight_norm(m)]
+        why = (f"{len(torch_wn)} layers are under torch's weight norm ({', '.join(torch_wn[:5])}"
+               f"{', ...' if len(torch_wn) > 5 else ''}): convert them with `lightning_wn.from_torch(model)`."
+               if torch_wn else "Normalize its layers first with `lightning_wn.apply_weight_norm(model)`.")
         raise ValueError(f"`limit_direction_norm` found no weight-normalized layer in {type(model).__name__}. {why}")
     rescaled = 0
     for wn in normalized:
@@ -205,46 +177,33 @@ def limit_direction_norm(model: nn.Module, max_norm: float) -> int:
     return rescaled
 
 
-def _select(modules: dict[str, nn.Module], entries: list, argument: str) -> set[str]:
+def _entries(selection: Selection) -> list:
+    return [selection] if isinstance(selection, (str, type)) else list(selection)
+
+
+def _select(modules: dict[str, nn.Module], selection: Selection, argument: str) -> set[str]:
     chosen: set[str] = set()
-    for entry in entries:
+    supported = {name for name, m in modules.items() if isinstance(m, SUPPORTED_LAYERS)}
+    for entry in _entries(selection):
         if isinstance(entry, str) and isinstance(getattr(nn, entry, None), type):
             entry = getattr(nn, entry)  # "Conv2d" from a YAML file means the layer type
         if isinstance(entry, type) and issubclass(entry, nn.Module):
-            if not issubclass(entry, SUPPORTED_LAYERS) and argument == "include":
-                raise ValueError(
-                    f"`{argument}` names `{entry.__name__}`, which weight norm does not support; "
-                    f"supported layers are {_names(SUPPORTED_LAYERS)}."
-                )
+            if argument == "include" and not issubclass(entry, SUPPORTED_LAYERS):
+                raise ValueError(f"`include` names `{entry.__name__}`, which weight norm does not support; "
+                                 f"supported layers are {_names(SUPPORTED_LAYERS)}.")
             chosen |= {name for name, m in modules.items() if isinstance(m, entry)}
             continue
         if not isinstance(entry, str):
-            raise TypeError(
-                f"`{argument}` entries must be layer types or name patterns, got {entry!r} ({type(entry).__name__})."
-            )
+            raise TypeError(f"`{argument}` entries must be layer types or name patterns, got {entry!r}.")
         if not (matched := [name for name in modules if fnmatch.fnmatchcase(name, entry)]):
             raise ValueError(f"`{argument}` pattern {entry!r} matches no module. Module names: {_preview(modules)}.")
         for root in matched:  # a pattern selects the supported layers inside the modules it matches
-            inside = {
-                name
-                for name, m in modules.items()
-                if (name == root or name.startswith(f"{root}.") or not root) and isinstance(m, SUPPORTED_LAYERS)
-            }
-            if not inside and argument == "include":
-                raise ValueError(
-                    f"`{argument}` pattern {entry!r} matches `{root}` ({type(modules[root]).__name__}), which is not "
-                    f"a supported layer and holds none; supported layers are {_names(SUPPORTED_LAYERS)}."
-                )
+            inside = {name for name in supported if not root or f"{name}.".startswith(f"{root}.")}
+            if argument == "include" and not inside:
+                raise ValueError(f"`include` pattern {entry!r} matches `{root}` ({type(modules[root]).__name__}), "
+                                 f"which is not a supported layer and holds none: {_names(SUPPORTED_LAYERS)}.")
             chosen |= inside
     return chosen
-
-
-def _is_glob(pattern: str) -> bool:
-    return any(char in pattern for char in "*?[")
-
-
-def _as_list(entries) -> list:
-    return [entries] if isinstance(entries, (str, type)) else list(entries)
 
 
 def _preview(modules: dict[str, nn.Module], limit: int = 12) -> str:

@@ -14,12 +14,10 @@ WHOLE_TENSOR = -1
 def fold_state_dict(state_dict: Mapping[str, Tensor], keep: Container[str] = ()) -> dict[str, Tensor]:
     """A copy of ``state_dict`` with every weight-normalized tensor folded into a plain one, ``g * v / ||v||``.
 
-    So a checkpoint trained with weight norm loads into the plain model class with ``strict=True``. Spellings:
-    ``<layer>.parametrizations.<name>.original0`` (``g``) and ``original1`` (``v``), as written by this library
-    and torch's ``parametrizations.weight_norm``; ``s`` and ``c`` instead of ``original0`` (``g = exp(c * s)``);
-    legacy ``<layer>.<name>_g`` and ``_v``. The axis of ``g`` is read from its shape. Keys in ``keep`` stay as
-    they are (a model's own ``state_dict()`` keys: fold only what it does not expect). A whole Lightning
-    checkpoint (a dict with a ``'state_dict'`` entry) gives its folded state dict.
+    So a checkpoint trained with weight norm loads into the plain model with ``strict=True``. Reads this
+    library's and torch's ``<layer>.parametrizations.<name>.original0`` (``g``; or ``s`` and ``c``, ``g = exp(c * s)``)
+    and ``original1`` (``v``), and legacy ``<layer>.<name>_g`` and ``_v``; the axis of ``g`` from its shape.
+    Keys in ``keep`` (a model's own) stay as they are. A Lightning checkpoint gives its folded ``'state_dict'``.
 
     Example:
         >>> from torch import nn
@@ -37,17 +35,13 @@ def fold_state_dict(state_dict: Mapping[str, Tensor], keep: Container[str] = ())
         state_dict = state_dict["state_dict"]  # a whole Lightning checkpoint
     if not isinstance(state_dict, Mapping):
         hint = " Pass `model.state_dict()`." if isinstance(state_dict, torch.nn.Module) else ""
-        raise TypeError(
-            f"`state_dict` must be a state dict (a mapping of names to tensors) or a Lightning checkpoint, "
-            f"got {type(state_dict).__name__}.{hint}"
-        )
+        raise TypeError(f"`state_dict` must be a state dict or a Lightning checkpoint, got "
+                        f"{type(state_dict).__name__}.{hint}")
     folded, groups = {}, {}  # groups: "<layer>.parametrizations.<name>" -> {"original0": g, "original1": v, ...}
     for key, value in state_dict.items():
         if not isinstance(value, Tensor) and not str(key).endswith("_extra_state"):
-            raise TypeError(
-                f"`state_dict` must map names to tensors, but entry {key!r} is a {type(value).__name__}. "
-                f"Pass a model's `state_dict()`, or a Lightning checkpoint with a 'state_dict' entry."
-            )
+            raise TypeError(f"`state_dict` must map names to tensors, but entry {key!r} is a {type(value).__name__}. "
+                            "Pass a model's `state_dict()`, or a Lightning checkpoint with a 'state_dict' entry.")
         stem = key[:-2]
         g, v = state_dict.get(f"{stem}_g"), state_dict.get(f"{stem}_v")
         if key in keep:
@@ -55,38 +49,34 @@ def fold_state_dict(state_dict: Mapping[str, Tensor], keep: Container[str] = ())
         elif ".parametrizations." in f".{key}":
             prefix, _, part = key.rpartition(".")
             groups.setdefault(prefix, {})[part] = value
-        # a legacy pair; spectral norm also keeps a `weight_v`, but no `weight_g`
+        # a legacy pair, folded once, at its g; spectral norm also keeps a `weight_v`, but no `weight_g`
         elif key.endswith(("_g", "_v")) and stem not in state_dict and _norm_axis(g, v) is not None:
-            if key.endswith("_g"):  # the pair is folded once, at its g
+            if key.endswith("_g"):
                 folded[stem] = _fold(g, v)
         else:
             folded[key] = value
     for prefix, parts in groups.items():
-        owner, _, name = f".{prefix}".rpartition(".parametrizations.")
-        if "original1" not in parts or not ({"original0"} <= parts.keys() or {"s", "c"} <= parts.keys()):
+        g, v = parts.get("original0"), parts.get("original1")
+        if g is None and {"s", "c"} <= parts.keys():
+            g = torch.exp(parts["c"] * parts["s"])
+        if g is None or v is None:
             raise ValueError(f"State dict entries under `{prefix}` are not a weight norm's g and v: {sorted(parts)}.")
-        v = parts["original1"]
-        g = parts["original0"] if "original0" in parts else torch.exp(parts["c"] * parts["s"])
         if _norm_axis(g, v) is None:
-            raise ValueError(
-                f"Cannot tell the axis `{prefix}`'s g (shape {tuple(g.shape)}) was taken along for v of shape "
-                f"{tuple(v.shape)}: g must keep one axis of v and be 1 on the others, or be 0-d (torch's dim=None)."
-            )
-        folded[f"{owner[1:]}.{name}" if owner else name] = _fold(g, v)
+            raise ValueError(f"Cannot tell the axis `{prefix}`'s g (shape {tuple(g.shape)}) was taken along for v of "
+                             f"shape {tuple(v.shape)}: g must keep one axis of v and be 1 on the others, or be 0-d.")
+        owner, _, name = f".{prefix}".rpartition(".parametrizations.")
+        folded[f"{owner}.{name}"[1:]] = _fold(g, v)  # owner is "" or ".<layer>"
     return folded
 
 
 def _norm_axis(g: object, v: object) -> int | None:
-    """The axis ``g`` was taken along (it keeps that axis of ``v``, 1 on the others), :data:`WHOLE_TENSOR` for a 0-d
-    or all-1 ``g``, None if ``g`` is no norm of ``v``."""
-    if not (isinstance(g, Tensor) and isinstance(v, Tensor)):
+    """The axis of ``v`` that ``g`` keeps (1 on the others): :data:`WHOLE_TENSOR` if it keeps none; None if no norm."""
+    if not (isinstance(g, Tensor) and isinstance(v, Tensor)) or g.dim() not in (0, v.dim()):
         return None
-    if g.dim() == 0:
-        return WHOLE_TENSOR
-    if g.dim() != v.dim() or any(size not in (1, full) for size, full in zip(g.shape, v.shape)):
+    if any(size not in (1, full) for size, full in zip(g.shape, v.shape)):
         return None
-    wide = [d for d in range(v.dim()) if g.shape[d] == v.shape[d] > 1]
-    return None if len(wide) > 1 else wide[0] if wide else WHOLE_TENSOR
+    wide = [axis for axis, size in enumerate(g.shape) if size == v.shape[axis] > 1]
+    return WHOLE_TENSOR if not wide else wide[0] if len(wide) == 1 else None
 
 
 @torch.no_grad()
@@ -99,9 +89,8 @@ def _fold(g: Tensor, v: Tensor) -> Tensor:
 def adopt_other_spellings(normalized, state_dict: dict[str, Tensor], prefix: str, name: str, error_msgs: list) -> None:
     """Rewrite one normalized tensor's entries of ``state_dict`` into ``normalized``'s own layout, in place.
 
-    Legacy ``<name>_g``/``_v`` are renamed; a ``g`` along another axis (torch's ``dim=0`` on a ``ConvTranspose``,
-    ``dim=None``) or where ours is ``s`` is folded and split again; a plain ``<name>`` (trained without weight
-    norm) is split. Each computes exactly the function it was saved with.
+    Legacy ``<name>_g``/``_v`` are renamed; a ``g`` along another axis, or where ours is ``s``, is folded and
+    split again, as is a plain ``<name>`` (trained without weight norm): each computes what it was saved with.
     """
     ours, plain = f"{prefix}parametrizations.{name}.", f"{prefix}{name}"
     if f"{plain}_g" in state_dict and f"{plain}_v" in state_dict and f"{ours}original1" not in state_dict:
@@ -119,10 +108,8 @@ def adopt_other_spellings(normalized, state_dict: dict[str, Tensor], prefix: str
     else:
         del state_dict[plain]  # its shape mismatch is reported by the name the source gave it
         if weight.shape != normalized.v.shape:
-            error_msgs.append(
-                f"size mismatch for {plain}: copying a plain weight of shape {tuple(weight.shape)} from the checkpoint "
-                f"into a weight-normalized layer whose weight has shape {tuple(normalized.v.shape)}."
-            )
+            error_msgs.append(f"size mismatch for {plain}: copying a plain weight of shape {tuple(weight.shape)} into "
+                              f"a weight-normalized layer whose weight has shape {tuple(normalized.v.shape)}.")
             return
     v, magnitude = normalized.split(weight.to(normalized.v.dtype))
     state_dict[f"{ours}original1"] = v

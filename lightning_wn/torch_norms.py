@@ -3,16 +3,16 @@
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Sequence
+
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm, _WeightNorm
 from torch.nn.utils.spectral_norm import SpectralNorm as LegacySpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm as LegacyWeightNorm
 
-TORCH_FIX = (
-    "Convert torch's weight norm with `lightning_wn.from_torch(model)` (it keeps g and v), or fold it with "
-    "`lightning_wn.remove_weight_norm(model)`; keep torch's spectral norm by leaving the layer out."
-)
+TORCH_FIX = ("Convert torch's weight norm with `lightning_wn.from_torch(model)` (it keeps g and v), or fold it with "
+             "`lightning_wn.remove_weight_norm(model)`; keep torch's spectral norm by leaving the layer out.")
 _KINDS = {
     _WeightNorm: "torch.nn.utils.parametrizations.weight_norm",
     _SpectralNorm: "torch.nn.utils.parametrizations.spectral_norm",
@@ -21,18 +21,16 @@ _KINDS = {
 }
 
 
-def _kind(reparametrization: object) -> str:
-    return next((how for cls, how in _KINDS.items() if isinstance(reparametrization, cls)), type(reparametrization).__name__)
+def _kind(p: object) -> str:
+    return next((how for cls, how in _KINDS.items() if isinstance(p, cls)), type(p).__name__)
 
 
-def parametrization_chains(module: nn.Module) -> dict[str, nn.ModuleList]:
-    """Each tensor of ``module`` that ``torch.nn.utils.parametrize`` reparametrizes, with its chain."""
-    return dict(module.parametrizations.items()) if parametrize.is_parametrized(module) else {}
-
-
-def legacy_hooks(module: nn.Module) -> list[LegacyWeightNorm | LegacySpectralNorm]:
+def _chains(module: nn.Module) -> list[tuple[str, Sequence]]:
+    """Each tensor of ``module`` torch reparametrizes, with its chain of parametrizations, or ``[legacy hook]``."""
+    chains = list(module.parametrizations.items()) if parametrize.is_parametrized(module) else []
     # the legacy functions register their objects as forward pre-hooks and return no handle to find them by
-    return [hook for hook in module._forward_pre_hooks.values() if isinstance(hook, (LegacyWeightNorm, LegacySpectralNorm))]
+    hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, (LegacyWeightNorm, LegacySpectralNorm))]
+    return chains + [(hook.name, [hook]) for hook in hooks]
 
 
 def torch_reparametrizations(module: nn.Module) -> list[str]:
@@ -45,38 +43,45 @@ def torch_reparametrizations(module: nn.Module) -> list[str]:
         >>> remove_torch_weight_norm(layer), torch_reparametrizations(layer)
         (True, [])
     """
-    found = [f"{name}: {' + '.join(map(_kind, chain))}" for name, chain in parametrization_chains(module).items()]
-    return found + [f"{hook.name}: {_kind(hook)}" for hook in legacy_hooks(module)]
+    return [f"{name}: {' + '.join(map(_kind, chain))}" for name, chain in _chains(module)]
 
 
 def has_torch_weight_norm(module: nn.Module) -> bool:
-    found = [p for chain in parametrization_chains(module).values() for p in chain] + legacy_hooks(module)
-    return any(isinstance(p, (_WeightNorm, LegacyWeightNorm)) for p in found)
+    return any(isinstance(p, (_WeightNorm, LegacyWeightNorm)) for _, chain in _chains(module) for p in chain)
 
 
 def refuse_chained_weight_norm(module_name: str, module: nn.Module) -> None:
     """Folding a chain that holds torch's weight norm would fold the other parametrizations with it."""
-    for name, chain in parametrization_chains(module).items():
+    for name, chain in _chains(module):
         if len(chain) > 1 and any(isinstance(p, _WeightNorm) for p in chain):
-            raise ValueError(
-                f"`{module_name}.{name}` chains torch's weight norm with {[type(p).__name__ for p in chain]}: folding "
-                "would fold them all. Remove them with `torch.nn.utils.parametrize.remove_parametrizations` in the "
-                "order you mean."
-            )
+            chained = [type(p).__name__ for p in chain]
+            raise ValueError(f"`{module_name}.{name}` chains torch's weight norm with {chained}: all would be folded. "
+                             "Remove them in your order with `torch.nn.utils.parametrize.remove_parametrizations`.")
+
+
+def torch_weight_norms(module: nn.Module) -> list[tuple[str, _WeightNorm | LegacyWeightNorm, Tensor, Tensor]]:
+    """``(tensor name, torch's weight norm, g, v)`` of each tensor of ``module`` whose chain starts with it."""
+    found = []
+    for name, chain in _chains(module):
+        if isinstance(chain[0], _WeightNorm):
+            found.append((name, chain[0], chain.original0, chain.original1))
+        elif isinstance(chain[0], LegacyWeightNorm):
+            found.append((name, chain[0], module._parameters[f"{name}_g"], module._parameters[f"{name}_v"]))
+    return found
 
 
 def remove_torch_weight_norm(module: nn.Module) -> bool:
     """Fold torch's weight norms of ``module`` into plain weights; whether there was one."""
-    chains = [name for name, chain in parametrization_chains(module).items() if isinstance(chain[0], _WeightNorm)]
-    hooks = [hook.name for hook in legacy_hooks(module) if isinstance(hook, LegacyWeightNorm)]
-    for name in chains:
-        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-    for name in hooks:
-        nn.utils.remove_weight_norm(module, name)
-    if chains or hooks:  # torch's weight norm leaves a state-dict hook (renaming legacy `weight_g`/`weight_v` keys),
+    found = torch_weight_norms(module)
+    for name, norm, _, _ in found:
+        if isinstance(norm, _WeightNorm):
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        else:
+            nn.utils.remove_weight_norm(module, name)
+    if found:  # torch's weight norm leaves a state-dict hook (renaming legacy `weight_g`/`weight_v` keys),
         # with no handle to remove it by; it is a local function, so nothing holding it pickles
         pre_hooks = module._load_state_dict_pre_hooks
         for key, hook in list(pre_hooks.items()):
             if getattr(getattr(hook, "hook", hook), "__name__", "") == "_weight_norm_compat_hook":
                 del pre_hooks[key]
-    return bool(chains or hooks)
+    return bool(found)

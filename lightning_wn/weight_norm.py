@@ -1,10 +1,8 @@
 r"""Weight normalization (Salimans & Kingma, 2016, https://arxiv.org/abs/1602.07868) of one layer.
 
-Each output unit's weight is :math:`w = g \, v / \lVert v \rVert`, its length ``g`` and direction ``v``
-learned separately and stored where torch's ``parametrizations.weight_norm`` stores them
-(``parametrizations.<name>.original0`` and ``original1``), so state dicts move freely between the two.
-``w`` is computed at each read, once per ``with lightning_wn.cached():`` block; ``layer.weight = W``
-sets ``g`` and ``v``, and in-place writes into ``layer.weight``, which would be lost, are refused.
+Each output unit's weight is :math:`w = g \, v / \lVert v \rVert`; ``g`` and ``v`` are stored where torch's
+``parametrizations.weight_norm`` keeps them (``parametrizations.<name>.original0``, ``original1``), so state dicts
+move between the two. ``layer.weight = W`` sets ``g`` and ``v``; in-place writes into ``layer.weight`` are refused.
 """
 
 from __future__ import annotations
@@ -85,10 +83,8 @@ class WeightNorm(nn.Module):
         self.magnitude_param.copy_(magnitude)
 
     v = property(lambda self: self.original1, doc="The direction ``v``: ``original1``.")
-    magnitude_param = property(
-        lambda self: self.original0 if self.log_scale_factor is None else self.s,
-        doc="The learned tensor behind ``g``: ``original0``, or ``s`` where ``g = exp(c * s)``.",
-    )
+    # the learned tensor behind g: original0, or s where g = exp(c * s)
+    magnitude_param = property(lambda self: self.original0 if self.log_scale_factor is None else self.s)
 
     def g(self) -> Tensor:
         return self.original0 if self.log_scale_factor is None else torch.exp(self.log_scale_factor * self.s)
@@ -182,10 +178,6 @@ def is_weight_normalized(module: nn.Module, name: str | None = None) -> bool:
     return bool(names) if name is None else name in names
 
 
-class _Parametrizations(nn.Module):
-    """Holds one :class:`WeightNorm` per normalized tensor name (the state-dict layout of torch's)."""
-
-
 class _OutputAxis:
     """``dim`` left out: the layer's output-unit axis. Not None, which means the whole tensor, as in torch."""
 
@@ -194,6 +186,10 @@ class _OutputAxis:
 
 
 OUTPUT_AXIS = _OutputAxis()
+
+
+class _Parametrizations(nn.Module):
+    """One :class:`WeightNorm` per normalized tensor name: torch's state-dict layout, not its ModuleDict."""
 
 
 def weight_norm(
@@ -234,8 +230,9 @@ def weight_norm(
     dim = default_dim(module) if dim is OUTPUT_AXIS else dim
     kind = type(module).__name__
     if dim == -1:
-        raise ValueError("`dim`=-1 is ambiguous: torch's weight norm reads it as one norm over the whole tensor, Python "
-                         "as the last axis. Pass `dim=None` for the whole tensor, or the last axis's positive index.")
+        raise ValueError("`dim`=-1 is ambiguous: torch's weight norm reads it as one norm over the whole tensor, "
+                         "Python as the last axis. Pass `dim=None` for the whole tensor, or the last axis's positive "
+                         "index.")
     if reparametrized := torch_reparametrizations(module):
         raise ValueError(f"This {kind} is already reparametrized by torch ({', '.join(reparametrized)}); weight "
                          f"norm on top would stack two reparametrizations. {TORCH_FIX}")
@@ -250,7 +247,8 @@ def weight_norm(
             raise ValueError(f"`{tensor_name}` of this {kind} is already weight-normalized. "
                              "Call `remove_weight_norm` first to apply it again.")
         if not isinstance(param, nn.Parameter):
-            raise ValueError(f"{kind} has no parameter `{tensor_name}`; its parameters are {sorted(module._parameters)}.")
+            raise ValueError(f"{kind} has no parameter `{tensor_name}`; its parameters are "
+                             f"{sorted(module._parameters)}.")
         if dim is not None and not -param.dim() <= dim < max(param.dim(), 1):
             raise ValueError(f"`dim`={dim} is out of range for `{tensor_name}` of shape {tuple(param.shape)}.")
 
@@ -323,7 +321,8 @@ def _forward(self: nn.Module, *args, **kwargs):
 def _setattr(self: nn.Module, name: str, value: object) -> None:
     if name in type(self)._wn_names:  # `layer.weight = W`: g and v that give W, as torch's right_inverse
         if not isinstance(value, Tensor):
-            raise TypeError(f"`{name}` of a weight-normalized layer is computed; assign a tensor, got {type(value).__name__}.")
+            raise TypeError(f"`{name}` of a weight-normalized layer is computed; assign a tensor, got "
+                            f"{type(value).__name__}.")
         return getattr(self.parametrizations, name).reset(value)
     if name == "qconfig":  # eager-mode quantization swaps only modules of exactly the types it maps
         warnings.warn(f"torch.ao.quantization matches module types exactly, so it leaves `{type(self).__name__}` "
