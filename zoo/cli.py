@@ -9,8 +9,9 @@ config, ``<trainer.default_root_dir>/checkpoints``, not in the logger's new ``ve
 resumes it, ``validate``/``test``/``predict`` evaluate it (and refuse to run without one). A fresh run
 into a folder that has checkpoints writes ``last-v1.ckpt`` and so on beside them, never over them.
 
-Errors the user fixes (a bad option, a ``--ckpt_path`` that is no checkpoint, a :class:`zoo.errors.UserError`
-such as missing data) print one ``error:`` line naming the fix and exit with status 2; others keep their traceback.
+Errors the user fixes (a bad option, a value a class's constructor rejects, a ``--ckpt_path`` that is no checkpoint,
+a :class:`zoo.errors.UserError` such as missing data) print one ``error:`` line naming the fix and exit with status 2;
+others keep their traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import re
 import signal
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any, NoReturn
@@ -88,6 +90,17 @@ class ZooCLI(LightningCLI):
                 "pass the config it was trained with (its run folder keeps a copy, config.yaml)."
             )
 
+    def instantiate_classes(self) -> None:
+        # A constructor that rejects a value of the config or command line (DQN's `batch_size: -1`) raises a
+        # ValueError or TypeError that names the argument: the user's mistake, like a bad option, so one error line.
+        # Only here, while the config's classes are built: the same exceptions later in a run keep their traceback.
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, UserError) as error:
+            if (rejected := rejected_by_constructor(error)) is None:
+                raise
+            self._stop(UserError(rejected))
+
     def _run_subcommand(self, subcommand: str) -> None:
         with warnings.catch_warnings():
             if subcommand == "fit" and self.config[subcommand].ckpt_path:
@@ -103,8 +116,9 @@ class ZooCLI(LightningCLI):
         sys.stderr.write(f"error: {error}\n")  # one write: under DDP, lines of other processes cannot cut into it
         sys.stderr.flush()
         # DDP's other processes wait at a barrier for this one: killed first, they print no traceback of a lost peer
-        if self.trainer.strategy.launcher is not None:
-            self.trainer.strategy.launcher.kill(signal.SIGKILL)
+        trainer = getattr(self, "trainer", None)  # none yet when a constructor rejected a value: no peers either
+        if trainer is not None and trainer.strategy.launcher is not None:
+            trainer.strategy.launcher.kill(signal.SIGKILL)
         sys.exit(2)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
@@ -113,6 +127,25 @@ class ZooCLI(LightningCLI):
         if config.get("enable_checkpointing") is False or config.get("fast_dev_run"):
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         return super()._instantiate_trainer(config, callbacks)
+
+
+def rejected_by_constructor(error: BaseException) -> str | None:
+    """``"<Class>: <message>"`` when ``error``, or an exception in its chain of causes, is a ValueError, TypeError or
+    UserError that a class's ``__init__`` raised; else None.
+
+    jsonargparse wraps what a constructor raises in its own ValueError ("Does not validate against any of the Union
+    subtypes"), caused by it; the Trainer's own are not wrapped. The class named is that of the outermost ``__init__``
+    in the traceback: the one the config names, even when a layer it builds raised.
+    """
+    cause: BaseException | None = error
+    while cause is not None:
+        for frame, _ in traceback.walk_tb(cause.__traceback__):
+            if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+                if not isinstance(cause, (ValueError, TypeError, UserError)):
+                    return None  # any other exception out of a constructor is a bug
+                return f"{type(frame.f_locals['self']).__name__}: {cause}"
+        cause = cause.__cause__
+    return None
 
 
 def last_checkpoint(folder: Path) -> Path | None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from zoo.cli import main
+from zoo.cli import main, rejected_by_constructor
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(c for c in (ROOT / "configs").rglob("*.yaml") if c.parent.name != "presets")
@@ -234,3 +234,50 @@ def test_a_wrong_config_is_an_error_with_the_help_command(option, reason, capsys
     assert stop.value.code == 2 and "Traceback" not in stderr and "usage:" not in stderr
     first, *_, last = stderr.strip().splitlines()
     assert first.startswith(reason) and last == "`python -m zoo fit --help` lists every option."
+
+
+@pytest.mark.parametrize(
+    "option, error",
+    [("--model.init_args.batch_size=0", "error: DQN: `batch_size` must be a positive integer, got 0."),
+     ("--trainer.callbacks+=lightning_wn.WeightNormalization --trainer.callbacks.init_samples=0",
+      "error: WeightNormalization: `init_samples` must be a positive integer, got 0."),
+     ("--trainer.accelerator=abacus", "error: Trainer: You selected an invalid accelerator name")],
+    ids=["model", "callback", "trainer"],
+)  # fmt: skip
+def test_a_value_a_constructor_rejects_is_one_error_line_naming_the_class(option, error, tmp_path, capsys):
+    args = ["fit", f"--config={ROOT / 'configs/dqn/cartpole_wn.yaml'}", f"--trainer.default_root_dir={tmp_path}"]
+    status, errors = failed(capsys, *args, *option.split())
+    assert status == 2 and len(errors) == 1 and errors[0].startswith(error)
+
+
+def test_a_value_a_constructor_rejects_in_a_yaml_is_one_error_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  init_args:\n    gamma: 1.5\n")
+    config = ROOT / "configs/dqn/cartpole_wn.yaml"
+    args = ["fit", f"--config={config}", f"--config={bad}", f"--trainer.default_root_dir={tmp_path}"]
+    assert failed(capsys, *args) == (2, ["error: DQN: `gamma` must be in [0, 1], got 1.5."])
+
+
+def test_only_a_constructor_s_value_and_type_errors_are_the_user_s():
+    class Layer:
+        def __init__(self, width):
+            raise ValueError("`width` must be positive.")
+
+    class Net:
+        def __init__(self, width, bug=False):
+            if bug:
+                raise RuntimeError("a bug")
+            self.layer = Layer(width)
+
+    def rejected(**kwargs):
+        try:
+            try:
+                Net(**kwargs)
+            except Exception as error:  # as jsonargparse wraps it
+                raise ValueError("Does not validate against any of the Union subtypes") from error
+        except ValueError as error:
+            return rejected_by_constructor(error)
+
+    assert rejected(width=0) == "Net: `width` must be positive."  # the class the config names
+    assert rejected(width=0, bug=True) is None
+    assert rejected_by_constructor(ValueError("not raised in a constructor")) is None
