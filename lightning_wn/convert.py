@@ -19,28 +19,28 @@ from torch.nn.utils.weight_norm import WeightNorm as LegacyWeightNorm
 from lightning_wn import torch_norms
 from lightning_wn.models import _remove_own_weight_norm, weight_normalized_modules
 from lightning_wn.state_dict import WHOLE_TENSOR
-from lightning_wn.weight_norm import weight_norm, weight_norms
+from lightning_wn.weight_norm import _ConvTranspose, weight_norm, weight_norms
 
 
 def from_torch(model: nn.Module) -> list[str]:
     """Replace torch's weight norm (parametrization or legacy hook) with this library's, in place, keeping ``dim``.
 
     ``g`` and ``v`` are new tensors: build the optimizer after. Returns the names of the modules converted; a
-    ``ValueError`` before anything changes if torch's weight norm shares a layer with another reparametrization.
+    ``ValueError`` before anything changes if torch's weight norm shares a layer with another reparametrization,
+    or is on a layer :func:`~lightning_wn.weight_norm` refuses.
     """
     found = {}
-    for module_name, module in model.named_modules():
+    for module_name, module in model.named_modules():  # all checked first: an error leaves torch's norms in place
         torch_norms.refuse_chained_weight_norm(module_name, module)
         if norms := torch_norms.torch_weight_norms(module):
             if len(others := torch_norms.torch_reparametrizations(module)) > len(norms):
                 raise ValueError(f"`{module_name}` mixes torch's weight norm with other reparametrizations "
                                  f"({', '.join(others)}). Remove the others from that layer first.")
+            _refuse_shared_columns(module_name, module, norms)
             found[module_name] = (module, norms)
     for module, norms in found.values():
-        torch_norms.remove_torch_weight_norm(module)  # folds into a plain weight; drops torch's state-dict hook
+        torch_norms.remove_torch_weight_norm(module)  # folds into a plain weight parameter; drops torch's hook
         for name, norm, g, v in norms:
-            if not isinstance(module._parameters.get(name), nn.Parameter):  # torch folds a frozen one into a buffer
-                module.register_parameter(name, nn.Parameter(module._buffers.pop(name), requires_grad=False))
             weight_norm(module, name, dim=None if norm.dim == WHOLE_TENSOR else norm.dim)  # other negative dims: axes
             ours = weight_norms(module)[name]
             _copy((ours.original0, ours.original1), (g, v))  # our split of the fold has ||v|| = g: torch's v instead
@@ -70,6 +70,18 @@ def to_torch(model: nn.Module, legacy: bool = False) -> list[str]:
             if isinstance(norm, LegacyWeightNorm):  # it computed `module.<name>` from torch's split: again, from ours
                 norm(module, ())
     return [name for name, _ in normalized]
+
+
+def _refuse_shared_columns(module_name: str, module: nn.Module, norms: list) -> None:
+    """The one refusal of ``weight_norm`` that torch's weight norm can reach, asked before any layer changes.
+
+    Its condition is ``weight_norm``'s own, copied: that function checks and converts in one go.
+    """
+    if isinstance(module, _ConvTranspose) and module.groups > 1 and any(norm.dim == 1 for _, norm, _, _ in norms):
+        raise ValueError(f"`{module_name}`, a transposed convolution with groups={module.groups}, is under torch's "
+                         "weight norm with dim=1; its groups share each weight column, so weight norm has no "
+                         "per-output-channel `g` there. Nothing was converted. Fold that layer first with "
+                         f"`lightning_wn.remove_weight_norm(model.get_submodule({module_name!r}))`, then convert.")
 
 
 @torch.no_grad()

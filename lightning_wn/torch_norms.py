@@ -71,13 +71,20 @@ def torch_weight_norms(module: nn.Module) -> list[tuple[str, _WeightNorm | Legac
 
 
 def remove_torch_weight_norm(module: nn.Module) -> bool:
-    """Fold torch's weight norms of ``module`` into plain weights; whether there was one."""
+    """Fold torch's weight norms of ``module`` into plain weights; whether there was one.
+
+    Each weight is a parameter, trainable as ``w`` was: frozen if ``g`` and ``v`` were, as this library folds.
+    """
     found = torch_weight_norms(module)
-    for name, norm, _, _ in found:
+    for name, norm, g, v in found:
+        trainable = g.requires_grad or v.requires_grad
         if isinstance(norm, _WeightNorm):
             parametrize.remove_parametrizations(module, name, leave_parametrized=True)
         else:
             nn.utils.remove_weight_norm(module, name)
+        if name in module._buffers:  # torch's parametrization folds a frozen weight into a buffer
+            module.register_parameter(name, nn.Parameter(module._buffers.pop(name)))
+        module._parameters[name].requires_grad_(trainable)  # and the legacy hook into a trainable one, even frozen
     if found:  # torch's weight norm leaves a state-dict hook (renaming legacy `weight_g`/`weight_v` keys),
         # with no handle to remove it by; it is a local function, so nothing holding it pickles
         pre_hooks = module._load_state_dict_pre_hooks

@@ -225,3 +225,36 @@ def test_a_converted_model_pickles_and_computes_the_same():
     restored = pickle.loads(pickle.dumps(model))
     with torch.no_grad():
         assert torch.equal(restored(MEL), model(MEL))
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_a_layer_weight_norm_refuses_leaves_the_whole_model_as_torch_had_it(form):
+    """The grouped transposed conv comes after a convertible layer: nothing may be converted or folded."""
+    model = nn.Sequential(torch_weight_norm(form, nn.Linear(4, 4)), nn.ReLU(),
+                          torch_weight_norm(form, nn.ConvTranspose2d(4, 4, 3, groups=2), dim=1))
+    params = dict(model.named_parameters())
+    values = {name: p.detach().clone() for name, p in params.items()}
+    norms = [torch_reparametrizations(m) for m in model]
+
+    fix = r"`2`, a transposed convolution with groups=2.*Nothing was converted.*remove_weight_norm\(model.get_sub"
+    with pytest.raises(ValueError, match=fix):
+        from_torch(model)
+    assert [torch_reparametrizations(m) for m in model] == norms and not any(map(is_weight_normalized, model))
+    assert dict(model.named_parameters()) == params  # the very tensors, so an optimizer built on them still holds
+    assert all(torch.equal(p, values[name]) for name, p in params.items())
+
+    remove_weight_norm(model[2])  # the fix the message gives
+    assert from_torch(model) == ["0"]
+
+
+@pytest.mark.parametrize("form", [*FORMS, "ours"])
+def test_remove_weight_norm_folds_a_frozen_layer_into_a_frozen_parameter(form):
+    layer = weight_norm(nn.Linear(3, 4)) if form == "ours" else torch_weight_norm(form, nn.Linear(3, 4))
+    for param in layer.parameters():
+        param.requires_grad_(False)
+    weight = layer.weight.detach().clone()
+
+    remove_weight_norm(layer)
+    assert isinstance(layer.weight, nn.Parameter) and not layer.weight.requires_grad  # torch: a buffer, or trainable
+    assert [name for name, _ in layer.named_parameters()] == ["bias", "weight"] and not dict(layer.named_buffers())
+    assert torch.equal(layer.weight, weight) and sorted(layer.state_dict()) == ["bias", "weight"]
