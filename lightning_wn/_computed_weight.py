@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import torch
 
-WRITTEN_WEIGHT = (
-    "A weight-normalized layer's weight was written in place, but it is computed from g and v, so the "
-    "write would be lost. Re-initialize the layer with `layer.reset_parameters()`, or set a weight W "
-    "with `layer.weight = W` (g and v are then set to give W)."
-)
+WRITTEN_WEIGHT = ("A weight-normalized layer's weight was written in place, but it is computed from g and v, so the "
+                  "write would be lost. Re-initialize with `layer.reset_parameters()`, or assign `layer.weight = W`.")
 
 _NOT_WRITES = frozenset({"requires_grad_", "share_memory_", "retain_grad", "pin_memory"})  # "_" names writing nothing
 _IN_PLACE_OPS = "add sub mul truediv floordiv mod pow and or xor lshift rshift matmul".split()
 _WRITING_DUNDERS = frozenset({"__setitem__", *(f"__i{op}__" for op in _IN_PLACE_OPS)})
+_DATA = torch.Tensor.data  # reading or setting `.data` reaches __torch_function__ as this descriptor's __get__, __set__
 
 
 class ComputedWeight(torch.Tensor):
@@ -39,8 +37,8 @@ class ComputedWeight(torch.Tensor):
             raise RuntimeError(WRITTEN_WEIGHT)
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
-        if _property(func) == ("data", "__get__"):  # `.data` shares the storage but not the version counter
-            return out.as_subclass(cls)
+        if getattr(func, "__self__", None) is _DATA and func.__name__ == "__get__":
+            return out.as_subclass(cls)  # `.data` shares the storage but not the version counter
         if args and isinstance(args[0], cls):  # views of it (view_as, [i], chunk) refuse writes too
             if isinstance(out, torch.Tensor):
                 return _guarded_if_view(cls, out, args[0])
@@ -54,12 +52,6 @@ def _guarded_if_view(cls: type, out: torch.Tensor, source: torch.Tensor) -> torc
     return out.as_subclass(cls) if shared else out
 
 
-def _property(func) -> tuple[str, str] | None:
-    """``("data", "__get__")`` for ``Tensor.data``'s getter, and so on; None for other functions."""
-    name = getattr(func, "__name__", "")
-    return (getattr(getattr(func, "__self__", None), "__name__", ""), name) if name in ("__get__", "__set__") else None
-
-
 def _writes_into(cls: type, func, args: tuple, kwargs: dict) -> bool:
     outs = kwargs.get("out")
     if any(isinstance(out, cls) for out in (outs if isinstance(outs, (tuple, list)) else (outs,))):
@@ -67,7 +59,7 @@ def _writes_into(cls: type, func, args: tuple, kwargs: dict) -> bool:
     target = args[0] if args else kwargs.get("tensor")  # nn.init passes its tensor by keyword
     if not isinstance(target, cls):  # a write into another tensor that reads this one (other.copy_(w))
         return False
-    if (accessor := _property(func)) is not None:
-        return accessor == ("data", "__set__")
     name = getattr(func, "__name__", "")
+    if getattr(func, "__self__", None) is _DATA:
+        return name == "__set__"
     return name in _WRITING_DUNDERS or (name.endswith("_") and not name.startswith("__") and name not in _NOT_WRITES)

@@ -16,32 +16,13 @@ def norm_axes(v: Tensor, dim: int) -> list[int]:
     return [axis for axis in range(v.dim()) if axis != dim] or list(range(v.dim()))
 
 
-def weight_norm_grads(grad_w: Tensor, v: Tensor, g: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    r"""The gradients of ``v`` and ``g`` from the gradient of ``w = g * v / ||v||``, twice differentiable.
-
-    .. math:: \nabla_g = \frac{\langle \nabla_w, v \rangle}{\lVert v \rVert}, \qquad
-              \nabla_v = \frac{g}{\lVert v \rVert} \Big( \nabla_w
-              - \frac{\langle \nabla_w, v \rangle}{\lVert v \rVert^2} v \Big)
-
-    Example:
-        >>> v, g = torch.randn(2, 3, requires_grad=True), torch.rand(2, 1, requires_grad=True)
-        >>> w, grad_w = g * v / v.norm(dim=1, keepdim=True), torch.randn(2, 3)
-        >>> expected = torch.autograd.grad(w, (v, g), grad_w)
-        >>> all(torch.allclose(a, b, atol=1e-6) for a, b in zip(weight_norm_grads(grad_w, v, g, 0), expected))
-        True
-    """
-    axes = norm_axes(v, dim)
-    norm = torch.linalg.vector_norm(v, dim=axes, keepdim=True)  # recomputed: part of the graph being built
-    grad_g = (grad_w * v).sum(dim=axes, keepdim=True) / norm
-    grad_v = (g.reshape(norm.shape) / norm) * (grad_w - v * (grad_g / norm))
-    return grad_v.to(v.dtype), grad_g.reshape(g.shape).to(g.dtype)
-
-
 class NormalizedWeight(torch.autograd.Function):
-    """``w = g * v / ||v||`` with the norm over every axis of ``v`` but ``dim`` (``-1``: one norm).
+    r"""``w = g * v / ||v||`` with the norm over every axis of ``v`` but ``dim`` (``-1``: one norm).
 
     Forward and backward take ATen's fused kernels, the ones torch's own weight norm uses, where they
-    apply (the norm over every axis but the first or the last, in float32 or float64).
+    apply (the norm over every axis but the first or the last, in float32 or float64). Elsewhere
+    :math:`\nabla_g = \langle \nabla_w, v \rangle / \lVert v \rVert` and
+    :math:`\nabla_v = \frac{g}{\lVert v \rVert} \big( \nabla_w - \frac{\nabla_g}{\lVert v \rVert} v \big)`.
 
     Example:
         >>> v, g = torch.randn(2, 3), torch.rand(2, 1)
@@ -63,22 +44,18 @@ class NormalizedWeight(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_w: Tensor):
-        v, g, norm = ctx.v, ctx.g, ctx.norm
+        v, g, norm, axes = ctx.v, ctx.g, ctx.norm, norm_axes(ctx.v, ctx.dim)
         if (v._version, g._version) != ctx.versions:
-            raise RuntimeError(
-                "g or v of a weight-normalized layer was modified in place (an optimizer step?) between the forward "
-                "pass and its backward: the gradient would be computed from other weights. Call backward before "
-                "stepping, or recompute the forward."
-            )
+            raise RuntimeError("g or v of a weight-normalized layer was modified in place (an optimizer step?) between "
+                               "the forward pass and its backward. Call backward before stepping, or redo the forward.")
         if torch.is_grad_enabled():
             # create_graph (gradient penalties): ctx.norm was computed outside the graph, and ATen's differentiable
             # backward drops the gradient sent to the norm it saves, so the part through ||v|| would be lost
-            return *weight_norm_grads(grad_w, v, g, ctx.dim), None
-        if ctx.fused:
+            norm = torch.linalg.vector_norm(v, dim=axes, keepdim=True)
+        elif ctx.fused:
             fused_backward = torch.ops.aten._weight_norm_interface_backward.default
-            grad_v, grad_g = fused_backward(grad_w.contiguous(), v, g, norm, ctx.dim)
-            return grad_v, grad_g, None
-        dot = (grad_w * v).sum(dim=norm_axes(v, ctx.dim), keepdim=True)
+            return *fused_backward(grad_w.contiguous(), v, g, norm, ctx.dim), None
+        dot = (grad_w * v).sum(dim=axes, keepdim=True)
         # the component of grad_w along v does not reach v: w does not depend on ||v||
         grad_v = grad_w * (g / norm)
         grad_v.addcmul_(v, g * dot / norm.pow(3), value=-1)

@@ -35,33 +35,21 @@ class ScaledLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, v, v_low, g, scale, norm, unscaled = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph (gradient penalties): what was saved has no graph, so from v and g
+            norm = torch.linalg.vector_norm(v, dim=1)
+            scale, v_low = g.reshape(-1) / norm, v.to(x.dtype)
+            unscaled = F.linear(x, v_low)
         x_dtype, bias_dtype = ctx.dtypes
         need_x, need_v, need_g, need_bias = ctx.needs_input_grad[:4]
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
-        x_rows = x.reshape(-1, x.shape[-1])
-        if torch.is_grad_enabled():
-            # create_graph (gradient penalties): the saved scale and norm have no graph; out-of-place ops from v and g
-            norm = torch.linalg.vector_norm(v, dim=1)
-            scale = g.reshape(-1) / norm
-            grad_unscaled = grad_rows * scale.to(grad_rows.dtype)
-            grad_g = (grad_rows * (x_rows @ v.to(x_rows.dtype).T)).sum(0).to(norm.dtype) / norm
-            grad_x = (grad_unscaled @ v.to(grad_unscaled.dtype)).reshape(x.shape).to(x_dtype) if need_x else None
-            grad_v = None
-            if need_v:
-                grad_v = (grad_unscaled.T @ x_rows).to(v.dtype) - v * (grad_g * scale / norm).unsqueeze(1)
-            grad_bias = grad_rows.sum(0).to(bias_dtype) if need_bias else None
-            return grad_x, grad_v, grad_g.reshape(g.shape) if need_g else None, grad_bias, None
         grad_unscaled = grad_rows * scale.to(grad_rows.dtype)
         # summed in the norm's precision (float32 under autocast, float64 for float64 layers)
-        grad_g = (grad_rows.to(norm.dtype) * unscaled.reshape(grad_rows.shape).to(norm.dtype)).sum(0).div_(norm)
-        grad_x = grad_v = grad_bias = None
-        if need_x:
-            grad_x = (grad_unscaled @ v_low).reshape(x.shape).to(x_dtype)
+        grad_g = (grad_rows.to(norm.dtype) * unscaled.reshape(grad_rows.shape).to(norm.dtype)).sum(0) / norm
+        grad_x = (grad_unscaled @ v_low).reshape(x.shape).to(x_dtype) if need_x else None
+        grad_v = None
         if need_v:
-            grad_v = (grad_unscaled.T @ x_rows).to(v.dtype)
+            grad_v = (grad_unscaled.T @ x.reshape(-1, x.shape[-1])).to(v.dtype)
             # d(g/||v||)/dv = -g * v / ||v||^3, added in place: no second weight-sized tensor
-            grad_v.addcmul_(v, (grad_g * scale).div_(norm).unsqueeze(1), value=-1)
-        if need_bias:
-            grad_bias = grad_rows.sum(0).to(bias_dtype)
+            grad_v.addcmul_(v, (grad_g * scale / norm).unsqueeze(1), value=-1)
+        grad_bias = grad_rows.sum(0).to(bias_dtype) if need_bias else None
         return grad_x, grad_v, grad_g.reshape(g.shape) if need_g else None, grad_bias, None
-

@@ -9,6 +9,7 @@ from contextvars import ContextVar
 from torch import nn
 
 _active: ContextVar[dict[nn.Module, tuple] | None] = ContextVar("lightning_wn_cache", default=None)
+active_cache = _active.get  # the cache of the innermost `cached()` block, or None outside one
 
 
 @contextmanager
@@ -30,13 +31,8 @@ def cached() -> Iterator[None]:
         >>> h[0].shape
         torch.Size([2, 8])
     """
-    token = _active.set({} if _active.get() is None else _active.get())
+    token = _active.set({} if active_cache() is None else active_cache())
     try:
         yield
     finally:
         _active.reset(token)
-
-
-def active_cache() -> dict[nn.Module, tuple] | None:
-    """The cache of the innermost :func:`cached` block, or None outside one."""
-    return _active.get()

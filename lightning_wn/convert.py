@@ -19,7 +19,7 @@ from torch.nn.utils.weight_norm import WeightNorm as LegacyWeightNorm
 from lightning_wn import torch_norms
 from lightning_wn.models import _remove_own_weight_norm, weight_normalized_modules
 from lightning_wn.state_dict import WHOLE_TENSOR
-from lightning_wn.weight_norm import _ConvTranspose, weight_norm, weight_norms
+from lightning_wn.weight_norm import refuse_shared_columns, weight_norm, weight_norms
 
 
 def from_torch(model: nn.Module) -> list[str]:
@@ -36,7 +36,13 @@ def from_torch(model: nn.Module) -> list[str]:
             if len(others := torch_norms.torch_reparametrizations(module)) > len(norms):
                 raise ValueError(f"`{module_name}` mixes torch's weight norm with other reparametrizations "
                                  f"({', '.join(others)}). Remove the others from that layer first.")
-            _refuse_shared_columns(module_name, module, norms)
+            for _, norm, _, _ in norms:
+                try:
+                    refuse_shared_columns(module, None if norm.dim == WHOLE_TENSOR else norm.dim)
+                except ValueError as error:
+                    fold = f"lightning_wn.remove_weight_norm(model.get_submodule({module_name!r}))"
+                    raise ValueError(f"`{module_name}` cannot be converted: {error} Nothing was converted; fold it "
+                                     f"first with `{fold}`.") from error
             found[module_name] = (module, norms)
     for module, norms in found.values():
         torch_norms.remove_torch_weight_norm(module)  # folds into a plain weight parameter; drops torch's hook
@@ -70,18 +76,6 @@ def to_torch(model: nn.Module, legacy: bool = False) -> list[str]:
             if isinstance(norm, LegacyWeightNorm):  # it computed `module.<name>` from torch's split: again, from ours
                 norm(module, ())
     return [name for name, _ in normalized]
-
-
-def _refuse_shared_columns(module_name: str, module: nn.Module, norms: list) -> None:
-    """The one refusal of ``weight_norm`` that torch's weight norm can reach, asked before any layer changes.
-
-    Its condition is ``weight_norm``'s own, copied: that function checks and converts in one go.
-    """
-    if isinstance(module, _ConvTranspose) and module.groups > 1 and any(norm.dim == 1 for _, norm, _, _ in norms):
-        raise ValueError(f"`{module_name}`, a transposed convolution with groups={module.groups}, is under torch's "
-                         "weight norm with dim=1; its groups share each weight column, so weight norm has no "
-                         "per-output-channel `g` there. Nothing was converted. Fold that layer first with "
-                         f"`lightning_wn.remove_weight_norm(model.get_submodule({module_name!r}))`, then convert.")
 
 
 @torch.no_grad()

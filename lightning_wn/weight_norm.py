@@ -83,42 +83,40 @@ class WeightNorm(nn.Module):
         self.magnitude_param.copy_(magnitude)
 
     v = property(lambda self: self.original1, doc="The direction ``v``: ``original1``.")
-    # the learned tensor behind g: original0, or s where g = exp(c * s)
     magnitude_param = property(lambda self: self.original0 if self.log_scale_factor is None else self.s)
 
     def g(self) -> Tensor:
         return self.original0 if self.log_scale_factor is None else torch.exp(self.log_scale_factor * self.s)
 
+    def _key(self) -> tuple | None:
+        """What a ``w`` reused inside :func:`lightning_wn.cached` must be computed from; None where none may be."""
+        v, m = self.original1, self.magnitude_param
+        if active_cache() is None or _tracing() or v.is_inference() or m.is_inference():
+            return None  # inference tensors (made in inference mode) keep no version counter to key on
+        # these very g and v (functional_call, load_state_dict(assign=True) swap them; entries hold them, so the ids
+        # stay theirs) at their versions, in this mode: w built without grad has no graph, in inference mode no versions
+        return id(v), id(m), v._version, m._version, torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
     def forward(self) -> Tensor:
         """``w``: computed, or inside :func:`lightning_wn.cached` the one computed from these same ``g`` and ``v``."""
-        cache, v, m = active_cache(), self.original1, self.magnitude_param
-        if cache is None or _tracing() or v.is_inference() or m.is_inference():
-            return self.compute()  # inference tensors (made in inference mode) keep no version counter to key on
-        entry = cache.get(self)
-        if not self._valid(entry) or entry[3] is None:  # None: only the output was scaled (see linear)
-            entry = cache[self] = (v, m, self._state(), self.compute())
-        return entry[3]
-
-    def _state(self) -> tuple:
-        # g's and v's versions, and the mode: a w built without grad has no graph, one in inference mode no versions
-        v, m = self.original1, self.magnitude_param
-        return v._version, m._version, torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-
-    def _valid(self, entry: tuple | None) -> bool:
-        # from these very g and v (functional_call, load_state_dict(assign=True) swap them), as they are now
-        v, m = self.original1, self.magnitude_param
-        return entry is not None and entry[0] is v and entry[1] is m and entry[2] == self._state()
+        if (key := self._key()) is None:
+            return self.compute()
+        cache = active_cache()
+        if cache.get(self, (None,))[0] != key or cache[self][1] is None:  # None: only the output was scaled (linear)
+            cache[self] = key, self.compute(), (self.original1, self.magnitude_param)
+        return cache[self][1]
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """``F.linear(x, w, bias)``; for a large weight fed fewer rows than it has inputs, the paper's output scaling
         (on the first call after ``g`` or ``v`` changed: a second inside :func:`lightning_wn.cached` builds ``w``)."""
-        v, cache = self.original1, active_cache()
+        v = self.original1
         pays = v.numel() >= 1 << 18 and self.dim == 0 and x.dim() > 0 and x.numel() < x.shape[-1] ** 2
-        # a valid cache entry: called before in this block, so build w (if only scaled so far) or reuse it
-        if not pays or _tracing() or v.is_inference() or (cache is not None and self._valid(cache.get(self))):
+        if not pays or _tracing() or v.is_inference():
             return F.linear(x, self(), bias)
-        if cache is not None:
-            cache[self] = (v, self.magnitude_param, self._state(), None)
+        if (key := self._key()) is not None:
+            if active_cache().get(self, (None,))[0] == key:  # called before in this cached() block: build w or reuse it
+                return F.linear(x, self(), bias)
+            active_cache()[self] = key, None, (v, self.magnitude_param)
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):  # its dtypes are ScaledLinear's own: the matmul's, the norm's
@@ -145,10 +143,8 @@ def default_dim(module: nn.Module) -> int:
         >>> default_dim(nn.Linear(2, 3)), default_dim(nn.ConvTranspose2d(2, 3, 3))
         (0, 1)
     """
-    if isinstance(module, _ConvTranspose):
-        return 1
     if isinstance(module, SUPPORTED_LAYERS):
-        return 0
+        return 1 if isinstance(module, _ConvTranspose) else 0
     raise ValueError(f"Cannot tell the output-unit axis of `{type(module).__name__}`; supported layers are "
                      f"{_names(SUPPORTED_LAYERS)}. Pass `dim=` to say which axis holds the output units.")
 
@@ -207,10 +203,9 @@ def weight_norm(
             module whose forward reads ``module.<name>`` if ``dim`` is given.
         name: the tensor(s) to normalize; default ``weight``, or every ``weight_ih*`` and ``weight_hh*``
             of a recurrent layer (each row, i.e. each gate unit, its own ``g``).
-        dim: the output-unit axis, the one the norm does not run over; left out, the layer's own: 0, or 1
-            for transposed convolutions (laid out in, out, ...), where torch always takes 0. ``None``
-            takes one norm over the whole tensor, as in torch; ``-1`` is refused (torch reads it as
-            ``None``, Python as the last axis).
+        dim: the output-unit axis, which the norm does not run over; left out, the layer's own: 0, or 1 for
+            transposed convolutions (laid out in, out, ...), where torch always takes 0. ``None``: one norm over
+            the whole tensor, as in torch; ``-1`` is refused (torch reads it as ``None``, Python as the last axis).
         log_scale_factor: ``c`` in the paper's :math:`g = e^{c s}`; ``s`` is learned instead of ``g``.
         paper_init: re-draw ``v`` from N(0, 0.05) as in the paper, with ``g = ||v||`` (the function then
             changes); meant to be followed by :func:`~lightning_wn.data_dependent_init`.
@@ -230,17 +225,14 @@ def weight_norm(
     dim = default_dim(module) if dim is OUTPUT_AXIS else dim
     kind = type(module).__name__
     if dim == -1:
-        raise ValueError("`dim`=-1 is ambiguous: torch's weight norm reads it as one norm over the whole tensor, "
-                         "Python as the last axis. Pass `dim=None` for the whole tensor, or the last axis's positive "
-                         "index.")
+        raise ValueError("`dim`=-1 is ambiguous: torch reads it as the whole tensor, Python as the last axis. "
+                         "Pass `dim=None` for the whole tensor, or the last axis's positive index.")
     if reparametrized := torch_reparametrizations(module):
         raise ValueError(f"This {kind} is already reparametrized by torch ({', '.join(reparametrized)}); weight "
                          f"norm on top would stack two reparametrizations. {TORCH_FIX}")
     if log_scale_factor is not None:
         log_scale_factor = positive_number("log_scale_factor", log_scale_factor)
-    if isinstance(module, _ConvTranspose) and module.groups > 1 and dim == 1:
-        raise ValueError(f"`{kind}` with groups={module.groups} shares each weight column between groups, so a "
-                         "per-output-channel `g` does not exist. Use groups=1.")
+    refuse_shared_columns(module, dim)
     for tensor_name in names:
         param = module._parameters.get(tensor_name)
         if is_weight_normalized(module, tensor_name):
@@ -275,6 +267,14 @@ def weight_norms(module: nn.Module) -> dict[str, WeightNorm]:
     return {name: getattr(module.parametrizations, name) for name in getattr(type(module), "_wn_names", ())}
 
 
+def refuse_shared_columns(module: nn.Module, dim: int | None) -> None:
+    """A ``ValueError`` for ``dim`` along the columns of a grouped transposed convolution, which its groups share."""
+    # its weight is (in, out / groups, *kernel): one g per column would mix the groups' output channels
+    if isinstance(module, _ConvTranspose) and module.groups > 1 and dim is not None and dim % module.weight.dim() == 1:
+        raise ValueError(f"`{type(module).__name__}` with groups={module.groups} shares each weight column between "
+                         "groups, so a per-output-channel `g` does not exist. Use groups=1.")
+
+
 def positive_number(argument: str, value: object) -> float:
     """``value`` as a float if it is a finite positive number; a clear error naming ``argument`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -300,9 +300,8 @@ def _normalized_class(base: type[nn.Module], names: tuple[str, ...]) -> type[nn.
 
 def _read(module: nn.Module, name: str) -> Tensor:
     weight = getattr(module.parametrizations, name)()
-    if module._wn_in_forward or _tracing():
-        return weight
-    return weight.as_subclass(ComputedWeight)  # handed out: refuses in-place writes, which would be lost
+    # handed out (read outside the layer's forward): refuses in-place writes, which would be lost
+    return weight if module._wn_in_forward or _tracing() else weight.as_subclass(ComputedWeight)
 
 
 def _forward(self: nn.Module, *args, **kwargs):

@@ -528,6 +528,8 @@ def test_bad_input_raises_clear_errors():
         weight_norm(nn.Linear(2, 2), "kernel")
     with pytest.raises(ValueError, match="groups=2 shares each weight column"):
         weight_norm(nn.ConvTranspose2d(2, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="groups=2 shares each weight column"):  # the same axis, counted from the end
+        weight_norm(nn.ConvTranspose2d(2, 4, 3, groups=2), dim=-3)
     with pytest.raises(ValueError, match="`log_scale_factor` must be a positive number"):
         weight_norm(nn.Linear(2, 2), log_scale_factor=-1.0)
     embedding = weight_norm(nn.Embedding(4, 3), dim=0)  # any layer works once `dim` is given
