@@ -308,6 +308,8 @@ class DQN(LightningModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.env_steps = checkpoint.get("dqn", {}).get("env_steps", 0)
+        if "state_dict" in checkpoint:  # a target network saved weight-normalized loads folded into a plain one
+            checkpoint["state_dict"] = fold_state_dict(checkpoint["state_dict"], keep=self.state_dict().keys())
 
     @override
     def teardown(self, stage: str) -> None:

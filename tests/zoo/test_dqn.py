@@ -164,6 +164,22 @@ def test_a_plain_target_network_takes_the_folded_weights_of_a_weight_normalized_
         torch.testing.assert_close(agent.target_net(x), agent.q_net(x), rtol=1e-6, atol=1e-6)
 
 
+def test_a_checkpoint_with_a_weight_normalized_target_network_resumes_into_a_plain_one():
+    saved = DQN(env_id="CartPole-v1", learning_starts=64, hidden=[16])
+    apply_weight_norm(saved)  # both networks, as the configs did before they left the target plain
+    torch.nn.init.normal_(saved.target_net[0].parametrizations.weight.original1)
+    checkpoint = {"state_dict": saved.state_dict(), "dqn": {"env_steps": 7}}
+    resumed = DQN(env_id="CartPole-v1", learning_starts=64, hidden=[16])
+    apply_weight_norm(resumed, exclude=["target_net"])
+    resumed.on_load_checkpoint(checkpoint)
+    resumed.load_state_dict(checkpoint["state_dict"])  # strict: every key found its place
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(resumed.q_net(x), saved.q_net(x), rtol=0, atol=0)
+        torch.testing.assert_close(resumed.target_net(x), saved.target_net(x), rtol=1e-6, atol=1e-6)
+    assert resumed.env_steps == 7
+
+
 def test_the_learning_rate_falls_linearly_over_max_steps(tmp_path):
     agent, trainer = _cartpole_fit(8, tmp_path, lr=1e-3, lr_end_factor=0.25)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 0.25)
