@@ -260,9 +260,10 @@ class WeightNormalization(Callback):
         # built later, get their states after on_fit_start, which is where those are rewritten
         if trainer.state.fn != TrainerFn.FITTING or "optimizer_states" not in checkpoint:
             return  # only fit restores optimizer states
+        if self.state_key in checkpoint.get("callbacks", {}):
+            return  # saved with this callback: its optimizer states are for g and v already
         tensors = [f"{n}.{t}" for n, m in pl_module.named_modules() for t in weight_norms(m)]
-        ours = self.state_key in checkpoint.get("callbacks", {})
-        if not ours and any(tensor in checkpoint["state_dict"] for tensor in tensors):
+        if any(tensor in checkpoint["state_dict"] for tensor in tensors):
             self._plain_checkpoint = checkpoint
 
     def _restart_optimizer_states(self, trainer: pl.Trainer) -> None:

@@ -102,9 +102,10 @@ class WeightNorm(nn.Module):
         if (key := self._key()) is None:
             return self.compute()
         cache = active_cache()
-        if cache.get(self, (None,))[0] != key or cache[self][1] is None:  # None: only the output was scaled (linear)
-            cache[self] = key, self.compute(), (self.original1, self.magnitude_param)
-        return cache[self][1]
+        entry = cache.get(self)
+        if entry is None or entry[0] != key or entry[1] is None:  # None: only the output was scaled (see linear)
+            entry = cache[self] = key, self.compute(), (self.original1, self.magnitude_param)
+        return entry[1]
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """``F.linear(x, w, bias)``; for a large weight fed fewer rows than it has inputs, the paper's output scaling
@@ -114,9 +115,10 @@ class WeightNorm(nn.Module):
         if not pays or _tracing() or v.is_inference():
             return F.linear(x, self(), bias)
         if (key := self._key()) is not None:
-            if active_cache().get(self, (None,))[0] == key:  # called before in this cached() block: build w or reuse it
+            cache = active_cache()
+            if cache.get(self, (None,))[0] == key:  # called before in this cached() block: build w or reuse it
                 return F.linear(x, self(), bias)
-            active_cache()[self] = key, None, (v, self.magnitude_param)
+            cache[self] = key, None, (v, self.magnitude_param)
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):  # its dtypes are ScaledLinear's own: the matmul's, the norm's
