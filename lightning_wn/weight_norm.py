@@ -243,6 +243,9 @@ def weight_norm(
         if not isinstance(param, nn.Parameter):
             raise ValueError(f"{kind} has no parameter `{tensor_name}`; its parameters are "
                              f"{sorted(module._parameters)}.")
+        if param.numel() == 0:  # ATen's kernels divide by its size
+            raise ValueError(f"`{tensor_name}` of this {kind} is empty (shape {tuple(param.shape)}): there is nothing "
+                             "to normalize. Leave the layer out.")
         if dim is not None and not -param.dim() <= dim < max(param.dim(), 1):
             raise ValueError(f"`dim`={dim} is out of range for `{tensor_name}` of shape {tuple(param.shape)}.")
 

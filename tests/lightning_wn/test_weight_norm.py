@@ -129,6 +129,24 @@ def test_gradcheck_the_custom_autograd_function():
         assert torch.autograd.gradcheck(lambda a, b, d=dim: NormalizedWeight.apply(a, b, d), (v4, g4))
 
 
+@pytest.mark.parametrize("make", [lambda: nn.Conv2d(3, 4, 3), lambda: nn.ConvTranspose2d(3, 4, 3)], ids=["conv", "transpose"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_a_channels_last_layer_computes_what_the_contiguous_one_does(make, grad):
+    # channels_last strides: ATen's fused kernels, which read v as contiguous, must not see them
+    layer = weight_norm(make())
+    fast = copy.deepcopy(layer).to(memory_format=torch.channels_last)
+    assert not fast.parametrizations.weight.original1.is_contiguous()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.set_grad_enabled(grad):
+        out = fast(x.to(memory_format=torch.channels_last))
+        torch.testing.assert_close(out, layer(x))
+    if grad:
+        output_sum(fast, x).backward()
+        output_sum(layer, x).backward()
+        for (name, p), q in zip(fast.named_parameters(), layer.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
 def test_separate_backward_passes_through_one_cached_weight():
     plain = nn.LSTMCell(3, 4)
     cell, reference = weight_norm(copy.deepcopy(plain)), torch_weight_norm(copy.deepcopy(plain))
@@ -532,6 +550,8 @@ def test_bad_input_raises_clear_errors():
         weight_norm(nn.ConvTranspose2d(2, 4, 3, groups=2), dim=-3)
     with pytest.raises(ValueError, match="`log_scale_factor` must be a positive number"):
         weight_norm(nn.Linear(2, 2), log_scale_factor=-1.0)
+    with pytest.raises(ValueError, match=r"`weight` of this Linear is empty \(shape \(0, 5\)\).*Leave the layer out"):
+        weight_norm(nn.Linear(5, 0))  # ATen's kernels would divide by zero: the process would die
     embedding = weight_norm(nn.Embedding(4, 3), dim=0)  # any layer works once `dim` is given
     torch.testing.assert_close(embedding.weight.norm(dim=1), embedding.parametrizations.weight.original0.flatten())
 
