@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 _active: ContextVar[dict[nn.Module, tuple] | None] = ContextVar("lightning_wn_cache", default=None)
 active_cache = _active.get  # the cache of the innermost `cached()` block, or None outside one
@@ -16,9 +17,10 @@ active_cache = _active.get  # the cache of the innermost `cached()` block, or No
 def cached() -> Iterator[None]:
     """Compute each normalized weight ``w = g * v / ||v||`` once inside this block, not at each read.
 
-    An entry serves only while made from the very same ``g`` and ``v`` tensors, at the same versions
-    (an optimizer step inside the block recomputes) and in the same grad mode; it dies with the block,
-    and nested blocks share the outer one. ``WeightNormalization`` enters it around every step.
+    An entry serves only while made from the very same ``g`` and ``v`` tensors and storage, at the same
+    versions and in the same grad mode, and until an optimizer steps (fused optimizers bump no version);
+    it dies with the block, and nested blocks share the outer one. A write through ``.data`` is seen by
+    none of these: make it outside the block. ``WeightNormalization`` enters it around every step.
 
     Example:
         >>> import torch
@@ -31,8 +33,13 @@ def cached() -> Iterator[None]:
         >>> h[0].shape
         torch.Size([2, 8])
     """
-    token = _active.set({} if active_cache() is None else active_cache())
+    if active_cache() is not None:
+        yield
+        return
+    cache: dict[nn.Module, tuple] = {}
+    token, stepped = _active.set(cache), register_optimizer_step_post_hook(lambda *args: cache.clear())
     try:
         yield
     finally:
+        stepped.remove()
         _active.reset(token)

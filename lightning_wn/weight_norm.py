@@ -94,8 +94,10 @@ class WeightNorm(nn.Module):
         if active_cache() is None or _tracing() or v.is_inference() or m.is_inference():
             return None  # inference tensors (made in inference mode) keep no version counter to key on
         # these very g and v (functional_call, load_state_dict(assign=True) swap them; entries hold them, so the ids
-        # stay theirs) at their versions, in this mode: w built without grad has no graph, in inference mode no versions
-        return id(v), id(m), v._version, m._version, torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        # stay theirs) and storage (`.to()` swaps it) at their versions, in this mode: w built without grad has no
+        # graph, in inference mode no versions
+        tensors = id(v), id(m), v.data_ptr(), m.data_ptr(), v._version, m._version
+        return *tensors, torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def forward(self) -> Tensor:
         """``w``: computed, or inside :func:`lightning_wn.cached` the one computed from these same ``g`` and ``v``."""

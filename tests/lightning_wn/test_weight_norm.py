@@ -248,6 +248,38 @@ def test_the_cached_weight_follows_which_tensors_are_used_not_only_their_version
                 torch.testing.assert_close(layer(x), expected(params, x))
 
 
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda ps: torch.optim.Adam(ps, lr=0.1, fused=True),  # updates in place without bumping versions
+        lambda ps: torch.optim.SGD(ps, lr=0.1, foreach=True),
+        lambda ps: torch.optim.Adamax(ps, lr=0.1),
+    ],
+    ids=["fused_adam", "foreach_sgd", "adamax"],
+)
+def test_an_optimizer_step_inside_cached_is_seen_by_the_next_forward(make_optimizer):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2))
+    apply_weight_norm(model)
+    optimizer, x = make_optimizer(model.parameters()), torch.randn(2, 3, 6, 6)
+    with cached():
+        before = model(x)
+        before.square().sum().backward()
+        optimizer.step()
+        after = model(x)
+    torch.testing.assert_close(after, model(x))  # computed afresh outside the block
+    assert not torch.allclose(after, before)
+
+
+def test_a_storage_swapped_inside_cached_is_seen_by_the_next_forward():
+    layer, x = weight_norm(nn.Linear(4, 3)), torch.randn(2, 4)
+    with cached():
+        before = layer(x)
+        g = layer.parametrizations.weight.original0
+        g.data = g.data * 2  # what Module.to() does to every parameter: same tensor, same version, new storage
+        after = layer(x)
+    torch.testing.assert_close(after - layer.bias, 2 * (before - layer.bias))
+
+
 def test_a_weight_cached_without_grad_does_not_serve_a_forward_with_grad():
     layer = weight_norm(nn.Linear(4, 3))
     with cached():
