@@ -124,7 +124,7 @@ class WeightNorm(nn.Module):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):  # its dtypes are ScaledLinear's own: the matmul's, the norm's
-            return ScaledLinear.apply(x, v, self.g(), bias, dtype)
+            return ScaledLinear.apply(x, v, self.g(), bias, dtype)[0]
 
     def compute(self) -> Tensor:
         v, g = self.original1, self.g()
@@ -133,7 +133,7 @@ class WeightNorm(nn.Module):
             return v * (g / torch.linalg.vector_norm(v, dim=norm_axes(v, self.dim), keepdim=True))
         if not torch.is_grad_enabled():  # no graph to build: ATen's op as it is (its dim -1 is the whole tensor)
             return torch._weight_norm(v, g, self.dim if v.dim() > 1 else WHOLE_TENSOR)
-        return NormalizedWeight.apply(v, g, self.dim)
+        return NormalizedWeight.apply(v, g, self.dim)[0]
 
     def extra_repr(self) -> str:
         extra = f", g=exp({self.log_scale_factor} * s)" if self.log_scale_factor else ""

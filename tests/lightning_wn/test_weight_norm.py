@@ -126,7 +126,7 @@ def test_gradcheck_the_custom_autograd_function():
         shape = [1] * 4
         shape[dim] = v4.shape[dim]
         g4 = (torch.rand(shape, dtype=torch.double) + 0.5).requires_grad_()
-        assert torch.autograd.gradcheck(lambda a, b, d=dim: NormalizedWeight.apply(a, b, d), (v4, g4))
+        assert torch.autograd.gradcheck(lambda a, b, d=dim: NormalizedWeight.apply(a, b, d)[0], (v4, g4))
 
 
 @pytest.mark.parametrize("make", [lambda: nn.Conv2d(3, 4, 3), lambda: nn.ConvTranspose2d(3, 4, 3)], ids=["conv", "transpose"])
