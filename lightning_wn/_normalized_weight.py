@@ -17,40 +17,34 @@ def norm_axes(v: Tensor, dim: int) -> list[int]:
 
 
 class NormalizedWeight(torch.autograd.Function):
-    r"""``w = g * v / ||v||`` with the norm over every axis of ``v`` but ``dim`` (``-1``: one norm); returns ``w, ||v||``.
+    r"""``w = g * v / ||v||`` with the norm over every axis of ``v`` but ``dim`` (``-1``: one norm).
 
     Forward and backward take ATen's fused kernels, the ones torch's own weight norm uses, where they
     apply (the norm over every axis but the first or the last of a contiguous float32 or float64 ``v``). Elsewhere
     :math:`\nabla_g = \langle \nabla_w, v \rangle / \lVert v \rVert` and
     :math:`\nabla_v = \frac{g}{\lVert v \rVert} \big( \nabla_w - \frac{\nabla_g}{\lVert v \rVert} v \big)`.
-    ``torch.func`` transforms it (``grad``, ``vmap``, ``jvp`` and their compositions).
 
     Example:
         >>> v, g = torch.randn(2, 3), torch.rand(2, 1)
-        >>> w, _ = NormalizedWeight.apply(v, g, 0)
-        >>> torch.allclose(w.norm(dim=1, keepdim=True), g)
+        >>> torch.allclose(NormalizedWeight.apply(v, g, 0).norm(dim=1, keepdim=True), g)
         True
     """
 
-    generate_vmap_rule = True
-
     @staticmethod
-    def forward(v: Tensor, g: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-        if _fused(v, g, dim):
-            return torch._weight_norm_interface(v, g, dim)
-        norm = torch.linalg.vector_norm(v, dim=norm_axes(v, dim), keepdim=True)
-        return v * (g / norm), norm
-
-    @staticmethod
-    def setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
-        (v, g, dim), (_, norm) = inputs, output
-        ctx.mark_non_differentiable(norm)
+    def forward(ctx, v: Tensor, g: Tensor, dim: int) -> Tensor:
         # kept, not saved: a w reused inside lightning_wn.cached() may serve several forward passes whose losses are
         # backpropagated separately (loss_a.backward(); loss_b.backward()); versions are checked as autograd would
-        ctx.v, ctx.g, ctx.dim, ctx.norm, ctx.versions = v, g, dim, norm, (v._version, g._version)
+        ctx.v, ctx.g, ctx.dim, ctx.versions = v, g, dim, (v._version, g._version)
+        ctx.fused = v.dim() > 1 and dim in (0, v.dim() - 1) and v.dtype in (torch.float32, torch.float64)
+        ctx.fused = ctx.fused and v.is_contiguous() and g.is_contiguous()  # ATen's kernels misread channels_last
+        if ctx.fused:
+            weight, ctx.norm = torch._weight_norm_interface(v, g, dim)
+            return weight
+        ctx.norm = torch.linalg.vector_norm(v, dim=norm_axes(v, dim), keepdim=True)
+        return v * (g / ctx.norm)
 
     @staticmethod
-    def backward(ctx, grad_w: Tensor, _: Tensor):
+    def backward(ctx, grad_w: Tensor):
         v, g, norm, axes = ctx.v, ctx.g, ctx.norm, norm_axes(ctx.v, ctx.dim)
         if (v._version, g._version) != ctx.versions:
             raise RuntimeError("g or v of a weight-normalized layer was modified in place (an optimizer step?) between "
@@ -59,7 +53,7 @@ class NormalizedWeight(torch.autograd.Function):
             # create_graph (gradient penalties): ctx.norm was computed outside the graph, and ATen's differentiable
             # backward drops the gradient sent to the norm it saves, so the part through ||v|| would be lost
             norm = torch.linalg.vector_norm(v, dim=axes, keepdim=True)
-        elif _fused(v, g, ctx.dim):
+        elif ctx.fused:
             fused_backward = torch.ops.aten._weight_norm_interface_backward.default
             return *fused_backward(grad_w.contiguous(), v, g, norm, ctx.dim), None
         dot = (grad_w * v).sum(dim=axes, keepdim=True)
@@ -67,19 +61,3 @@ class NormalizedWeight(torch.autograd.Function):
         grad_v = grad_w * (g / norm)
         grad_v.addcmul_(v, g * dot / norm.pow(3), value=-1)
         return grad_v, (dot / norm).reshape(g.shape), None
-
-    @staticmethod
-    def jvp(ctx, v_dot: Tensor | None, g_dot: Tensor | None, _: None) -> tuple[Tensor, None]:
-        v, g = ctx.v, ctx.g
-        norm = torch.linalg.vector_norm(v, dim=norm_axes(v, ctx.dim), keepdim=True)  # fused: shaped as g, not keepdim
-        w_dot = torch.zeros_like(v) if g_dot is None else v * (g_dot.reshape(g.shape) / norm)
-        if v_dot is not None:  # v's tangent along v changes nothing: w does not depend on ||v||
-            along = (v * v_dot).sum(dim=norm_axes(v, ctx.dim), keepdim=True) / norm.square()
-            w_dot = w_dot + (v_dot - v * along) * (g / norm)
-        return w_dot, None
-
-
-def _fused(v: Tensor, g: Tensor, dim: int) -> bool:
-    """Whether ATen's fused kernels apply: they read ``v`` and ``g`` as contiguous (channels_last would be misread)."""
-    fits = v.dim() > 1 and dim in (0, v.dim() - 1) and v.dtype in (torch.float32, torch.float64)
-    return fits and v.is_contiguous() and g.is_contiguous()

@@ -93,11 +93,14 @@ class WeightNorm(nn.Module):
         v, m = self.original1, self.magnitude_param
         if active_cache() is None or _tracing() or v.is_inference() or m.is_inference():
             return None  # inference tensors (made in inference mode) keep no version counter to key on
+        try:
+            storage = v.data_ptr(), m.data_ptr()  # Module.to() swaps it under the same tensor and version
+        except RuntimeError:  # no storage of their own: torch.func's wrappers, a DTensor
+            return None
         # these very g and v (functional_call, load_state_dict(assign=True) swap them; entries hold them, so the ids
-        # stay theirs) and storage (`.to()` swaps it) at their versions, in this mode: w built without grad has no
-        # graph, in inference mode no versions
-        tensors = id(v), id(m), v.data_ptr(), m.data_ptr(), v._version, m._version
-        return *tensors, torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        # stay theirs) at their versions, in this mode: w built without grad has no graph, in inference mode no versions
+        versions = v._version, m._version
+        return id(v), id(m), *storage, *versions, torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def forward(self) -> Tensor:
         """``w``: computed, or inside :func:`lightning_wn.cached` the one computed from these same ``g`` and ``v``."""
@@ -124,20 +127,35 @@ class WeightNorm(nn.Module):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):  # its dtypes are ScaledLinear's own: the matmul's, the norm's
-            return ScaledLinear.apply(x, v, self.g(), bias, dtype)[0]
+            try:
+                return ScaledLinear.apply(x, v, self.g(), bias, dtype)
+            except RuntimeError as error:
+                _raise_unless_refused_by_torch_func(error)
+        return F.linear(x, self(), bias)
 
     def compute(self) -> Tensor:
         v, g = self.original1, self.g()
-        if _tracing():
-            # plain ops: traced and compiled graphs keep their second derivatives, and the fusion is the compiler's
-            return v * (g / torch.linalg.vector_norm(v, dim=norm_axes(v, self.dim), keepdim=True))
-        if not torch.is_grad_enabled():  # no graph to build: ATen's op as it is (its dim -1 is the whole tensor)
-            return torch._weight_norm(v, g, self.dim if v.dim() > 1 else WHOLE_TENSOR)
-        return NormalizedWeight.apply(v, g, self.dim)[0]
+        if not _tracing():
+            if not torch.is_grad_enabled():  # no graph to build: ATen's op as it is (its dim -1 is the whole tensor)
+                return torch._weight_norm(v, g, self.dim if v.dim() > 1 else WHOLE_TENSOR)
+            try:
+                return NormalizedWeight.apply(v, g, self.dim)
+            except RuntimeError as error:
+                _raise_unless_refused_by_torch_func(error)
+        # plain ops: traced and compiled graphs keep their second derivatives, the fusion is the compiler's, and
+        # torch.func transforms differentiate and batch them on their own
+        return v * (g / torch.linalg.vector_norm(v, dim=norm_axes(v, self.dim), keepdim=True))
 
     def extra_repr(self) -> str:
         extra = f", g=exp({self.log_scale_factor} * s)" if self.log_scale_factor else ""
         return f"dim={None if self.dim == WHOLE_TENSOR else self.dim}{extra}"
+
+
+def _raise_unless_refused_by_torch_func(error: RuntimeError) -> None:
+    # torch.func transforms (grad, vmap, jvp) refuse autograd nodes whose forward takes ctx; the form they accept
+    # (setup_context) costs about 15 us more per call in torch 2.14, so under them w is built from plain ops instead
+    if "functorch transforms" not in str(error):
+        raise error
 
 
 def default_dim(module: nn.Module) -> int:

@@ -1,6 +1,7 @@
 """Second derivatives through every weight-norm path: gradgradcheck in float64, and gradient
 penalties (WGAN-GP, R1) against torch's weight norm and plain autograd through ``g * v / ||v||``."""
 
+import contextlib
 import copy
 import subprocess
 import sys
@@ -272,8 +273,8 @@ def test_output_scaling_passes_gradcheck_and_gradgradcheck(x_shape, bias):
     g = (torch.rand(3, 1, dtype=DOUBLE) + 0.5).requires_grad_()
     b = torch.randn(3, dtype=DOUBLE, requires_grad=True) if bias else None
     inputs = (x, v, g, b, DOUBLE)
-    assert gradcheck(lambda *a: ScaledLinear.apply(*a)[0], inputs)
-    assert gradgradcheck(lambda *a: ScaledLinear.apply(*a)[0], inputs)
+    assert gradcheck(ScaledLinear.apply, inputs)
+    assert gradgradcheck(ScaledLinear.apply, inputs)
 
 
 @pytest.mark.parametrize("log_scale", sorted(LOG_SCALE))
@@ -292,7 +293,7 @@ def test_a_large_linear_on_the_output_scaling_path_passes_gradgradcheck(log_scal
     assert set(computed) == {"scaled"}
 
 
-# (layer, one example's shape): the large Linear fed one row takes the output-scaling path
+# (layer, one example's shape): the large Linear fed one row would take the output-scaling path
 TRANSFORMED = {
     "conv2d": (lambda: nn.Conv2d(2, 3, 2), (2, 4, 4)),
     "conv_transpose2d": (lambda: nn.ConvTranspose2d(2, 3, 2), (2, 3, 3)),
@@ -300,33 +301,36 @@ TRANSFORMED = {
 }
 
 
+@pytest.mark.parametrize("scoped", [False, True], ids=["uncached", "cached"])
 @pytest.mark.parametrize("kind", sorted(TRANSFORMED))
-def test_torch_func_transforms_equal_plain_autograd(kind, computed):
+def test_torch_func_transforms_equal_plain_autograd(kind, scoped):
     make, shape = TRANSFORMED[kind]
-    layer = weight_norm(make().double())
-    plain = make().double()
-    (name, wn), = layer.parametrizations.named_children()
+    layer, plain = weight_norm(make().double()), make().double()
     ours = {name: p.detach() for name, p in layer.named_parameters()}
+    (name, wn), = layer.parametrizations.named_children()
     v_key, g_key = f"parametrizations.{name}.original1", f"parametrizations.{name}.original0"
     xs = torch.randn(3, *shape, dtype=DOUBLE)
 
-    def loss(module, params, x):
-        return functional_call(module, params, (x,)).sin().sum()
+    def loss(params, x):
+        return functional_call(layer, params, (x,)).sin().sum()
 
     def reference(params, x):  # w = g * v / ||v|| in plain ops, through the plain layer
         w = expected_weight(params[v_key], params[g_key], wn.dim)
-        return loss(plain, {"weight": w, "bias": params["bias"]}, x)
+        return functional_call(plain, {"weight": w, "bias": params["bias"]}, (x,)).sin().sum()
 
-    per_example = torch.func.vmap(torch.func.grad(lambda p, x: loss(layer, p, x)), in_dims=(None, 0))(ours, xs)
-    expected = torch.func.vmap(torch.func.grad(reference), in_dims=(None, 0))(ours, xs)
-    for key in ours:
-        torch.testing.assert_close(per_example[key], expected[key], msg=key)
-    # second derivatives, reverse over reverse and forward over reverse: the Hessian in g
-    for hessian in (torch.func.jacrev, torch.func.jacfwd):
-        h = hessian(torch.func.grad(lambda g: loss(layer, ours | {g_key: g}, xs[0])))(ours[g_key])
-        h_ref = hessian(torch.func.grad(lambda g: reference(ours | {g_key: g}, xs[0])))(ours[g_key])
-        torch.testing.assert_close(h, h_ref)
-    jvp = torch.func.jvp(lambda v: loss(layer, ours | {v_key: v}, xs[0]), (ours[v_key],), (torch.ones_like(ours[v_key]),))
-    jvp_ref = torch.func.jvp(lambda v: reference(ours | {v_key: v}, xs[0]), (ours[v_key],), (torch.ones_like(ours[v_key]),))
-    torch.testing.assert_close(jvp, jvp_ref)
-    assert set(computed) == {"scaled" if kind == "linear_large" else "built"}  # this library's nodes, not plain ops
+    grad, vmap, ones = torch.func.grad, torch.func.vmap, torch.ones_like(ours[v_key])
+    with cached() if scoped else contextlib.nullcontext():  # as inside a Lightning step
+        per_example = vmap(grad(loss), in_dims=(None, 0))(ours, xs)
+        expected = vmap(grad(reference), in_dims=(None, 0))(ours, xs)
+        for key in ours:
+            torch.testing.assert_close(per_example[key], expected[key], msg=key)
+        g, t = ours[g_key], torch.linspace(-1, 1, ours[g_key].numel(), dtype=DOUBLE).view_as(ours[g_key])
+
+        def hessian_vector_products(f):  # in g: forward over reverse, reverse over reverse
+            grad_g = grad(lambda g: f(ours | {g_key: g}, xs[0]))
+            return torch.func.jvp(grad_g, (g,), (t,))[1], torch.func.vjp(grad_g, g)[1](t)[0]
+
+        torch.testing.assert_close(hessian_vector_products(loss), hessian_vector_products(reference))
+        jvp = torch.func.jvp(lambda v: loss(ours | {v_key: v}, xs[0]), (ours[v_key],), (ones,))
+        expected = torch.func.jvp(lambda v: reference(ours | {v_key: v}, xs[0]), (ours[v_key],), (ones,))
+        torch.testing.assert_close(jvp, expected)
