@@ -277,3 +277,31 @@ def test_a_resumed_run_with_an_averaging_callback_ends_as_the_straight_one(avera
     straight = run(4, tmp_path / "straight")
     run(2, tmp_path / "halves")
     assert_same_parameters(run(4, tmp_path / "halves", ckpt_path="last"), straight)
+
+
+class FusedManualSteps(ConvClassifier):
+    """Manual optimization as in a GAN: a fused optimizer steps, then the same step runs the model again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.gaps: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        optimizer = self.optimizers()
+        self.manual_backward(nn.functional.cross_entropy(self(x), y))
+        optimizer.step()  # fused: g and v change without a version bump
+        optimizer.zero_grad()
+        head = self.net[6]
+        fresh = nn.functional.linear(self.net[:6](x), head.parametrizations.weight.compute(), head.bias)
+        self.gaps.append((self(x) - fresh).abs().max().item())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.1, fused=True)
+
+
+def test_a_forward_after_a_fused_optimizer_step_in_the_same_training_step_sees_the_step():
+    model = FusedManualSteps()
+    trainer(max_steps=3, callbacks=[WeightNormalization(init_samples=64)]).fit(model, RandomImages(size=96))
+    assert len(model.gaps) == 3 and max(model.gaps) < 1e-6, model.gaps
