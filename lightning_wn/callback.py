@@ -23,7 +23,7 @@ from typing_extensions import override
 
 from lightning_wn.cache import cached
 from lightning_wn.checkpoint import read_checkpoint
-from lightning_wn.init import _is_sharded, data_dependent_init
+from lightning_wn.init import INITIALIZED, _is_sharded, data_dependent_init
 from lightning_wn.init_inputs import first_examples, model_inputs
 from lightning_wn.mean_only_bn import attach_mean_only_bn
 from lightning_wn.models import apply_weight_norm, limit_direction_norm, remove_weight_norm, select_layers
@@ -214,6 +214,14 @@ class WeightNormalization(Callback):
             self.initialized = True
         if not self.data_init or self.initialized:
             return
+        # a model fitted before, under another callback, or initialized by hand carries the mark of its init
+        modules = dict(pl_module.named_modules())
+        targets = [name for name in self.normalized if not getattr(modules[name], INITIALIZED, False)]
+        if self.normalized and not targets:
+            rank_zero_info("WeightNormalization: every layer was data-initialized before (an earlier fit or "
+                           "`data_dependent_init`), so its weights are kept and the init does not run.")
+            self.initialized = True
+            return
         trainer.fit_loop.setup_data()  # the processed loader: DistributedSampler, each rank its shard
         loader = trainer.train_dataloader
         if loader is None or isinstance(loader, (list, tuple, dict)):
@@ -229,7 +237,7 @@ class WeightNormalization(Callback):
         inputs, count = first_examples(batches, wanted, where)
         with trainer.precision_plugin.train_step_context():
             # a run resumed without our state has no list of its own: every normalized layer
-            report = data_dependent_init(pl_module, inputs, modules=self.normalized or None, init_scale=self.init_scale)
+            report = data_dependent_init(pl_module, inputs, modules=targets or None, init_scale=self.init_scale)
         self.initialized = True
         rank_zero_info(f"WeightNormalization: data-dependent init on {count} examples per rank.\n{report}")
 

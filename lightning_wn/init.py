@@ -18,7 +18,7 @@ from lightning_wn.state_dict import WHOLE_TENSOR
 from lightning_wn.torch_norms import TORCH_FIX, torch_reparametrizations
 from lightning_wn.weight_norm import RECURRENT_LAYERS, SUPPORTED_LAYERS, default_dim, is_weight_normalized, weight_norms
 
-_INITIALIZED = "_lightning_wn_data_initialized"  # set on each initialized module, so a second call can warn
+INITIALIZED = "_lightning_wn_data_initialized"  # set on each initialized module: a second call warns, a fit skips it
 
 
 @dataclass
@@ -87,7 +87,7 @@ def data_dependent_init(model: nn.Module, inputs: object, modules: Sequence[str]
     if not _check_batch(inputs):
         raise TypeError(f"`inputs` holds no tensor (got {type(inputs).__name__}); pass a batch of model inputs.")
     targets, report = _targets(model, modules)
-    if again := [f"`{name}`" for name, m in targets.items() if getattr(m, _INITIALIZED, False)]:
+    if again := [f"`{name}`" for name, m in targets.items() if getattr(m, INITIALIZED, False)]:
         more = f" and {len(again) - 5} more" if len(again) > 5 else ""
         warnings.warn(f"data_dependent_init: {', '.join(again[:5])}{more} were initialized by an earlier call; this "
                       "one rescales them again. Call it once per model (not again after resuming), or pass `modules` "
@@ -117,7 +117,7 @@ def data_dependent_init(model: nn.Module, inputs: object, modules: Sequence[str]
     for module, scale, shift in writes if sharded else ():  # the hooks rescaled gathered copies; now the shards
         _rescale(module, scale, shift)
     for name in report.modules:
-        setattr(targets[name], _INITIALIZED, True)
+        setattr(targets[name], INITIALIZED, True)
     report.skipped.update({name: "not called by the forward pass" for name in targets if name not in report.modules})
     return report
 

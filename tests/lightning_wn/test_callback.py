@@ -17,7 +17,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 import lightning_wn
 import lightning_wn.callback as callback_module
-from lightning_wn import MeanOnlyBatchNorm, WeightNormalization, is_weight_normalized, weight_normalized_modules
+from lightning_wn import MeanOnlyBatchNorm, WeightNormalization, apply_weight_norm, data_dependent_init, is_weight_normalized
+from lightning_wn import weight_normalized_modules
 
 sys.path.insert(0, str(Path(__file__).parent))
 from lit_models import ConvClassifier, DictBatches, LazyHead, LazyNormalizedHead, RandomImages, trainer  # noqa: E402
@@ -137,6 +138,36 @@ def test_second_fit_keeps_the_first_init(monkeypatch):
     monkeypatch.setattr(callback_module, "data_dependent_init", lambda *a, **k: pytest.fail("init ran twice"))
     trainer(max_steps=2, callbacks=[wn]).fit(model, data)
     assert not torch.equal(g, model.net[0].parametrizations.weight.original0)  # trained on, not re-initialized
+
+
+@pytest.mark.parametrize("before", ["fit", "by_hand"])
+def test_a_new_callback_keeps_the_init_a_model_already_has(monkeypatch, before):
+    model, data = ConvClassifier(), RandomImages()
+    if before == "fit":  # a notebook's second Trainer, or a second stage, on the same model object
+        trainer(max_steps=2, callbacks=[WeightNormalization(init_samples=64)]).fit(model, data)
+    else:
+        apply_weight_norm(model)
+        data_dependent_init(model, data.x[:64])
+    g = model.net[0].parametrizations.weight.original0.detach().clone()
+    monkeypatch.setattr(callback_module, "data_dependent_init", lambda *a, **k: pytest.fail("init ran again"))
+    wn = WeightNormalization(init_samples=64)
+    trainer(max_steps=2, callbacks=[wn]).fit(model, data)
+    assert wn.initialized and wn.state_dict()["initialized"]  # a checkpoint of this run resumes without an init
+    assert not torch.equal(g, model.net[0].parametrizations.weight.original0)  # trained on, not re-initialized
+
+
+def test_only_the_layers_without_an_init_are_initialized(monkeypatch):
+    model, data = ConvClassifier(), RandomImages()
+    apply_weight_norm(model)
+    data_dependent_init(model, data.x[:64], modules=["net.0", "net.2"])
+    kept = {n: p.detach().clone() for n, p in model.net[:3].named_parameters()}
+    calls = []
+    init = callback_module.data_dependent_init
+    monkeypatch.setattr(callback_module, "data_dependent_init", lambda *a, **k: calls.append(k["modules"]) or init(*a, **k))
+    trainer(max_steps=0, callbacks=[WeightNormalization(init_samples=64)]).fit(model, data)
+    assert calls == [["net.6"]]
+    for name, p in model.net[:3].named_parameters():
+        torch.testing.assert_close(p, kept[name], msg=name)
 
 
 def test_checkpoint_loads_into_the_plain_model_without_the_callback(tmp_path):
