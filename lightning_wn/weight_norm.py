@@ -264,6 +264,9 @@ def weight_norm(
         if not isinstance(param, nn.Parameter):
             raise ValueError(f"{kind} has no parameter `{tensor_name}`; its parameters are "
                              f"{sorted(module._parameters)}.")
+        if isinstance(param, nn.parameter.UninitializedParameter):
+            raise ValueError(f"`{tensor_name}` of this {kind} has no shape yet (a lazy module): run one forward pass "
+                             "first, e.g. in the LightningModule's `__init__`, then apply weight norm.")
         if param.numel() == 0:  # ATen's kernels divide by its size
             raise ValueError(f"`{tensor_name}` of this {kind} is empty (shape {tuple(param.shape)}): there is nothing "
                              "to normalize. Leave the layer out.")

@@ -584,6 +584,8 @@ def test_bad_input_raises_clear_errors():
         weight_norm(nn.Linear(2, 2), log_scale_factor=-1.0)
     with pytest.raises(ValueError, match=r"`weight` of this Linear is empty \(shape \(0, 5\)\).*Leave the layer out"):
         weight_norm(nn.Linear(5, 0))  # ATen's kernels would divide by zero: the process would die
+    with pytest.raises(ValueError, match=r"`weight` of this LazyLinear has no shape yet \(a lazy module\): run one"):
+        apply_weight_norm(nn.Sequential(nn.LazyLinear(3)))
     embedding = weight_norm(nn.Embedding(4, 3), dim=0)  # any layer works once `dim` is given
     torch.testing.assert_close(embedding.weight.norm(dim=1), embedding.parametrizations.weight.original0.flatten())
 
