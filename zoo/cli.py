@@ -28,6 +28,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_wn import read_checkpoint
 from zoo.errors import UserError
@@ -96,7 +97,7 @@ class ZooCLI(LightningCLI):
         # Only here, while the config's classes are built: the same exceptions later in a run keep their traceback.
         try:
             super().instantiate_classes()
-        except (ValueError, TypeError, UserError) as error:
+        except (ValueError, TypeError, MisconfigurationException, UserError) as error:
             if (rejected := rejected_by_constructor(error)) is None:
                 raise
             self._stop(UserError(rejected))
@@ -130,8 +131,9 @@ class ZooCLI(LightningCLI):
 
 
 def rejected_by_constructor(error: BaseException) -> str | None:
-    """``"<Class>: <message>"`` when ``error``, or an exception in its chain of causes, is a ValueError, TypeError or
-    UserError that a class's ``__init__`` raised; else None.
+    """``"<Class>: <message>"`` when ``error``, or an exception in its chain of causes, is a ValueError, TypeError,
+    Lightning's MisconfigurationException (no GPU for `accelerator: gpu`) or UserError that a class's ``__init__``
+    raised; else None.
 
     jsonargparse wraps what a constructor raises in its own ValueError ("Does not validate against any of the Union
     subtypes"), caused by it; the Trainer's own are not wrapped. The class named is that of the outermost ``__init__``
@@ -141,7 +143,7 @@ def rejected_by_constructor(error: BaseException) -> str | None:
     while cause is not None:
         for frame, _ in traceback.walk_tb(cause.__traceback__):
             if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
-                if not isinstance(cause, (ValueError, TypeError, UserError)):
+                if not isinstance(cause, (ValueError, TypeError, MisconfigurationException, UserError)):
                     return None  # any other exception out of a constructor is a bug
                 return f"{type(frame.f_locals['self']).__name__}: {cause}"
         cause = cause.__cause__

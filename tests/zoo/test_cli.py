@@ -241,8 +241,9 @@ def test_a_wrong_config_is_an_error_with_the_help_command(option, reason, capsys
     [("--model.init_args.batch_size=0", "error: DQN: `batch_size` must be a positive integer, got 0."),
      ("--trainer.callbacks+=lightning_wn.WeightNormalization --trainer.callbacks.init_samples=0",
       "error: WeightNormalization: `init_samples` must be a positive integer, got 0."),
-     ("--trainer.accelerator=abacus", "error: Trainer: You selected an invalid accelerator name")],
-    ids=["model", "callback", "trainer"],
+     ("--trainer.accelerator=abacus", "error: Trainer: You selected an invalid accelerator name"),
+     ("--trainer.devices=0", "error: Trainer: `Trainer(devices='0')` value is not a valid input")],
+    ids=["model", "callback", "trainer", "trainer_misconfigured"],
 )  # fmt: skip
 def test_a_value_a_constructor_rejects_is_one_error_line_naming_the_class(option, error, tmp_path, capsys):
     args = ["fit", f"--config={ROOT / 'configs/dqn/cartpole_wn.yaml'}", f"--trainer.default_root_dir={tmp_path}"]
