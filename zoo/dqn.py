@@ -36,6 +36,7 @@ from typing_extensions import override
 
 from lightning_wn import fold_state_dict
 from zoo.compiled_optim import with_compiled_update
+from zoo.errors import ConfigError
 from zoo.data.envs import Episode, EnvRunner, frames_per_step, make_vector_env
 from zoo.data.replay import ReplayBuffer, Transitions
 from zoo.nets import MLP, NatureDQN
@@ -247,7 +248,7 @@ class DQN(LightningModule):
         if h.lr_end_factor == 1.0:
             return optimizer
         if self.trainer.max_steps < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"`lr_end_factor`={h.lr_end_factor} decays the learning rate over the trainer's `max_steps`, "
                 f"which is {self.trainer.max_steps}: set `--trainer.max_steps`."
             )

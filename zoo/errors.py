@@ -20,3 +20,7 @@ class DownloadError(UserError, ConnectionError):
 
 class DamagedDataError(UserError, ValueError):
     """A data set's files are there, but are not what they should be."""
+
+
+class ConfigError(UserError, ValueError):
+    """Options that do not fit together, found once the run has started (the trainer's settings)."""

@@ -282,3 +282,11 @@ def test_only_a_constructor_s_value_and_type_errors_are_the_user_s():
     assert rejected(width=0) == "Net: `width` must be positive."  # the class the config names
     assert rejected(width=0, bug=True) is None
     assert rejected_by_constructor(ValueError("not raised in a constructor")) is None
+
+
+def test_options_that_clash_once_the_run_starts_are_one_error_line(tmp_path, capsys):
+    args = ["fit", f"--config={ROOT / 'configs/dqn/cartpole_wn.yaml'}", f"--trainer.default_root_dir={tmp_path}",
+            "--model.init_args.lr_end_factor=0.5", "--trainer.max_steps=-1", "--trainer.max_epochs=1"]
+    status, errors = failed(capsys, *args)
+    assert status == 2 and errors == ["error: `lr_end_factor`=0.5 decays the learning rate over the trainer's "
+                                      "`max_steps`, which is -1: set `--trainer.max_steps`."]
