@@ -104,7 +104,10 @@ class WeightNorm(nn.Module):
 
     def forward(self) -> Tensor:
         """``w``: computed, or inside :func:`lightning_wn.cached` the one computed from these same ``g`` and ``v``."""
-        if (key := self._key()) is None:
+        return self._weight(self._key())
+
+    def _weight(self, key: tuple | None) -> Tensor:
+        if key is None:
             return self.compute()
         cache = active_cache()
         entry = cache.get(self)
@@ -122,7 +125,7 @@ class WeightNorm(nn.Module):
         if (key := self._key()) is not None:
             cache = active_cache()
             if cache.get(self, (None,))[0] == key:  # called before in this cached() block: build w or reuse it
-                return F.linear(x, self(), bias)
+                return F.linear(x, self._weight(key), bias)
             cache[self] = key, None, (v, self.magnitude_param)
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
