@@ -118,6 +118,9 @@ class WeightNormalization(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # this run's model may be another: what the callback knew of the last one (restored by a tuner after the
+        # init, or saved by a tuner's checkpoint before it) is not this one's
+        self._restored, self.initialized = None, False
         strategy = trainer.strategy
         for refused, why in _REFUSED_STRATEGIES.items():
             if isinstance(strategy, refused):
@@ -203,24 +206,23 @@ class WeightNormalization(Callback):
     on_validation_batch_end = on_test_batch_end = on_predict_batch_end = on_exception = _close_cache
 
     def _data_init(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Whether the init ran is our own state, restored or not: a tuner (BatchSizeFinder, LearningRateFinder)
-        # also restores a checkpoint, one saved before the init
-        if self._restored is not None:
-            self.initialized = self.initialized or bool(self._restored.get("initialized"))
-            self._restored = None
-        elif trainer.ckpt_path is not None and not self.initialized:
-            rank_zero_info(f"WeightNormalization: {trainer.ckpt_path} holds no state of this callback; its weights "
-                           "were trained without it, so they are kept and the data-dependent init does not run.")
-            self.initialized = True
-        if not self.data_init or self.initialized:
-            return
-        # a model fitted before, under another callback, or initialized by hand carries the mark of its init
+        # The guard is each layer's own mark of its init (data_dependent_init leaves it), not a flag of this callback,
+        # which may have served another model. A restored state says whether the checkpoint's weights had their init:
+        # a tuner (BatchSizeFinder, LearningRateFinder) also restores one, saved before the init
+        restored, self._restored = self._restored, None
         modules = dict(pl_module.named_modules())
+        if resumed := bool(restored.get("initialized")) if restored is not None else trainer.ckpt_path is not None:
+            if restored is None:
+                rank_zero_info(f"WeightNormalization: {trainer.ckpt_path} holds no state of this callback; its weights "
+                               "were trained without it, so they are kept and the data-dependent init does not run.")
+            for name in self.normalized:
+                setattr(modules[name], INITIALIZED, True)
         targets = [name for name in self.normalized if not getattr(modules[name], INITIALIZED, False)]
-        if self.normalized and not targets:
-            rank_zero_info("WeightNormalization: every layer was data-initialized before (an earlier fit or "
-                           "`data_dependent_init`), so its weights are kept and the init does not run.")
-            self.initialized = True
+        self.initialized = not targets
+        if not self.data_init or not targets:
+            if self.data_init and self.normalized and not resumed:
+                rank_zero_info("WeightNormalization: every layer was data-initialized before (an earlier fit or "
+                               "`data_dependent_init`), so its weights are kept and the init does not run.")
             return
         trainer.fit_loop.setup_data()  # the processed loader: DistributedSampler, each rank its shard
         loader = trainer.train_dataloader
@@ -236,8 +238,7 @@ class WeightNormalization(Callback):
         batches = (read(trainer.strategy.batch_to_device(batch)) for batch in loader)
         inputs, count = first_examples(batches, wanted, where)
         with trainer.precision_plugin.train_step_context():
-            # a run resumed without our state has no list of its own: every normalized layer
-            report = data_dependent_init(pl_module, inputs, modules=targets or None, init_scale=self.init_scale)
+            report = data_dependent_init(pl_module, inputs, modules=targets, init_scale=self.init_scale)
         self.initialized = True
         rank_zero_info(f"WeightNormalization: data-dependent init on {count} examples per rank.\n{report}")
 

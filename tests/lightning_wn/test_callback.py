@@ -156,6 +156,23 @@ def test_a_new_callback_keeps_the_init_a_model_already_has(monkeypatch, before):
     assert not torch.equal(g, model.net[0].parametrizations.weight.original0)  # trained on, not re-initialized
 
 
+@pytest.mark.parametrize("tuner", [None, "BatchSizeFinder"])
+def test_a_callback_used_again_for_a_new_model_initializes_it(tuner):
+    # one callback object for several runs (a sweep, a notebook loop): each new model gets its own init, also where a
+    # tuner saves and restores the callback's state before the init
+    from lightning.pytorch import callbacks
+
+    wn, data = WeightNormalization(init_samples=100), RandomImages()
+    for seed in (0, 1):
+        seed_everything(seed)
+        model = ConvClassifier(lr=0.0)  # a step leaves the init as it was
+        tuners = [getattr(callbacks, tuner)(max_trials=2, steps_per_trial=1)] if tuner else []
+        trainer(max_steps=0 if tuner is None else 1, callbacks=[wn, *tuners]).fit(model, data)
+        assert wn.initialized
+        if seed == 1:
+            standardized(model, data.x[:100], wn.normalized)
+
+
 def test_only_the_layers_without_an_init_are_initialized(monkeypatch):
     model, data = ConvClassifier(), RandomImages()
     apply_weight_norm(model)
