@@ -235,7 +235,7 @@ class WeightNormalization(Callback):
             where = f"the batch at `input_key`={self.input_key!r}"
             read = functools.partial(model_inputs, input_key=self.input_key)
         wanted = math.ceil(self.init_samples / trainer.world_size)  # the first examples of this rank's shard
-        batches = (read(trainer.strategy.batch_to_device(batch)) for batch in loader)
+        batches = (read(_as_trained_on(trainer, pl_module, batch)) for batch in loader)
         inputs, count = first_examples(batches, wanted, where)
         with trainer.precision_plugin.train_step_context():
             report = data_dependent_init(pl_module, inputs, modules=targets, init_scale=self.init_scale)
@@ -315,6 +315,16 @@ def load_from_checkpoint(model_class: type[pl.LightningModule], path: str, **kwa
     torch.save(checkpoint, buffer)
     buffer.seek(0)
     return model_class.load_from_checkpoint(buffer, **kwargs)
+
+
+def _as_trained_on(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
+    """``batch`` as the training loop hands it to ``training_step``: cast by the precision plugin (``64-true``,
+    ``bf16-true``), through ``on_before_batch_transfer``, then moved (with ``on_after_batch_transfer``)."""
+    batch = trainer.precision_plugin.convert_input(batch)
+    datamodule, default = trainer.datamodule, pl.LightningDataModule.on_before_batch_transfer
+    own_hook = getattr(type(datamodule), "on_before_batch_transfer", default) is not default
+    owner = datamodule if own_hook else pl_module  # Lightning calls a datamodule's own hook where it has one
+    return trainer.strategy.batch_to_device(owner.on_before_batch_transfer(batch, 0))
 
 
 def _refuse_sharded_plain_layers(modules: dict[str, torch.nn.Module], plain: list[str]) -> None:

@@ -173,6 +173,33 @@ def test_a_callback_used_again_for_a_new_model_initializes_it(tuner):
             standardized(model, data.x[:100], wn.normalized)
 
 
+@pytest.mark.parametrize("where", ["model", "datamodule"])
+def test_the_init_sees_the_batches_as_training_steps_do(where):
+    # pixels stored 0-255, scaled in `on_before_batch_transfer` (the datamodule's, where it has one, is Lightning's)
+    class Scaled(ConvClassifier):
+        def on_before_batch_transfer(self, batch, dataloader_idx):
+            return batch[0] / 255, batch[1]
+
+    class ScaledImages(RandomImages):
+        on_before_batch_transfer = Scaled.on_before_batch_transfer
+
+    model, data = (Scaled(), RandomImages()) if where == "model" else (ConvClassifier(), ScaledImages())
+    data.x = data.x * 255
+    wn = WeightNormalization(init_samples=100)
+    trainer(max_steps=0, callbacks=[wn]).fit(model, data)
+    standardized(model, data.x[:100] / 255, wn.normalized)
+
+
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_the_init_runs_under_a_true_precision(precision):
+    # the parameters are cast, and so must the init's inputs be, as the training loop casts each batch
+    model, data, wn = ConvClassifier(), RandomImages(), WeightNormalization(init_samples=100)
+    trainer(max_steps=0, callbacks=[wn], precision=precision).fit(model, data)
+    assert model.net[0].parametrizations.weight.original1.dtype == {"64-true": torch.float64}.get(precision, torch.bfloat16)
+    atol = 1e-3 if precision == "64-true" else 5e-2  # bf16 rounds g and the biases
+    standardized(model.double(), data.x[:100].double(), wn.normalized, atol=atol)
+
+
 def test_only_the_layers_without_an_init_are_initialized(monkeypatch):
     model, data = ConvClassifier(), RandomImages()
     apply_weight_norm(model)
