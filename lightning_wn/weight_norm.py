@@ -78,6 +78,9 @@ class WeightNorm(nn.Module):
     @torch.no_grad()
     def reset(self, weight: Tensor) -> None:
         """Set ``g`` and ``v`` in place so that they give ``weight``."""
+        if weight.shape != self.v.shape:  # copy_ would broadcast a (1, in) weight into every row
+            raise ValueError(f"Cannot set a weight of shape {tuple(weight.shape)} where the layer's has shape "
+                             f"{tuple(self.v.shape)}.")
         v, magnitude = self.split(weight.detach().to(self.v.dtype))
         self.v.copy_(v)
         self.magnitude_param.copy_(magnitude)

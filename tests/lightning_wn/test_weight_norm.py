@@ -4,6 +4,7 @@ import contextlib
 import copy
 import io
 import pickle
+import re
 
 import pytest
 import torch
@@ -660,3 +661,7 @@ def test_assigning_a_weight_sets_g_and_v_so_that_the_layer_computes_it(kind):
     torch.testing.assert_close(out[0] if isinstance(out, tuple) else out, expected[0] if isinstance(expected, tuple) else expected)
     with pytest.raises(TypeError, match=f"`{name}` of a weight-normalized layer is computed; assign a tensor"):
         setattr(layer, name, 1.0)
+    for broadcast in (wanted[:1], wanted[0]):  # would fill every unit with one row
+        with pytest.raises(ValueError, match=rf"Cannot set a weight of shape {re.escape(str(tuple(broadcast.shape)))}"):
+            setattr(layer, name, broadcast)
+    torch.testing.assert_close(getattr(layer, name), wanted)
