@@ -96,6 +96,12 @@ def adopt_other_spellings(normalized, state_dict: dict[str, Tensor], prefix: str
     if f"{plain}_g" in state_dict and f"{plain}_v" in state_dict and f"{ours}original1" not in state_dict:
         state_dict[f"{ours}original0"] = state_dict.pop(f"{plain}_g")
         state_dict[f"{ours}original1"] = state_dict.pop(f"{plain}_v")
+    s, c = state_dict.get(f"{ours}s"), state_dict.get(f"{ours}c")
+    if isinstance(s, Tensor) and isinstance(c, Tensor) and f"{ours}original0" not in state_dict:  # g = exp(c * s)
+        if float(c) == normalized.log_scale_factor:
+            return  # ours; g() reads c from the option, not from the buffer, so another c is converted below
+        state_dict[f"{ours}original0"] = torch.exp(c * s)
+        del state_dict[f"{ours}s"], state_dict[f"{ours}c"]
     g, v, weight = state_dict.get(f"{ours}original0"), state_dict.get(f"{ours}original1"), state_dict.get(plain)
     if isinstance(g, Tensor) and isinstance(v, Tensor):
         same_layout = normalized.log_scale_factor is None and g.shape == normalized.original0.shape

@@ -91,6 +91,18 @@ def test_torch_state_dicts_load_strictly_and_compute_torchs_function(kind, spell
     }  # our layout kept: training goes on with our g
 
 
+@pytest.mark.parametrize("saved, loaded", [(2.0, 3.0), (2.0, None), (None, 2.0)])
+def test_a_state_dict_saved_with_another_log_scale_factor_loads_strictly_and_computes_its_function(saved, loaded):
+    # g = exp(c * s) reads c from the layer's option: an s saved with another c is converted, not taken as it is
+    torch.manual_seed(0)
+    source = randomized(weight_norm(nn.Conv1d(3, 4, 3), log_scale_factor=saved))
+    layer = weight_norm(nn.Conv1d(3, 4, 3), log_scale_factor=loaded)
+    layer.load_state_dict(source.state_dict(), strict=True)
+    x = torch.randn(2, 3, 7)
+    torch.testing.assert_close(layer(x), source(x), rtol=0, atol=1e-6)
+    assert sorted(layer.state_dict()) == sorted(weight_norm(nn.Conv1d(3, 4, 3), log_scale_factor=loaded).state_dict())
+
+
 def test_legacy_keys_are_renamed_with_their_values_kept():
     torch.manual_seed(0)
     theirs = torch_trained("conv1d", "legacy", 0)
