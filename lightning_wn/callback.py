@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import os
 from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any
@@ -41,6 +42,14 @@ _UNSHARDED_ONLY = {
     "max_norm": "it rescales each rank's shard of v by norms taken on that shard only",
     "fold_on_fit_end": "it would fold shards in place; fold the full checkpoint instead (`load_from_checkpoint`)",
 }
+# ddp_spawn, ddp_fork and ddp_notebook fit in processes started from the one that built the callback, then load the
+# trained state dict into that process's model with strict=False: layers changed or initialized there stay plain,
+# or unmarked, in the user's model
+_STARTED_PROCESS = ("WeightNormalization runs in a process Lightning started (strategy `ddp_spawn`, `ddp_fork` or "
+                    "`ddp_notebook`), which hands back only the weights the main process's model has names for, so "
+                    "{what} there would be lost without an error. Normalize and initialize the model before "
+                    "`fit`: `lightning_wn.apply_weight_norm(model, ...)` and `lightning_wn.data_dependent_init(model, "
+                    "batch)`. Or use `strategy='ddp'`.")
 _OWN_KEYS = ("params", "param_names")  # what an optimizer's param group holds of its own, not hyperparameters
 
 
@@ -115,6 +124,7 @@ class WeightNormalization(Callback):
         self._restored: dict[str, Any] | None = None  # applied at the init, not in load_state_dict
         self._plain_checkpoint: dict[str, Any] | None = None  # its optimizer states are for plain weights
         self._cache = ExitStack()  # the open cached() scope of the current step, if any
+        self._pid = os.getpid()  # the process that built the callback, which holds the model fit hands back to
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -165,6 +175,9 @@ class WeightNormalization(Callback):
         if plain:
             apply_weight_norm(pl_module, plain, log_scale_factor=self.log_scale_factor, paper_init=self.paper_init)
         attached = [name for name in selected if self.mean_only_bn and "mean_only_bn" not in modules[name]._modules]
+        if (plain or attached) and os.getpid() != self._pid:
+            what = "weight norm on plain layers" if plain else "the mean-only batch norms attached"
+            raise RuntimeError(_STARTED_PROCESS.format(what=what))
         for name in attached:
             attach_mean_only_bn(modules[name])
         if plain or attached:
@@ -224,6 +237,8 @@ class WeightNormalization(Callback):
                 rank_zero_info("WeightNormalization: every layer was data-initialized before (an earlier fit or "
                                "`data_dependent_init`), so its weights are kept and the init does not run.")
             return
+        if os.getpid() != self._pid:
+            raise RuntimeError(_STARTED_PROCESS.format(what="the record of the data-dependent init"))
         trainer.fit_loop.setup_data()  # the processed loader: DistributedSampler, each rank its shard
         loader = trainer.train_dataloader
         if loader is None or isinstance(loader, (list, tuple, dict)):

@@ -470,6 +470,21 @@ def test_validating_a_run_trained_without_weight_norm_then_fitting_leaves_the_fi
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_a_strategy_that_starts_processes_refuses_changes_it_cannot_hand_back():
+    # ddp_spawn loads the trained state dict into the main process's model with strict=False: g and v of layers
+    # normalized in the started processes would be dropped, and the model would come back untrained
+    model, data = ConvClassifier(), RandomImages(size=64)
+    spawned = dict(max_steps=2, devices=2, strategy="ddp_spawn")
+    with pytest.raises(Exception, match=r"runs in a process Lightning started .* weight norm on plain layers"):
+        trainer(callbacks=[WeightNormalization(init_samples=64)], **spawned).fit(model, data)
+    apply_weight_norm(model)  # the fix the error names: normalized and initialized in the main process
+    data_dependent_init(model, data.x[:64])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer(callbacks=[WeightNormalization(init_samples=64)], **spawned).fit(model, data)
+    assert all(not torch.equal(p, before[name]) for name, p in model.named_parameters())  # trained, handed back
+
+
 def test_ddp_ranks_end_bitwise_identical_and_the_all_reduce_is_why(tmp_path):
     results = {}
     for mode in ("sync", "no-sync"):
