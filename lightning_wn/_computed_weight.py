@@ -16,9 +16,9 @@ _DATA = torch.Tensor.data  # reading or setting `.data` reaches __torch_function
 class ComputedWeight(torch.Tensor):
     """A weight computed from ``g`` and ``v``, so that a write into it would be lost: refuses in-place writes.
 
-    Writes are refused as they happen, into itself, its views (``nn.init.orthogonal_`` writes through
-    ``view_as``) and ``.data``, a new tensor with a version counter of its own that no later check could
-    see. Every other op runs and returns as on a plain tensor: the layer's math and autograd are untouched.
+    Writes are refused as they happen: into itself, its views (``nn.init.orthogonal_`` writes through
+    ``view_as``), ``detach()`` and ``.data`` (new tensors with version counters of their own, which no later
+    check could see). Every other op runs and returns as on a plain tensor: the layer's math and autograd are untouched.
 
     Example:
         >>> w = torch.randn(3, 4).as_subclass(ComputedWeight)
@@ -41,14 +41,23 @@ class ComputedWeight(torch.Tensor):
             return out.as_subclass(cls)  # `.data` shares the storage but not the version counter
         if args and isinstance(args[0], cls):  # views of it (view_as, [i], chunk) refuse writes too
             if isinstance(out, torch.Tensor):
-                return _guarded_if_view(cls, out, args[0])
+                return _guarded_if_alias(cls, out, args[0], func)
             if isinstance(out, tuple) and out and all(isinstance(o, torch.Tensor) for o in out):
-                return tuple(_guarded_if_view(cls, o, args[0]) for o in out)
+                return tuple(_guarded_if_alias(cls, o, args[0], func) for o in out)
         return out
 
+    # a copy, or a tensor saved to a file, is a new tensor, the user's to write: a plain one (torch.load's
+    # weights_only refuses subclasses)
+    def __deepcopy__(self, memo: dict) -> torch.Tensor:
+        return self.as_subclass(torch.Tensor).__deepcopy__(memo)
 
-def _guarded_if_view(cls: type, out: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    shared = out._is_view() and out.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
+    def __reduce_ex__(self, protocol: int):
+        return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
+
+
+def _guarded_if_alias(cls: type, out: torch.Tensor, source: torch.Tensor, func) -> torch.Tensor:
+    aliases = out._is_view() or func in (torch.Tensor.detach, torch.detach)  # detach shares storage, not as a view
+    shared = aliases and out.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
     return out.as_subclass(cls) if shared else out
 
 

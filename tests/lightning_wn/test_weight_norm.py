@@ -329,6 +329,7 @@ WRITES = {  # into the computed tensor, not into g or v
     "through .data": lambda w: w.data.normal_(),  # a tensor with a version counter of its own
     "through a view": lambda w: w.view(-1)[1:].zero_(),
     "through a chunk": lambda w: w.chunk(3)[0].fill_(2.0),
+    "through detach": lambda w: w.detach().copy_(torch.ones_like(w)),  # shares storage, yet is not a view
     "setitem": lambda w: w.__setitem__(0, 1.0),
     "out=": lambda w: torch.add(w, 1, out=w),
     "orthogonal_": nn.init.orthogonal_,
@@ -355,6 +356,18 @@ def test_writing_into_the_computed_weight_is_refused_with_the_fix(write, grad):
     layer(torch.randn(2, 4)).sum().backward()  # and it trains from there
     with torch.inference_mode():  # inference tensors keep no version counter: nothing to watch
         torch.testing.assert_close(layer(torch.ones(1, 4)), layer(torch.ones(1, 4)))
+
+
+def test_the_weight_read_outside_the_layer_copies_and_saves_as_a_plain_tensor(tmp_path):
+    layer = weight_norm(nn.Linear(4, 3))
+    with torch.no_grad():
+        w = layer.weight
+    for copied in (copy.deepcopy(w), copy.deepcopy(w.detach()), copy.deepcopy({"w": w})["w"], pickle.loads(pickle.dumps(w))):
+        assert type(copied) is torch.Tensor and torch.equal(copied, w)
+        copied.zero_()  # a copy is the user's own to write
+    torch.save({"w": w.detach()}, tmp_path / "w.pt")
+    loaded = torch.load(tmp_path / "w.pt", weights_only=True)["w"]
+    assert type(loaded) is torch.Tensor and torch.equal(loaded, layer.weight)
 
 
 GRAD_MODE_WRITES = {  # layer, input shape, the computed tensor written
