@@ -231,11 +231,11 @@ class WeightNormalization(Callback):
             for name in self.normalized:
                 setattr(modules[name], INITIALIZED, True)
         targets = [name for name in self.normalized if not getattr(modules[name], INITIALIZED, False)]
-        self.initialized = not targets
         if not self.data_init or not targets:
             if self.data_init and self.normalized and not resumed:
                 rank_zero_info("WeightNormalization: every layer was data-initialized before (an earlier fit or "
                                "`data_dependent_init`), so its weights are kept and the init does not run.")
+            self.initialized = True  # past the init, run or not: a checkpoint of this run resumes without one
             return
         if os.getpid() != self._pid:
             raise RuntimeError(_STARTED_PROCESS.format(what="the record of the data-dependent init"))

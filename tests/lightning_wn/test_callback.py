@@ -130,6 +130,17 @@ def test_resume_continues_without_a_second_init(tmp_path, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_a_run_fitted_without_the_init_resumes_without_it_where_the_init_is_then_asked_for(tmp_path, monkeypatch):
+    data, saver = RandomImages(size=64, batch_size=16), ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(max_steps=2, callbacks=[WeightNormalization(data_init=False), saver], enable_checkpointing=True).fit(
+        ConvClassifier(), data
+    )
+    monkeypatch.setattr(callback_module, "data_dependent_init", lambda *a, **k: pytest.fail("trained weights re-initialized"))
+    wn = WeightNormalization(init_samples=64)  # data_init left at its default, True
+    trainer(max_steps=3, callbacks=[wn]).fit(ConvClassifier(), data, ckpt_path=tmp_path / "last.ckpt")
+    assert wn.initialized
+
+
 def test_second_fit_keeps_the_first_init(monkeypatch):
     model, data = ConvClassifier(), RandomImages()
     wn = WeightNormalization(init_samples=64)
