@@ -171,13 +171,13 @@ class WeightNormalization(Callback):
         modules = dict(pl_module.named_modules())
         # a second fit finds its layers normalized; a layer the user normalized by hand stays as it is
         plain = [name for name in selected if not is_weight_normalized(modules[name])]
-        _refuse_sharded_plain_layers(modules, plain)
-        if plain:
-            apply_weight_norm(pl_module, plain, log_scale_factor=self.log_scale_factor, paper_init=self.paper_init)
         attached = [name for name in selected if self.mean_only_bn and "mean_only_bn" not in modules[name]._modules]
         if (plain or attached) and os.getpid() != self._pid:
             what = "weight norm on plain layers" if plain else "the mean-only batch norms attached"
             raise RuntimeError(_STARTED_PROCESS.format(what=what))
+        _refuse_sharded_plain_layers(modules, plain)
+        if plain:
+            apply_weight_norm(pl_module, plain, log_scale_factor=self.log_scale_factor, paper_init=self.paper_init)
         for name in attached:
             attach_mean_only_bn(modules[name])
         if plain or attached:
