@@ -212,11 +212,12 @@ class WeightNormalization(Callback):
         self._cache.close()  # a step that ended without its batch-end hook (a skipped batch) leaves no scope open
         self._cache.enter_context(cached())
 
-    def _close_cache(self, *args: Any) -> None:
+    def _close_cache(self, *args: Any, **kwargs: Any) -> None:
         self._cache.close()
 
     on_train_batch_start = on_validation_batch_start = on_test_batch_start = on_predict_batch_start = _open_cache
-    on_validation_batch_end = on_test_batch_end = on_predict_batch_end = on_exception = _close_cache
+    # teardown too: a LightningModule's on_train_batch_start returning -1 ends the epoch without the batch's end hooks
+    on_validation_batch_end = on_test_batch_end = on_predict_batch_end = on_exception = teardown = _close_cache
 
     def _data_init(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The guard is each layer's own mark of its init (data_dependent_init leaves it), not a flag of this callback,

@@ -141,6 +141,22 @@ def test_a_run_fitted_without_the_init_resumes_without_it_where_the_init_is_then
     assert wn.initialized
 
 
+def test_no_cache_outlives_a_fit_that_a_batch_start_hook_stopped():
+    class Stops(ConvClassifier):
+        def on_train_batch_start(self, batch, batch_idx):
+            return -1 if batch_idx == 1 else None  # ends the epoch without that batch's end hooks
+
+    model, x = Stops(), torch.randn(4, 3, 8, 8)
+    trainer(max_epochs=1, callbacks=[WeightNormalization(init_samples=64)]).fit(model, RandomImages())
+    layer = model.net[0]
+    layer(x)
+    g, v = layer.parametrizations.weight.original0, layer.parametrizations.weight.original1
+    g.data.mul_(2)  # a write only a cached() block misses: outside one, the next call sees it
+    norm = torch.linalg.vector_norm(v, dim=(1, 2, 3), keepdim=True)
+    expected = torch.nn.functional.conv2d(x, g * v / norm, layer.bias, padding=1)
+    torch.testing.assert_close(layer(x), expected)
+
+
 def test_second_fit_keeps_the_first_init(monkeypatch):
     model, data = ConvClassifier(), RandomImages()
     wn = WeightNormalization(init_samples=64)
