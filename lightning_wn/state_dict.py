@@ -98,7 +98,7 @@ def adopt_other_spellings(normalized, state_dict: dict[str, Tensor], prefix: str
         state_dict[f"{ours}original1"] = state_dict.pop(f"{plain}_v")
     s, c = state_dict.get(f"{ours}s"), state_dict.get(f"{ours}c")
     if isinstance(s, Tensor) and isinstance(c, Tensor) and f"{ours}original0" not in state_dict:  # g = exp(c * s)
-        if float(c) == normalized.log_scale_factor:
+        if normalized.log_scale_factor is not None and float(c) == float(normalized.c):  # both float32
             return  # ours; g() reads c from the option, not from the buffer, so another c is converted below
         state_dict[f"{ours}original0"] = torch.exp(c * s)
         del state_dict[f"{ours}s"], state_dict[f"{ours}c"]

@@ -103,6 +103,16 @@ def test_a_state_dict_saved_with_another_log_scale_factor_loads_strictly_and_com
     assert sorted(layer.state_dict()) == sorted(weight_norm(nn.Conv1d(3, 4, 3), log_scale_factor=loaded).state_dict())
 
 
+@pytest.mark.parametrize("log_scale_factor", [0.1, 3.0])  # 0.1 is not a float32: the buffer c holds it rounded
+def test_a_state_dict_in_our_own_layout_loads_bit_for_bit(log_scale_factor):
+    torch.manual_seed(0)
+    source = randomized(weight_norm(nn.Conv1d(3, 4, 3), log_scale_factor=log_scale_factor))
+    layer = weight_norm(nn.Conv1d(3, 4, 3), log_scale_factor=log_scale_factor)
+    layer.load_state_dict(source.state_dict(), strict=True)
+    for name, value in source.state_dict().items():  # v too: its norm sets the effective learning rate
+        assert torch.equal(layer.state_dict()[name], value), name
+
+
 def test_legacy_keys_are_renamed_with_their_values_kept():
     torch.manual_seed(0)
     theirs = torch_trained("conv1d", "legacy", 0)
