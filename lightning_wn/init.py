@@ -142,7 +142,8 @@ def _init_module(report: InitReport, writes: list, init_scale: float, min_std: f
         ones = torch.ones_like(mean)
         report.modules[name] = ModuleInit("mean_only_bn", mean.cpu(), var.sqrt().cpu(), ones.cpu(), True)
         return
-    axis = output.dim() - 1 if isinstance(module, nn.Linear) else 1
+    # units: a Linear's last axis; a convolution's channels, before its spatial axes (axis 1, or 0 unbatched)
+    axis = output.dim() - 1 if isinstance(module, nn.Linear) else output.dim() - len(module.kernel_size) - 1
     mean, var = _unit_moments(output, axis, name)
     std = var.sqrt()
     tiny = std < min_std

@@ -118,6 +118,15 @@ def test_log_scale_magnitude_is_initialized_too():
     assert mean.abs().max() < 1e-4 and (std - 1).abs().max() < 1e-4
 
 
+def test_an_unbatched_convolution_is_initialized_per_channel():
+    # (C, L) in, (C_out, L) out: the units are on axis 0, not 1
+    model = nn.Sequential(weight_norm(nn.Conv1d(3, 8, 3)))
+    x = torch.randn(3, 50) * 2 + 1
+    data_dependent_init(model, x)
+    mean, std = unit_moments(outputs_of(model, x, ["0"])["0"], 0)
+    assert mean.abs().max() < 1e-4 and (std - 1).abs().max() < 1e-4
+
+
 def test_one_forward_pass_first_call_counts_and_recurrent_layers_are_skipped():
     class Shared(nn.Module):
         def __init__(self):
