@@ -20,7 +20,7 @@ class NormalizedWeight(torch.autograd.Function):
     r"""``w = g * v / ||v||`` with the norm over every axis of ``v`` but ``dim`` (``-1``: one norm).
 
     Forward and backward take ATen's fused kernels, the ones torch's own weight norm uses, where they
-    apply (the norm over every axis but the first or the last of a contiguous float32 or float64 ``v``). Elsewhere
+    apply (the norm over every axis but the first or the last of a contiguous ``v``). Elsewhere
     :math:`\nabla_g = \langle \nabla_w, v \rangle / \lVert v \rVert` and
     :math:`\nabla_v = \frac{g}{\lVert v \rVert} \big( \nabla_w - \frac{\nabla_g}{\lVert v \rVert} v \big)`.
 
@@ -35,7 +35,7 @@ class NormalizedWeight(torch.autograd.Function):
         # kept, not saved: a w reused inside lightning_wn.cached() may serve several forward passes whose losses are
         # backpropagated separately (loss_a.backward(); loss_b.backward()); versions are checked as autograd would
         ctx.v, ctx.g, ctx.dim, ctx.versions = v, g, dim, (v._version, g._version)
-        ctx.fused = v.dim() > 1 and dim in (0, v.dim() - 1) and v.dtype in (torch.float32, torch.float64)
+        ctx.fused = v.dim() > 1 and dim in (0, v.dim() - 1) and v.dtype == g.dtype  # the norm in float32 or wider
         ctx.fused = ctx.fused and v.is_contiguous() and g.is_contiguous()  # ATen's kernels misread channels_last
         if ctx.fused:
             weight, ctx.norm = torch._weight_norm_interface(v, g, dim)

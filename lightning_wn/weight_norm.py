@@ -101,9 +101,10 @@ class WeightNorm(nn.Module):
         except RuntimeError:  # no storage of their own: torch.func's wrappers, a DTensor
             return None
         # these very g and v (functional_call, load_state_dict(assign=True) swap them; entries hold them, so the ids
-        # stay theirs) at their versions, in this mode: w built without grad has no graph, in inference mode no versions
+        # stay theirs) at their versions, in this mode: w built without grad (or from frozen g and v) has no graph
         versions = v._version, m._version
-        return id(v), id(m), *storage, *versions, torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        modes = v.requires_grad, m.requires_grad, torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        return id(v), id(m), *storage, *versions, *modes
 
     def forward(self) -> Tensor:
         """``w``: computed, or inside :func:`lightning_wn.cached` the one computed from these same ``g`` and ``v``."""
@@ -121,17 +122,17 @@ class WeightNorm(nn.Module):
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """``F.linear(x, w, bias)``; for a large weight fed fewer rows than it has inputs, the paper's output scaling
         (on the first call after ``g`` or ``v`` changed: a second inside :func:`lightning_wn.cached` builds ``w``)."""
-        v = self.original1
+        v, device = self.original1, x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         pays = v.numel() >= 1 << 18 and self.dim == 0 and x.dim() > 0 and x.numel() < x.shape[-1] ** 2
-        if not pays or _tracing() or v.is_inference():
+        # x @ v.T takes ||v|| into its range, which float16 may not hold (float32's range: bfloat16's too)
+        if not pays or dtype == torch.float16 or _tracing() or v.is_inference():
             return F.linear(x, self(), bias)
         if (key := self._key()) is not None:
             cache = active_cache()
             if cache.get(self, (None,))[0] == key:  # called before in this cached() block: build w or reuse it
                 return F.linear(x, self._weight(key), bias)
             cache[self] = key, None, (v, self.magnitude_param)
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):  # its dtypes are ScaledLinear's own: the matmul's, the norm's
             try:
                 return ScaledLinear.apply(x, v, self.g(), bias, dtype)
@@ -323,7 +324,8 @@ def positive_number(argument: str, value: object) -> float:
 def _normalized_class(base: type[nn.Module], names: tuple[str, ...]) -> type[nn.Module]:
     """A subclass of ``base`` whose tensors ``names`` are computed from their :class:`WeightNorm`."""
     attrs = dict(_wn_base=base, _wn_names=names, _wn_in_forward=False, forward=_forward, __setattr__=_setattr,
-                 __reduce_ex__=_reduce_ex, _load_from_state_dict=_load_from_state_dict, __module__=__name__)
+                 __delattr__=_delattr, __reduce_ex__=_reduce_ex, _load_from_state_dict=_load_from_state_dict,
+                 __module__=__name__)
     if names == ("weight",) and base.forward is nn.Linear.forward:  # the output-scaling path: w is never handed out
         attrs["forward"] = lambda self, input: self.parametrizations.weight.linear(input, self.bias)
     for name in names:
@@ -363,6 +365,17 @@ def _setattr(self: nn.Module, name: str, value: object) -> None:
                       f"unquantized, in float, even where it would quantize a `{type(self)._wn_base.__name__}`. Fold "
                       "weight norm first with `lightning_wn.remove_weight_norm(model)`, then quantize.", stacklevel=2)
     type(self)._wn_base.__setattr__(self, name, value)
+
+
+def _delattr(self: nn.Module, name: str) -> None:
+    # torch's register_parametrization (orthogonal, spectral norm) deletes the tensor it takes over, then replaces
+    # `parametrizations` with its own, ours in it: g and v would be gone
+    if name in self._parameters or name in self._buffers:
+        raise ValueError(f"`{name}` of a `{type(self).__name__}` cannot be deleted, nor can torch's parametrizations "
+                         "(orthogonal, spectral norm, ...) take it over: they would replace g and v. Fold weight norm "
+                         "first with `lightning_wn.remove_weight_norm(layer)`, or move it to torch's with "
+                         "`lightning_wn.to_torch(model)`.")
+    type(self)._wn_base.__delattr__(self, name)
 
 
 def _reset_parameters(self: nn.Module) -> None:

@@ -640,6 +640,54 @@ def test_autocast_keeps_the_norm_in_float32(dtype):
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_a_layer_frozen_then_unfrozen_inside_cached_gets_its_gradients():
+    # a GAN step: the critic frozen for one pass, trainable for the next, with no optimizer step between
+    layer, x = weight_norm(nn.Linear(4, 3)), torch.randn(2, 4)
+    g, v = layer.parametrizations.weight.original0, layer.parametrizations.weight.original1
+    layer(x).sum().backward()
+    expected = g.grad.clone(), v.grad.clone()
+    layer.zero_grad()
+    with cached():
+        layer.requires_grad_(False)
+        layer(x)
+        layer.requires_grad_(True)
+        layer(x).sum().backward()
+    torch.testing.assert_close((g.grad, v.grad), expected)
+
+
+def test_torchs_parametrizations_are_refused_on_a_normalized_layer_which_stays_as_it_was():
+    cell = weight_norm(nn.LSTMCell(4, 3), name="weight_hh")
+    params = dict(cell.named_parameters())
+    for register in (parametrizations.orthogonal, parametrizations.spectral_norm, nn.utils.spectral_norm):
+        with pytest.raises(ValueError, match=r"nor can torch's parametrizations .* would replace g and v.*remove_weight"):
+            register(cell, "weight_ih")
+        assert type(cell).__name__ == "WeightNormedLSTMCell"
+        assert {n: id(p) for n, p in cell.named_parameters()} == {n: id(p) for n, p in params.items()}
+    x = (torch.randn(2, 4), (torch.zeros(2, 3), torch.zeros(2, 3)))
+    cell(*x)[0].sum().backward()
+    assert cell.parametrizations.weight_hh.original1.grad is not None
+
+
+@pytest.mark.parametrize("case", ["scaled output, float16 autocast", "model.half()"])
+def test_float16_computes_w_whatever_the_norm_of_v(case):
+    # the output depends on g and the direction of v only; float16 cannot hold ||v|| = 1e5 of each row, nor x @ v.T
+    torch.manual_seed(0)
+    layer = weight_norm(nn.Linear(1024, 256) if case.startswith("scaled") else nn.Linear(16, 512))
+    x = torch.randn(4, layer.in_features)
+    with torch.no_grad():
+        v = layer.parametrizations.weight.original1
+        v.mul_(1e5 / v.norm(dim=1, keepdim=True))
+    g, v = layer.parametrizations.weight.original0.double(), layer.parametrizations.weight.original1.double()
+    expected = x.double() @ (g * v / v.norm(dim=1, keepdim=True)).T + layer.bias.double()
+    if case == "model.half()":
+        out = layer.half()(x.half())
+    else:
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = layer(x)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+
+
 def test_parameters_made_in_inference_mode_compute_with_and_without_grad_and_inside_cached():
     # inference tensors keep no version counter: an averaging callback can swap them in through `.data`
     with torch.inference_mode():
