@@ -123,6 +123,7 @@ class WeightNormalization(Callback):
         self.initialized = False
         self._restored: dict[str, Any] | None = None  # applied at the init, not in load_state_dict
         self._plain_checkpoint: dict[str, Any] | None = None  # its optimizer states are for plain weights
+        self._plain_to_evaluate: dict[str, dict[str, torch.nn.Parameter]] = {}  # by layer: its weights, as they came
         self._cache = ExitStack()  # the open cached() scope of the current step, if any
         self._pid = os.getpid()  # the process that built the callback, which holds the model fit hands back to
 
@@ -162,9 +163,9 @@ class WeightNormalization(Callback):
             raise RuntimeError("ModelPruning cannot prune weight-normalized layers (their weight is computed from g "
                                "and v). Fit with `WeightNormalization(fold_on_fit_end=True)`, then prune the plain "
                                "layers in a run of their own.")
-        self._normalize_layers(pl_module, selected)
+        self._normalize_layers(pl_module, selected, fitting=stage == TrainerFn.FITTING)
 
-    def _normalize_layers(self, pl_module: pl.LightningModule, selected: list[str]) -> None:
+    def _normalize_layers(self, pl_module: pl.LightningModule, selected: list[str], fitting: bool) -> None:
         self.normalized = selected
         if not self.weight_norm:
             return  # only initialized
@@ -176,8 +177,14 @@ class WeightNormalization(Callback):
             what = "weight norm on plain layers" if plain else "the mean-only batch norms attached"
             raise RuntimeError(_STARTED_PROCESS.format(what=what))
         _refuse_sharded_plain_layers(modules, plain)
-        if plain:
-            apply_weight_norm(pl_module, plain, log_scale_factor=self.log_scale_factor, paper_init=self.paper_init)
+        if not fitting and self.fold_on_fit_end:  # normalized so that a checkpoint of g and v loads: plain again
+            self._plain_to_evaluate = {name: dict(modules[name].named_parameters(recurse=False)) for name in plain}
+        # the paper's re-draw of v is for fresh layers of a fit, not for ones initialized (and maybe trained) before
+        redraw = fitting and self.paper_init
+        fresh = [name for name in plain if redraw and not getattr(modules[name], INITIALIZED, False)]
+        for names, paper_init in ((fresh, True), ([name for name in plain if name not in fresh], False)):
+            if names:
+                apply_weight_norm(pl_module, names, log_scale_factor=self.log_scale_factor, paper_init=paper_init)
         for name in attached:
             attach_mean_only_bn(modules[name])
         if plain or attached:
@@ -212,12 +219,23 @@ class WeightNormalization(Callback):
         self._cache.close()  # a step that ended without its batch-end hook (a skipped batch) leaves no scope open
         self._cache.enter_context(cached())
 
-    def _close_cache(self, *args: Any, **kwargs: Any) -> None:
+    def _close_cache(self, *args: Any) -> None:
         self._cache.close()
 
     on_train_batch_start = on_validation_batch_start = on_test_batch_start = on_predict_batch_start = _open_cache
-    # teardown too: a LightningModule's on_train_batch_start returning -1 ends the epoch without the batch's end hooks
-    on_validation_batch_end = on_test_batch_end = on_predict_batch_end = on_exception = teardown = _close_cache
+    on_validation_batch_end = on_test_batch_end = on_predict_batch_end = on_exception = _close_cache
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close_cache()  # a LightningModule's on_train_batch_start returning -1 skips the batch-end hooks
+        # with fold_on_fit_end, layers validate, test or predict normalized go back to plain weights: the checkpoint's,
+        # folded, or the very tensors they came with where none was loaded
+        modules, plain = dict(pl_module.named_modules()), self._plain_to_evaluate
+        self._plain_to_evaluate = {}
+        for name, params in plain.items():
+            remove_weight_norm(modules[name])
+            for tensor_name, param in params.items() if trainer.ckpt_path is None else ():
+                setattr(modules[name], tensor_name, param)
 
     def _data_init(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The guard is each layer's own mark of its init (data_dependent_init leaves it), not a flag of this callback,
@@ -281,9 +299,14 @@ class WeightNormalization(Callback):
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:  # trained weights, loaded to evaluate: a later fit keeps them
+            modules = dict(pl_module.named_modules())
+            for name in self.normalized:
+                setattr(modules[name], INITIALIZED, True)
+            return
         # Plain weights (a checkpoint trained without weight norm) have just loaded into g and v; the optimizers,
         # built later, get their states after on_fit_start, which is where those are rewritten
-        if trainer.state.fn != TrainerFn.FITTING or "optimizer_states" not in checkpoint:
+        if "optimizer_states" not in checkpoint:
             return  # only fit restores optimizer states
         if self.state_key in checkpoint.get("callbacks", {}):
             return  # saved with this callback: its optimizer states are for g and v already

@@ -496,7 +496,42 @@ def test_validating_a_run_trained_without_weight_norm_then_fitting_leaves_the_fi
     assert not [w for w in caught if "trained without weight norm" in str(w.message)]
 
 
-@pytest.mark.slow
+class Evaluated(ConvClassifier):
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+
+def test_evaluating_or_fitting_again_a_folded_model_keeps_its_function_and_its_folding():
+    # with the paper's re-draw of v: a later validate has nothing to load and must leave the model as fit left it,
+    # and a second fit must neither re-draw nor re-initialize layers that were initialized and trained
+    seed_everything(0)
+    model, data = Evaluated(), RandomImages(size=64, batch_size=16)
+    t = trainer(max_steps=4, callbacks=[WeightNormalization(init_samples=64, paper_init=True, fold_on_fit_end=True)])
+    t.fit(model, data)
+    with torch.no_grad():
+        expected = model(data.x)
+    params = {name: id(p) for name, p in model.named_parameters()}
+    t.validate(model, data.train_dataloader())
+    assert {name: id(p) for name, p in model.named_parameters()} == params  # still folded, the very tensors
+    model.hparams.lr = 0.0  # a second fit that changes nothing
+    trainer(max_steps=1, callbacks=[WeightNormalization(init_samples=64, paper_init=True, fold_on_fit_end=True)]).fit(
+        model, data
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(data.x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_loaded_to_evaluate_are_kept_by_a_later_fit(tmp_path, monkeypatch):
+    data, saver = RandomImages(size=64, batch_size=16), ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(max_steps=2, callbacks=[WeightNormalization(init_samples=64), saver], enable_checkpointing=True).fit(
+        Evaluated(), data
+    )
+    model, wn = Evaluated(), WeightNormalization(init_samples=64)
+    trainer(callbacks=[wn]).validate(model, data.train_dataloader(), ckpt_path=tmp_path / "last.ckpt")
+    monkeypatch.setattr(callback_module, "data_dependent_init", lambda *a, **k: pytest.fail("loaded weights re-initialized"))
+    trainer(max_steps=1, callbacks=[wn]).fit(model, data)
+
+
 @pytest.mark.slow
 def test_a_strategy_that_starts_processes_refuses_changes_it_cannot_hand_back():
     # ddp_spawn loads the trained state dict into the main process's model with strict=False: g and v of layers
@@ -512,6 +547,7 @@ def test_a_strategy_that_starts_processes_refuses_changes_it_cannot_hand_back():
     assert all(not torch.equal(p, before[name]) for name, p in model.named_parameters())  # trained, handed back
 
 
+@pytest.mark.slow
 def test_ddp_ranks_end_bitwise_identical_and_the_all_reduce_is_why(tmp_path):
     results = {}
     for mode in ("sync", "no-sync"):
