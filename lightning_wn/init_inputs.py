@@ -30,7 +30,7 @@ def model_inputs(batch: Any, input_key: int | str | list[int | str] | None) -> I
         found = "" if x is None else f", which holds a {type(x).__name__} there"
         raise ValueError(f"WeightNormalization cannot find the model input at `input_key`={input_key!r} in a batch "
                          f"of type {type(batch).__name__}{shown}{found}. Set `input_key` to the index or key of the "
-                         "input tensor.")
+                         "input tensor, or define `data_init_inputs(batch)` on the LightningModule to return it.")
     return x
 
 

@@ -373,7 +373,8 @@ def test_bad_arguments_fail_before_training():
         (WeightNormalization(include=["Embedding"]), RandomImages(), "names `Embedding`, which weight norm does not"),
         (WeightNormalization(exclude=["Conv2d", "Linear"]), RandomImages(), "No module of NoTraining is selected"),
         (WeightNormalization(input_key="image"), RandomImages(), r"cannot find the model input at `input_key`='image'"),
-        (WeightNormalization(), RandomImages(as_dict=True), r"cannot find the model input .* \(keys: \['image', 'label'\]\)"),
+        (WeightNormalization(), RandomImages(as_dict=True), r"cannot find the model input .* \(keys: \['image', 'label'\]\)"
+         r".*or define `data_init_inputs\(batch\)` on the LightningModule"),
     ]
     for wn, data, message in cases:
         with pytest.raises(ValueError, match=message):
