@@ -247,8 +247,7 @@ class WeightNormalization(Callback):
             if restored is None:
                 rank_zero_info(f"WeightNormalization: {trainer.ckpt_path} holds no state of this callback; its weights "
                                "were trained without it, so they are kept and the data-dependent init does not run.")
-            for name in self.normalized:
-                setattr(modules[name], INITIALIZED, True)
+            self._mark_initialized(pl_module)
         targets = [name for name in self.normalized if not getattr(modules[name], INITIALIZED, False)]
         if not self.data_init or not targets:
             if self.data_init and self.normalized and not resumed:
@@ -276,6 +275,12 @@ class WeightNormalization(Callback):
         self.initialized = True
         rank_zero_info(f"WeightNormalization: data-dependent init on {count} examples per rank.\n{report}")
 
+    def _mark_initialized(self, pl_module: pl.LightningModule) -> None:
+        """Record on each layer that its weights are past their init (restored or loaded, not fresh)."""
+        modules = dict(pl_module.named_modules())
+        for name in self.normalized:
+            setattr(modules[name], INITIALIZED, True)
+
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._close_cache()
@@ -300,10 +305,7 @@ class WeightNormalization(Callback):
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if trainer.state.fn != TrainerFn.FITTING:  # trained weights, loaded to evaluate: a later fit keeps them
-            modules = dict(pl_module.named_modules())
-            for name in self.normalized:
-                setattr(modules[name], INITIALIZED, True)
-            return
+            return self._mark_initialized(pl_module)
         # Plain weights (a checkpoint trained without weight norm) have just loaded into g and v; the optimizers,
         # built later, get their states after on_fit_start, which is where those are rewritten
         if "optimizer_states" not in checkpoint:
