@@ -56,6 +56,9 @@ def fold_state_dict(state_dict: Mapping[str, Tensor], keep: Container[str] = ())
         else:
             folded[key] = value
     for prefix, parts in groups.items():
+        if not {"original0", "original1", "s"} & parts.keys():  # another parametrization (spectral norm): kept
+            folded.update({f"{prefix}.{part}": value for part, value in parts.items()})
+            continue
         g, v = parts.get("original0"), parts.get("original1")
         if g is None and {"s", "c"} <= parts.keys():
             g = torch.exp(parts["c"] * parts["s"])
