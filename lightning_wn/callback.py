@@ -10,6 +10,7 @@ import functools
 import io
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any
@@ -196,7 +197,9 @@ class WeightNormalization(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # configure_model has run since setup: the layers it built exist only now
-        selected = select_layers(pl_module, self.include, self.exclude)
+        with warnings.catch_warnings():  # about layers under torch's norms: setup warned already
+            warnings.simplefilter("ignore")
+            selected = select_layers(pl_module, self.include, self.exclude)
         modules = dict(pl_module.named_modules())
         if plain := [name for name in selected if self.weight_norm and not is_weight_normalized(modules[name])]:
             raise RuntimeError(f"Layers {', '.join(f'`{name}`' for name in plain)} were built after "

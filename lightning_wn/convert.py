@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils.weight_norm import WeightNorm as LegacyWeightNorm
 
 from lightning_wn import torch_norms
-from lightning_wn.models import _remove_own_weight_norm, weight_normalized_modules
+from lightning_wn.models import _remove_own_weight_norm, refuse_wrapped, weight_normalized_modules
 from lightning_wn.state_dict import WHOLE_TENSOR
 from lightning_wn.weight_norm import refuse_shared_columns, weight_norm, weight_norms
 
@@ -29,6 +29,7 @@ def from_torch(model: nn.Module) -> list[str]:
     ``ValueError`` before anything changes if torch's weight norm shares a layer with another reparametrization,
     or is on a layer :func:`~lightning_wn.weight_norm` refuses.
     """
+    refuse_wrapped(model)
     found = {}
     for module_name, module in model.named_modules():  # all checked first: an error leaves torch's norms in place
         torch_norms.refuse_chained_weight_norm(module_name, module)
@@ -36,12 +37,17 @@ def from_torch(model: nn.Module) -> list[str]:
             if len(others := torch_norms.torch_reparametrizations(module)) > len(norms):
                 raise ValueError(f"`{module_name}` mixes torch's weight norm with other reparametrizations "
                                  f"({', '.join(others)}). Remove the others from that layer first.")
-            for _, norm, _, _ in norms:
+            for name, norm, g, _ in norms:
+                layer = f"model.get_submodule({module_name!r})" if module_name else "model"
+                fold = f"lightning_wn.remove_weight_norm({layer})"
+                shown = f"`{module_name or type(module).__name__}`"
+                if g.dim() == 1 and g.numel() > 1:  # a 1-D v is one unit here
+                    raise ValueError(f"{shown} cannot be converted: torch normalizes each entry of its 1-D `{name}` "
+                                     f"on its own. Nothing was converted; fold it first with `{fold}`.")
                 try:
                     refuse_shared_columns(module, None if norm.dim == WHOLE_TENSOR else norm.dim)
                 except ValueError as error:
-                    fold = f"lightning_wn.remove_weight_norm(model.get_submodule({module_name!r}))"
-                    raise ValueError(f"`{module_name}` cannot be converted: {error} Nothing was converted; fold it "
+                    raise ValueError(f"{shown} cannot be converted: {error} Nothing was converted; fold it "
                                      f"first with `{fold}`.") from error
             found[module_name] = (module, norms)
     for module, norms in found.values():
@@ -60,6 +66,7 @@ def to_torch(model: nn.Module, legacy: bool = False) -> list[str]:
     ``g`` and ``v`` are new tensors: build the optimizer after. Returns the names of the modules converted; a
     ``ValueError`` before anything changes if a layer learns ``g = exp(c * s)`` (``log_scale_factor``).
     """
+    refuse_wrapped(model)
     normalized = list(weight_normalized_modules(model))
     for module_name, module in normalized:
         if any(wn.log_scale_factor is not None for wn in weight_norms(module).values()):
@@ -69,8 +76,8 @@ def to_torch(model: nn.Module, legacy: bool = False) -> list[str]:
     for _, module in normalized:
         ours = weight_norms(module)
         _remove_own_weight_norm(module)
-        for name, wn in ours.items():
-            apply(module, name, dim=wn.dim)  # WHOLE_TENSOR is torch's own -1
+        for name, wn in ours.items():  # a 1-D v is one unit, which torch spells dim=None (WHOLE_TENSOR is its -1)
+            apply(module, name, dim=WHOLE_TENSOR if wn.v.dim() == 1 else wn.dim)
         for name, norm, g, v in torch_norms.torch_weight_norms(module):
             _copy((g, v), (ours[name].original0, ours[name].original1))  # torch's split of the fold: ours instead
             if isinstance(norm, LegacyWeightNorm):  # it computed `module.<name>` from torch's split: again, from ours
@@ -81,5 +88,5 @@ def to_torch(model: nn.Module, legacy: bool = False) -> list[str]:
 @torch.no_grad()
 def _copy(targets: tuple[Tensor, ...], sources: tuple[Tensor, ...]) -> None:
     for target, source in zip(targets, sources):
-        target.copy_(source)
+        target.copy_(source.reshape(target.shape))  # never broadcast: same entries, maybe a 0-d g for a (1,) one
         target.requires_grad_(source.requires_grad)

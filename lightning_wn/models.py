@@ -44,6 +44,7 @@ def apply_weight_norm(
         >>> apply_weight_norm(model, exclude=[nn.Linear])
         ['0', '2']
     """
+    refuse_wrapped(model)
     names = select_layers(model, include, exclude)
     modules = dict(model.named_modules())
     owners: dict[int, list[str]] = {}  # a tied weight (embeddings) would be untied: two g, and v stepped twice
@@ -83,9 +84,9 @@ def select_layers(model: nn.Module, include: Selection | None = None, exclude: S
                          f"would stack two reparametrizations. {torch_norms.TORCH_FIX}")
     chosen -= by_torch.keys()
     if not chosen:
-        skipped = f" ({len(by_torch)} selected layers are reparametrized by torch)" if by_torch else ""
+        skipped = f" {len(by_torch)} selected are under torch's norms: {torch_norms.TORCH_FIX}" if by_torch else ""
         raise ValueError(f"No module of {type(model).__name__} is selected by `include`={include!r} and "
-                         f"`exclude`={exclude!r}{skipped}. Modules: {_preview(modules)}.")
+                         f"`exclude`={exclude!r}. Modules: {_preview(modules)}.{skipped}")
     if by_torch:
         warnings.warn(f"Weight norm leaves {len(by_torch)} layers alone that torch already reparametrizes: "
                       f"{', '.join(by_torch.values())}. {torch_norms.TORCH_FIX} Leave them out with `exclude` to "
@@ -175,6 +176,13 @@ def limit_direction_norm(model: nn.Module, max_norm: float) -> int:
         wn.v.mul_(torch.where(too_long, max_norm / norm, 1.0))
         rescaled += int(too_long.sum())
     return rescaled
+
+
+def refuse_wrapped(model: nn.Module) -> None:
+    """A ``ValueError`` for a model in DistributedDataParallel, whose reducer keeps the parameters it was built on."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError("`model` is wrapped in DistributedDataParallel, which would go on all-reducing the parameters "
+                         "it was built on, not the new g and v: pass `model.module`, then wrap it again.")
 
 
 def _entries(selection: Selection) -> list:

@@ -206,6 +206,27 @@ def test_misconfigurations_are_refused_before_anything_changes():
     assert is_weight_normalized(log_scaled[0])  # refused before the first layer was converted
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["parametrization", "legacy"])
+@pytest.mark.parametrize("make", [lambda: nn.LayerNorm(5), lambda: nn.PReLU(5)], ids=["layer_norm", "prelu"])
+def test_a_one_dimensional_weight_goes_to_torch_with_its_function(make, legacy):
+    # a 1-D v is one unit here, with one g; torch's dim=0 would give each entry its own
+    layer, x = weight_norm(make(), "weight", dim=0), torch.randn(3, 5)
+    with torch.no_grad():
+        layer.parametrizations.weight.original1.mul_(torch.rand(5) + 0.5)
+    expected = layer(x)
+    to_torch(layer, legacy=legacy)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_torchs_weight_norm_of_each_entry_of_a_one_dimensional_tensor_is_refused_before_anything_changes(form):
+    layer = (nn.utils.weight_norm if form == "legacy" else parametrizations.weight_norm)(nn.Linear(3, 4), "bias", dim=0)
+    params = {name: id(p) for name, p in layer.named_parameters()}
+    with pytest.raises(ValueError, match=r"torch normalizes each entry of its 1-D `bias` on its own.*remove_weight_norm\(model\)"):
+        from_torch(layer)
+    assert {name: id(p) for name, p in layer.named_parameters()} == params and not is_weight_normalized(layer)
+
+
 def test_remove_weight_norm_leaves_no_torch_hook_so_the_model_pickles():
     model = nn.Sequential(parametrizations.weight_norm(nn.Linear(3, 4)), nn.ReLU(), nn.Linear(4, 1))
     with pytest.raises(RuntimeError, match="parametrized modules"):

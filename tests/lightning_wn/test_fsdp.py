@@ -216,3 +216,15 @@ def test_data_dependent_init_refuses_tensor_parallel_layers(one_process_group):
     model = parallelize_module(nn.Sequential(nn.Linear(4, 3)), one_process_group, {"0": ColwiseParallel()})
     with pytest.raises(RuntimeError, match="Module `0` has parameters split across ranks by tensor parallelism"):
         data_dependent_init(model, torch.randn(8, 4))
+
+
+def test_functions_that_replace_parameters_refuse_a_model_wrapped_in_ddp(one_process_group):
+    # DDP's reducer would go on all-reducing the tensors it was built on, not the new g and v
+    import lightning_wn
+
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 3)), nn.Linear(3, 2))
+    wrapped = nn.parallel.DistributedDataParallel(model)
+    for replace in (lightning_wn.from_torch, lightning_wn.to_torch, lightning_wn.apply_weight_norm):
+        with pytest.raises(ValueError, match=r"wrapped in DistributedDataParallel.*pass `model.module`"):
+            replace(wrapped)
+    assert lightning_wn.from_torch(wrapped.module) == ["0"]  # the fix: unwrapped, converted, to be wrapped again

@@ -113,6 +113,15 @@ def test_a_state_dict_in_our_own_layout_loads_bit_for_bit(log_scale_factor):
         assert torch.equal(layer.state_dict()[name], value), name
 
 
+def test_folding_keeps_torchs_other_parametrizations():
+    # a GAN: a weight-normalized generator layer beside a spectral-normalized critic layer
+    model = nn.Sequential(weight_norm(nn.Linear(3, 4)), parametrizations.spectral_norm(nn.Linear(4, 2))).eval()
+    plain = nn.Sequential(nn.Linear(3, 4), parametrizations.spectral_norm(nn.Linear(4, 2))).eval()
+    plain.load_state_dict(fold_state_dict(model.state_dict()), strict=True)
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(plain(x), model(x), rtol=0, atol=1e-6)
+
+
 def test_legacy_keys_are_renamed_with_their_values_kept():
     torch.manual_seed(0)
     theirs = torch_trained("conv1d", "legacy", 0)
@@ -265,7 +274,8 @@ def test_naming_a_layer_torch_reparametrizes_is_an_error():
         weight_norm(model[2])
     with pytest.raises(ValueError, match=r"ParametrizedConv1d is already reparametrized by torch"):
         weight_norm(model[1], dim=None)
-    with pytest.raises(ValueError, match=r"No module of Sequential is selected .* \(3 selected layers are reparam"):
+    with pytest.raises(ValueError, match=r"No module of Sequential is selected .* 3 selected are under torch's norms: "
+                                         r"Convert torch's weight norm with `lightning_wn.from_torch\(model\)`"):
         apply_weight_norm(model, include=[nn.Conv1d], exclude=["0", "2", "5"])
     assert not is_weight_normalized(model[3])
 
