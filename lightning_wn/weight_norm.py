@@ -123,8 +123,9 @@ class WeightNorm(nn.Module):
         """``F.linear(x, w, bias)``; for a large weight fed fewer rows than it has inputs, the paper's output scaling
         (on the first call after ``g`` or ``v`` changed: a second inside :func:`lightning_wn.cached` builds ``w``)."""
         v, device = self.original1, x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         pays = v.numel() >= 1 << 18 and self.dim == 0 and x.dim() > 0 and x.numel() < x.shape[-1] ** 2
+        autocast = pays and torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         # x @ v.T takes ||v|| into its range, which float16 may not hold (float32's range: bfloat16's too)
         if not pays or dtype == torch.float16 or _tracing() or v.is_inference():
             return F.linear(x, self(), bias)
