@@ -126,7 +126,7 @@ class WeightNormalization(Callback):
         self._plain_checkpoint: dict[str, Any] | None = None  # its optimizer states are for plain weights
         self._plain_to_evaluate: dict[str, dict[str, torch.nn.Parameter]] = {}  # by layer: its weights, as they came
         self._cache = ExitStack()  # the open cached() scope of the current step, if any
-        self._pid = os.getpid()  # the process that built the callback, which holds the model fit hands back to
+        self._pid = os.getpid()  # the process that built the callback: a launcher hands the fitted weights back to it
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -164,9 +164,11 @@ class WeightNormalization(Callback):
             raise RuntimeError("ModelPruning cannot prune weight-normalized layers (their weight is computed from g "
                                "and v). Fit with `WeightNormalization(fold_on_fit_end=True)`, then prune the plain "
                                "layers in a run of their own.")
-        self._normalize_layers(pl_module, selected, fitting=stage == TrainerFn.FITTING)
+        self._normalize_layers(trainer, pl_module, selected, fitting=stage == TrainerFn.FITTING)
 
-    def _normalize_layers(self, pl_module: pl.LightningModule, selected: list[str], fitting: bool) -> None:
+    def _normalize_layers(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, selected: list[str], fitting: bool
+    ) -> None:
         self.normalized = selected
         if not self.weight_norm:
             return  # only initialized
@@ -174,7 +176,7 @@ class WeightNormalization(Callback):
         # a second fit finds its layers normalized; a layer the user normalized by hand stays as it is
         plain = [name for name in selected if not is_weight_normalized(modules[name])]
         attached = [name for name in selected if self.mean_only_bn and "mean_only_bn" not in modules[name]._modules]
-        if (plain or attached) and os.getpid() != self._pid:
+        if (plain or attached) and self._in_started_process(trainer):
             what = "weight norm on plain layers" if plain else "the mean-only batch norms attached"
             raise RuntimeError(_STARTED_PROCESS.format(what=what))
         _refuse_sharded_plain_layers(modules, plain)
@@ -258,7 +260,7 @@ class WeightNormalization(Callback):
                                "`data_dependent_init`), so its weights are kept and the init does not run.")
             self.initialized = True  # past the init, run or not: a checkpoint of this run resumes without one
             return
-        if os.getpid() != self._pid:
+        if self._in_started_process(trainer):
             raise RuntimeError(_STARTED_PROCESS.format(what="the record of the data-dependent init"))
         trainer.fit_loop.setup_data()  # the processed loader: DistributedSampler, each rank its shard
         loader = trainer.train_dataloader
@@ -277,6 +279,11 @@ class WeightNormalization(Callback):
             report = data_dependent_init(pl_module, inputs, modules=targets, init_scale=self.init_scale)
         self.initialized = True
         rank_zero_info(f"WeightNormalization: data-dependent init on {count} examples per rank.\n{report}")
+
+    def _in_started_process(self, trainer: pl.Trainer) -> bool:
+        # another process than the one that built the callback, started by the strategy's launcher (not, say, a
+        # sweep's worker that runs a whole fit of its own)
+        return os.getpid() != self._pid and trainer.strategy.launcher is not None
 
     def _mark_initialized(self, pl_module: pl.LightningModule) -> None:
         """Record on each layer that its weights are past their init (restored or loaded, not fresh)."""

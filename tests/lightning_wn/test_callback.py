@@ -533,6 +533,15 @@ def test_weights_loaded_to_evaluate_are_kept_by_a_later_fit(tmp_path, monkeypatc
     trainer(max_steps=1, callbacks=[wn]).fit(model, data)
 
 
+def test_a_whole_fit_in_a_process_of_its_own_is_not_refused():
+    # a sweep's worker that got the callback pickled runs the whole fit there, on one device: nothing to hand back
+    wn = WeightNormalization(init_samples=100)
+    wn._pid = -1  # built in another process
+    model, data = ConvClassifier(), RandomImages()
+    trainer(max_steps=0, callbacks=[wn]).fit(model, data)
+    standardized(model, data.x[:100], wn.normalized)
+
+
 @pytest.mark.slow
 def test_a_strategy_that_starts_processes_refuses_changes_it_cannot_hand_back():
     # ddp_spawn loads the trained state dict into the main process's model with strict=False: g and v of layers

@@ -205,7 +205,7 @@ def test_a_layer_sharded_before_weight_norm_is_refused_naming_the_fix(one_proces
     fully_shard(model[1], mesh=one_process_group)  # sharded first: its weight is a DTensor shard now
     wn = WeightNormalization()
     with pytest.raises(RuntimeError, match=r"`1` were sharded \(`fully_shard`\) before weight norm.*before `fully_shard`"):
-        wn._normalize_layers(model, ["0", "1"], fitting=True)
+        wn._normalize_layers(None, model, ["0", "1"], fitting=True)
     assert not any(type(m).__name__.startswith("WeightNormed") for m in model)  # refused before changing anything
     callback._refuse_sharded_plain_layers(dict(model.named_modules()), ["0"])  # plain tensors: nothing to refuse
 
