@@ -1,12 +1,12 @@
 """One LightningCLI for the whole zoo: ``python -m zoo fit --config configs/cifar10/wn.yaml``.
 
 ``--model`` and ``--data`` take any LightningModule / LightningDataModule class path (the
-configs name the zoo's); ``fit``, ``validate``, ``test`` and ``predict`` work as in Lightning.
+configs name the zoo's); ``fit``, ``validate`` and ``test`` work as in Lightning.
 
 Checkpoints: every run keeps ``last.ckpt`` (``--checkpoint.*`` configures them) in one folder per
 config, ``<trainer.default_root_dir>/checkpoints``, not in the logger's new ``version_N``. So
 ``--ckpt_path last`` finds the newest ``last*.ckpt`` an earlier run of the same config wrote: ``fit``
-resumes it, ``validate``/``test``/``predict`` evaluate it (and refuse to run without one). A fresh run
+resumes it, ``validate``/``test`` evaluate it (and refuse to run without one). A fresh run
 into a folder that has checkpoints writes ``last-v1.ckpt`` and so on beside them, never over them.
 
 Errors the user fixes (a bad option, a value a class's constructor rejects, a ``--ckpt_path`` that is no checkpoint,
@@ -49,6 +49,11 @@ class ZooParser(LightningArgumentParser):
 
 
 class ZooCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # no zoo model has a predict_step: `predict` would fail or print nothing
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name != "predict"}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
@@ -65,6 +70,20 @@ class ZooCLI(LightningCLI):
             config.ckpt_path = self._last_checkpoint(Path(config.checkpoint.dirpath), subcommand)
         if config.ckpt_path and not Path(config.ckpt_path).is_dir():  # a folder is a sharded checkpoint
             self._check_checkpoint(config.ckpt_path, config.model)
+        self._model_asked = config.model.clone() if config.model is not None else None
+
+    def before_instantiate_classes(self) -> None:
+        # Lightning rebuilds the model with the hyperparameters a checkpoint was trained with, over the config's
+        # and the command line's: say which of those it overrode
+        subcommand, asked = self.config.get("subcommand"), getattr(self, "_model_asked", None)
+        if subcommand is None or asked is None or not self.config[subcommand].ckpt_path:
+            return
+        used = self.config[subcommand].model.get("init_args") or {}
+        changed = {key: value for key, value in (asked.get("init_args") or {}).items() if used.get(key, value) != value}
+        if changed:
+            shown = ", ".join(f"{key}={used[key]!r} (asked: {value!r})" for key, value in changed.items())
+            rank_zero_warn(f"`--ckpt_path`: the model is rebuilt with the options its checkpoint was trained with, "
+                           f"not the config's: {shown}. Train a new run to change them.")
 
     def _last_checkpoint(self, folder: Path, subcommand: str) -> str | None:
         found = last_checkpoint(folder)
@@ -165,6 +184,7 @@ def main(args: list[str] | None = None, run: bool = True) -> ZooCLI:
         subclass_mode_model=True,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": PROG},
+        auto_configure_optimizers=False,  # the zoo's models build their own: --optimizer would be ignored
         parser_class=ZooParser,
         args=args,
         run=run,

@@ -102,14 +102,24 @@ def test_two_process_ddp_run_resumes_with_ckpt_path_last(tmp_path):
     assert torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 4
 
 
-@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
 def test_other_subcommands(subcommand, tmp_path):
     args = fast_dev_run_args(ROOT / "configs/cifar10/wn.yaml", tmp_path)
     args[0] = subcommand
     cli = main(args)
     assert cli.trainer.state.finished
-    if subcommand != "predict":
-        assert f"{'val' if subcommand == 'validate' else 'test'}/error" in cli.trainer.callback_metrics
+    assert f"{'val' if subcommand == 'validate' else 'test'}/error" in cli.trainer.callback_metrics
+
+
+@pytest.mark.parametrize("args, message", [
+    (["predict", "--config", "configs/cifar10/wn.yaml"], "invalid choice: 'predict' (choose from 'fit', 'validate', 'test')"),
+    (["fit", "--config", "configs/cifar10/wn.yaml", "--optimizer", "SGD"], "unrecognized arguments: --optimizer SGD"),
+])  # fmt: skip
+def test_what_the_zoo_models_do_not_take_is_an_error_not_ignored(args, message, capsys):
+    # no zoo model has a predict_step, and each builds its own optimizer and schedule
+    with pytest.raises(SystemExit):
+        main(args)
+    assert message in capsys.readouterr().err
 
 
 def test_dqn_resumes_and_plays_evaluation_games_with_ckpt_path_last(tmp_path):

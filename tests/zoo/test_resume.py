@@ -109,7 +109,20 @@ def test_a_new_run_in_the_same_folder_writes_beside_the_old_checkpoints(tmp_path
         assert torch.equal(value, fresh.model.state_dict()[name]), name
 
 
-@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+@needs_fashion_mnist
+def test_model_options_a_checkpoint_overrides_are_named(tmp_path, data_dir):
+    # Lightning rebuilds the model with the checkpoint's hyperparameters, over the config and the command line
+    args = ["--config", str(FASHION_MNIST), *small(tmp_path, data_dir), "--trainer.max_epochs=1"]
+    main(["fit", *args])
+    with pytest.warns(UserWarning, match=r"checkpoint was trained with, not the config's: lr=0.001 \(asked: 0.05\)"):
+        resumed = main(["fit", *args, "--trainer.max_epochs=2", "--ckpt_path", "last", "--model.init_args.lr=0.05"])
+    assert resumed.model.hparams.lr == 0.001
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the config it was trained with: nothing to name
+        main(["test", "--config", str(FASHION_MNIST), *small(tmp_path, data_dir), "--ckpt_path", "last"])
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
 def test_evaluating_ckpt_path_last_without_a_checkpoint_is_an_error(subcommand, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([subcommand, "--config", str(FASHION_MNIST), f"--trainer.default_root_dir={tmp_path}", "--ckpt_path", "last"])
