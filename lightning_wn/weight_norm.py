@@ -370,7 +370,7 @@ def _setattr(self: nn.Module, name: str, value: object) -> None:
 
 def _delattr(self: nn.Module, name: str) -> None:
     # torch's register_parametrization (orthogonal, spectral norm) deletes the tensor it takes over, then replaces
-    # `parametrizations` with its own, ours in it: g and v would be gone
+    # `parametrizations`, which holds g and v, with a ModuleDict of its own
     if name in self._parameters or name in self._buffers:
         raise ValueError(f"`{name}` of a `{type(self).__name__}` cannot be deleted, nor can torch's parametrizations "
                          "(orthogonal, spectral norm, ...) take it over: they would replace g and v. Fold weight norm "
