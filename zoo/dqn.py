@@ -268,13 +268,17 @@ class DQN(LightningModule):
             "charts/env_steps": float(steps),
         }
         self._clock = (now, steps)
-        if self._episodes:  # those finished since the last write
-            metrics["train/episode_return"] = float(np.mean([e.ret for e in self._episodes]))
-            metrics["train/episode_length"] = float(np.mean([e.length for e in self._episodes]))
-            self._episodes.clear()
-        shown = {k: metrics.pop(k) for k in ("train/loss", "train/episode_return") if k in metrics}
-        self.log_dict(shown, prog_bar=True, batch_size=len(q))  # the batch size saves Lightning searching the batch for it
+        # the batch size saves Lightning searching the batch for it
+        self.log("train/loss", metrics.pop("train/loss"), prog_bar=True, batch_size=len(q))
         self.log_dict(metrics, batch_size=len(q))
+        if self._episodes:  # those finished since the last write
+            returns = {"train/episode_return": float(np.mean([e.ret for e in self._episodes])),
+                       "train/episode_length": float(np.mean([e.length for e in self._episodes]))}
+            self._episodes.clear()
+            # to the loggers once: self.log would write the last value again at every step until the next episode
+            for logger in self.loggers:
+                logger.log_metrics(returns, step=self.global_step)
+            self.log("train/episode_return", returns["train/episode_return"], prog_bar=True, logger=False)
 
     # -- evaluation and checkpoints -----------------------------------------------------------
 

@@ -108,6 +108,23 @@ def test_each_collection_of_train_frequency_steps_is_followed_by_gradient_steps_
     assert agent.env_steps == 64 + 8 * math.ceil(updates / gradient_steps)
 
 
+def test_episode_returns_are_written_once_not_repeated_until_the_next_episode(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    agent = DQN(env_id="CartPole-v1", num_envs=2, learning_starts=64, train_frequency=8, gradient_steps=8, hidden=[16],
+                updates_per_epoch=40, eval_episodes=1)  # fmt: skip
+    Trainer(max_steps=40, logger=CSVLogger(tmp_path), log_every_n_steps=1, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0).fit(agent)  # fmt: skip
+    with open(next(tmp_path.glob("**/metrics.csv"))) as file:
+        rows = list(csv.DictReader(file))
+    losses = [row["step"] for row in rows if row.get("train/loss")]
+    returns = [row["step"] for row in rows if row.get("train/episode_return")]
+    assert len(losses) == 40 and 1 <= len(returns) <= 5  # episodes end in the 5 collections (and the first fill)
+    assert len(set(returns)) == len(returns)
+
+
 def test_a_resumed_run_finishes_its_block_of_updates_before_it_collects(tmp_path):
     _, trainer = _cartpole_fit(5, tmp_path, gradient_steps=3)  # collected before updates 0 and 3
     trainer.save_checkpoint(tmp_path / "five.ckpt")
