@@ -25,9 +25,9 @@ from lightning_wn.weight_norm import refuse_shared_columns, weight_norm, weight_
 def from_torch(model: nn.Module) -> list[str]:
     """Replace torch's weight norm (parametrization or legacy hook) with this library's, in place, keeping ``dim``.
 
-    ``g`` and ``v`` are new tensors: build the optimizer after. Returns the names of the modules converted; a
-    ``ValueError`` before anything changes if torch's weight norm shares a layer with another reparametrization,
-    or is on a layer :func:`~lightning_wn.weight_norm` refuses.
+    ``g`` and ``v`` are torch's very parameters: an optimizer built on them trains on. Returns the names of the
+    modules converted; a ``ValueError`` before anything changes if torch's weight norm shares a layer with another
+    reparametrization, or is on a layer :func:`~lightning_wn.weight_norm` refuses.
     """
     refuse_wrapped(model)
     found = {}
@@ -54,8 +54,7 @@ def from_torch(model: nn.Module) -> list[str]:
         torch_norms.remove_torch_weight_norm(module)  # folds into a plain weight parameter; drops torch's hook
         for name, norm, g, v in norms:
             weight_norm(module, name, dim=None if norm.dim == WHOLE_TENSOR else norm.dim)  # other negative dims: axes
-            ours = weight_norms(module)[name]
-            _copy((ours.original0, ours.original1), (g, v))  # our split of the fold has ||v|| = g: torch's v instead
+            _take(weight_norms(module)[name], ("original0", "original1"), (g, v))  # not our split: ||v|| = g there
     return list(found)
 
 
@@ -63,7 +62,7 @@ def to_torch(model: nn.Module, legacy: bool = False) -> list[str]:
     """Put every layer weight-normalized by this library under torch's weight norm instead, in place.
 
     ``torch.nn.utils.parametrizations.weight_norm``, or ``torch.nn.utils.weight_norm`` with ``legacy=True``.
-    ``g`` and ``v`` are new tensors: build the optimizer after. Returns the names of the modules converted; a
+    ``g`` and ``v`` are this library's very parameters. Returns the names of the modules converted; a
     ``ValueError`` before anything changes if a layer learns ``g = exp(c * s)`` (``log_scale_factor``).
     """
     refuse_wrapped(model)
@@ -78,15 +77,22 @@ def to_torch(model: nn.Module, legacy: bool = False) -> list[str]:
         _remove_own_weight_norm(module)
         for name, wn in ours.items():  # a 1-D v is one unit, which torch spells dim=None (WHOLE_TENSOR is its -1)
             apply(module, name, dim=WHOLE_TENSOR if wn.v.dim() == 1 else wn.dim)
-        for name, norm, g, v in torch_norms.torch_weight_norms(module):
-            _copy((g, v), (ours[name].original0, ours[name].original1))  # torch's split of the fold: ours instead
-            if isinstance(norm, LegacyWeightNorm):  # it computed `module.<name>` from torch's split: again, from ours
-                norm(module, ())
+        for name, norm, _, _ in torch_norms.torch_weight_norms(module):  # torch's split of the fold: ours instead
+            mine = ours[name].original0, ours[name].original1
+            if isinstance(norm, LegacyWeightNorm):
+                _take(module, (f"{name}_g", f"{name}_v"), mine)
+                norm(module, ())  # it computed `module.<name>` from torch's split: again, from ours
+            else:
+                _take(module.parametrizations[name], ("original0", "original1"), mine)
     return [name for name, _ in normalized]
 
 
 @torch.no_grad()
-def _copy(targets: tuple[Tensor, ...], sources: tuple[Tensor, ...]) -> None:
-    for target, source in zip(targets, sources):
-        target.copy_(source.reshape(target.shape))  # never broadcast: same entries, maybe a 0-d g for a (1,) one
-        target.requires_grad_(source.requires_grad)
+def _take(holder: nn.Module, names: tuple[str, str], tensors: tuple[Tensor, Tensor]) -> None:
+    """Put ``g`` and ``v`` under ``names`` of ``holder``: the very parameters, so that an optimizer built on them
+    trains on, or their values where the shapes differ (the one ``g`` of a 1-D ``v``: (1,) here, 0-d in torch)."""
+    for name, tensor in zip(names, tensors):
+        if (target := getattr(holder, name)).shape == tensor.shape:
+            setattr(holder, name, tensor)
+        else:
+            target.copy_(tensor.reshape(target.shape)).requires_grad_(tensor.requires_grad)

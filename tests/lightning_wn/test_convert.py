@@ -227,6 +227,21 @@ def test_torchs_weight_norm_of_each_entry_of_a_one_dimensional_tensor_is_refused
     assert {name: id(p) for name, p in layer.named_parameters()} == params and not is_weight_normalized(layer)
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_an_optimizer_built_before_the_conversions_trains_on(form):
+    # g and v change owner, not identity: a package's optimizer, built with its model, keeps training them
+    model, x = torch_weight_norm(form, nn.Linear(4, 3)), torch.randn(2, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for convert in (from_torch, lambda m: to_torch(m, legacy=form == "legacy")):
+        convert(model)
+        assert {id(p) for p in model.parameters()} == {id(p) for p in optimizer.param_groups[0]["params"]}
+        before = model(x).detach()
+        model(x).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert not torch.equal(model(x), before)
+
+
 def test_remove_weight_norm_leaves_no_torch_hook_so_the_model_pickles():
     model = nn.Sequential(parametrizations.weight_norm(nn.Linear(3, 4)), nn.ReLU(), nn.Linear(4, 1))
     with pytest.raises(RuntimeError, match="parametrized modules"):
