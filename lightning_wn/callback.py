@@ -248,7 +248,8 @@ class WeightNormalization(Callback):
         # a tuner (BatchSizeFinder, LearningRateFinder) also restores one, saved before the init
         restored, self._restored = self._restored, None
         modules = dict(pl_module.named_modules())
-        if resumed := bool(restored.get("initialized")) if restored is not None else trainer.ckpt_path is not None:
+        resumed = bool(restored.get("initialized")) if restored is not None else trainer.ckpt_path is not None
+        if resumed:
             if restored is None:
                 rank_zero_info(f"WeightNormalization: {trainer.ckpt_path} holds no state of this callback; its weights "
                                "were trained without it, so they are kept and the data-dependent init does not run.")

@@ -37,10 +37,9 @@ def from_torch(model: nn.Module) -> list[str]:
             if len(others := torch_norms.torch_reparametrizations(module)) > len(norms):
                 raise ValueError(f"`{module_name}` mixes torch's weight norm with other reparametrizations "
                                  f"({', '.join(others)}). Remove the others from that layer first.")
+            layer = f"model.get_submodule({module_name!r})" if module_name else "model"
+            fold, shown = f"lightning_wn.remove_weight_norm({layer})", f"`{module_name or type(module).__name__}`"
             for name, norm, g, _ in norms:
-                layer = f"model.get_submodule({module_name!r})" if module_name else "model"
-                fold = f"lightning_wn.remove_weight_norm({layer})"
-                shown = f"`{module_name or type(module).__name__}`"
                 if g.dim() == 1 and g.numel() > 1:  # a 1-D v is one unit here
                     raise ValueError(f"{shown} cannot be converted: torch normalizes each entry of its 1-D `{name}` "
                                      f"on its own. Nothing was converted; fold it first with `{fold}`.")

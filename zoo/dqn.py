@@ -260,16 +260,15 @@ class DQN(LightningModule):
         if not every or (self.global_step + 1) % every:  # Lightning writes logs only then; a self.log costs ~0.3 ms
             return
         now, steps = time.perf_counter(), self.env_steps
+        # the batch size saves Lightning searching the batch for it
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(q))
         metrics = {
-            "train/loss": loss.detach(),
             "train/q_mean": q.detach().mean(),
             "train/epsilon": self.epsilon,
             "charts/fps": (steps - self._clock[1]) / max(now - self._clock[0], 1e-9),  # environment steps per second
             "charts/env_steps": float(steps),
         }
         self._clock = (now, steps)
-        # the batch size saves Lightning searching the batch for it
-        self.log("train/loss", metrics.pop("train/loss"), prog_bar=True, batch_size=len(q))
         self.log_dict(metrics, batch_size=len(q))
         if self._episodes:  # those finished since the last write
             returns = {"train/episode_return": float(np.mean([e.ret for e in self._episodes])),
