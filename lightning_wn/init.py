@@ -63,8 +63,6 @@ def data_dependent_init(model: nn.Module, inputs: object, modules: Sequence[str]
     * plain layers (the paper notes it works without weight norm): the unit's weights times :math:`s/\sigma`;
     * :class:`~lightning_wn.MeanOnlyBatchNorm`: its running mean is set to the batch mean.
 
-    Returns an :class:`InitReport`: the statistics measured, the scales set, and what was skipped and why.
-
     Args:
         model: the network, in the mode (train/eval) it should be initialized in.
         inputs: one batch of model inputs; the paper used a few hundred examples.
@@ -162,7 +160,7 @@ def _unit_moments(y: Tensor, axis: int, name: str) -> tuple[Tensor, Tensor]:
     """Per-unit mean and variance along ``axis``, over all ranks, in float64 (squares of 1e20 fit)."""
     y = y.double()
     var, mean = torch.var_mean(y, dim=[d for d in range(y.dim()) if d != axis], correction=0)
-    count = torch.full((1,), y.numel() // y.shape[axis], dtype=torch.float64, device=y.device)
+    count = y.new_full((1,), y.numel() // y.shape[axis])
     if dist.is_available() and dist.is_initialized():
         sums = torch.cat([count, mean * count, (var + mean.square()) * count])
         dist.all_reduce(sums)
@@ -274,5 +272,4 @@ def _check_batch(x: object) -> bool:
             raise ValueError("`inputs` contains NaN or infinite values; the init statistics would be NaN.")
         return True
     values = x.values() if isinstance(x, dict) else x if isinstance(x, (tuple, list)) else ()
-    found = [_check_batch(value) for value in values]  # every tensor checked, not only those up to the first
-    return any(found)
+    return any([_check_batch(value) for value in values])  # a list, not a generator: every tensor is checked
