@@ -78,7 +78,7 @@ def _norm_axis(g: object, v: object) -> int | None:
         return None
     if any(size not in (1, full) for size, full in zip(g.shape, v.shape)):
         return None
-    wide = [axis for axis, size in enumerate(g.shape) if size == v.shape[axis] > 1]
+    wide = [axis for axis, size in enumerate(g.shape) if size > 1]
     return WHOLE_TENSOR if not wide else wide[0] if len(wide) == 1 else None
 
 
