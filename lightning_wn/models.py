@@ -121,6 +121,7 @@ def remove_weight_norm(model: nn.Module) -> list[str]:
         >>> sorted(name for name, _ in model.named_parameters())
         ['0.bias', '0.weight', '2.bias', '2.weight']
     """
+    refuse_wrapped(model)
     modules = list(model.named_modules())
     for module_name, module in modules:  # checked before anything is folded: an error leaves the model as it was
         torch_norms.refuse_chained_weight_norm(module_name, module)
@@ -182,7 +183,7 @@ def refuse_wrapped(model: nn.Module) -> None:
     """A ``ValueError`` for a model in DistributedDataParallel, whose reducer keeps the parameters it was built on."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise ValueError("`model` is wrapped in DistributedDataParallel, which would go on all-reducing the parameters "
-                         "it was built on, not the new g and v: pass `model.module`, then wrap it again.")
+                         "it was built on, not the ones that replace them: pass `model.module`, then wrap it again.")
 
 
 def _entries(selection: Selection) -> list:

@@ -17,7 +17,8 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 
-from lightning_wn import WeightNormalization, apply_weight_norm, data_dependent_init, load_from_checkpoint
+from lightning_wn import WeightNormalization, apply_weight_norm, data_dependent_init, from_torch, load_from_checkpoint
+from lightning_wn import remove_weight_norm, to_torch
 from lit_models import ConvClassifier, RandomImages
 
 HERE = Path(__file__).parent
@@ -219,12 +220,10 @@ def test_data_dependent_init_refuses_tensor_parallel_layers(one_process_group):
 
 
 def test_functions_that_replace_parameters_refuse_a_model_wrapped_in_ddp(one_process_group):
-    # DDP's reducer would go on all-reducing the tensors it was built on, not the new g and v
-    import lightning_wn
-
+    # DDP's reducer would go on all-reducing the tensors it was built on, not the new g and v (or folded weights)
     model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 3)), nn.Linear(3, 2))
     wrapped = nn.parallel.DistributedDataParallel(model)
-    for replace in (lightning_wn.from_torch, lightning_wn.to_torch, lightning_wn.apply_weight_norm):
+    for replace in (from_torch, to_torch, apply_weight_norm, remove_weight_norm):
         with pytest.raises(ValueError, match=r"wrapped in DistributedDataParallel.*pass `model.module`"):
             replace(wrapped)
-    assert lightning_wn.from_torch(wrapped.module) == ["0"]  # the fix: unwrapped, converted, to be wrapped again
+    assert from_torch(wrapped.module) == ["0"]  # the fix: unwrapped, converted, to be wrapped again
