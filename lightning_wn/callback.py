@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import Callback, ModelPruning, StochasticWeight
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_wn.cache import cached
@@ -44,15 +45,12 @@ _UNSHARDED_ONLY = {
     "max_norm": "it rescales each rank's shard of v by norms taken on that shard only",
     "fold_on_fit_end": "it would fold shards in place; fold the full checkpoint instead (`load_from_checkpoint`)",
 }
-# ddp_spawn, ddp_fork and ddp_notebook fit in processes started from the one that built the callback, then load the
-# trained state dict into that process's model with strict=False: layers changed or initialized there stay plain,
-# or unmarked, in the user's model
+# the launcher loads the trained state dict back into the main process's model with strict=False
 _STARTED_PROCESS = ("WeightNormalization runs in a process Lightning started (strategy `ddp_spawn`, `ddp_fork` or "
                     "`ddp_notebook`), which hands back only the weights the main process's model has names for, so "
                     "{what} there would be lost without an error. Normalize and initialize the model before "
                     "`fit`: `lightning_wn.apply_weight_norm(model, ...)` and `lightning_wn.data_dependent_init(model, "
                     "batch)`. Or use `strategy='ddp'`.")
-_OWN_KEYS = ("params", "param_names")  # what an optimizer's param group holds of its own, not hyperparameters
 
 
 class WeightNormalization(Callback):
@@ -236,26 +234,23 @@ class WeightNormalization(Callback):
         self._close_cache()  # a LightningModule's on_train_batch_start returning -1 skips the batch-end hooks
         # with fold_on_fit_end, layers validate, test or predict normalized go back to plain weights: the checkpoint's,
         # folded, or the very tensors they came with where none was loaded
-        modules, plain = dict(pl_module.named_modules()), self._plain_to_evaluate
-        self._plain_to_evaluate = {}
+        plain, self._plain_to_evaluate = self._plain_to_evaluate, {}
         for name, params in plain.items():
-            remove_weight_norm(modules[name])
+            remove_weight_norm(layer := pl_module.get_submodule(name))
             for tensor_name, param in params.items() if trainer.ckpt_path is None else ():
-                setattr(modules[name], tensor_name, param)
+                setattr(layer, tensor_name, param)
 
     def _data_init(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The guard is each layer's own mark of its init (data_dependent_init leaves it), not a flag of this callback,
-        # which may have served another model. A restored state says whether the checkpoint's weights had their init:
-        # a tuner (BatchSizeFinder, LearningRateFinder) also restores one, saved before the init
+        # Each layer's mark of its init guards it, not a flag of this callback (which may have served another model).
+        # A restored state says whether the checkpoint's weights had their init: a tuner's was saved before it.
         restored, self._restored = self._restored, None
-        modules = dict(pl_module.named_modules())
         resumed = bool(restored.get("initialized")) if restored is not None else trainer.ckpt_path is not None
         if resumed:
             if restored is None:
                 rank_zero_info(f"WeightNormalization: {trainer.ckpt_path} holds no state of this callback; its weights "
                                "were trained without it, so they are kept and the data-dependent init does not run.")
             self._mark_initialized(pl_module)
-        targets = [name for name in self.normalized if not getattr(modules[name], INITIALIZED, False)]
+        targets = [name for name in self.normalized if not getattr(pl_module.get_submodule(name), INITIALIZED, False)]
         if not self.data_init or not targets:
             if self.data_init and self.normalized and not resumed:
                 rank_zero_info("WeightNormalization: every layer was data-initialized before (an earlier fit or "
@@ -289,9 +284,8 @@ class WeightNormalization(Callback):
 
     def _mark_initialized(self, pl_module: pl.LightningModule) -> None:
         """Record on each layer that its weights are past their init (restored or loaded, not fresh)."""
-        modules = dict(pl_module.named_modules())
         for name in self.normalized:
-            setattr(modules[name], INITIALIZED, True)
+            setattr(pl_module.get_submodule(name), INITIALIZED, True)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -318,12 +312,10 @@ class WeightNormalization(Callback):
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if trainer.state.fn != TrainerFn.FITTING:  # trained weights, loaded to evaluate: a later fit keeps them
             return self._mark_initialized(pl_module)
-        # Plain weights (a checkpoint trained without weight norm) have just loaded into g and v; the optimizers,
-        # built later, get their states after on_fit_start, which is where those are rewritten
-        if "optimizer_states" not in checkpoint:
-            return  # only fit restores optimizer states
-        if self.state_key in checkpoint.get("callbacks", {}):
-            return  # saved with this callback: its optimizer states are for g and v already
+        # Plain weights (trained without weight norm) have just loaded into g and v: their optimizer states, restored
+        # after on_fit_start, are rewritten there. A checkpoint saved with this callback holds states for g and v.
+        if "optimizer_states" not in checkpoint or self.state_key in checkpoint.get("callbacks", {}):
+            return
         tensors = [f"{n}.{t}" for n, m in pl_module.named_modules() for t in weight_norms(m)]
         if any(tensor in checkpoint["state_dict"] for tensor in tensors):
             self._plain_checkpoint = checkpoint
@@ -339,7 +331,7 @@ class WeightNormalization(Callback):
             fresh = optimizer.state_dict()
             if len(saved["param_groups"]) == len(fresh["param_groups"]):
                 for old, new in zip(saved["param_groups"], fresh["param_groups"]):
-                    new |= {k: v for k, v in old.items() if k not in _OWN_KEYS}
+                    new |= {k: v for k, v in old.items() if k not in ("params", "param_names")}  # hyperparameters
             restarted.append(fresh)
         checkpoint["optimizer_states"] = restarted
         rank_zero_warn(f"WeightNormalization: {trainer.ckpt_path} was trained without weight norm, so the optimizer "
@@ -386,9 +378,7 @@ def _as_trained_on(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: An
     """``batch`` as the training loop hands it to ``training_step``: cast by the precision plugin (``64-true``,
     ``bf16-true``), through ``on_before_batch_transfer``, then moved (with ``on_after_batch_transfer``)."""
     batch = trainer.precision_plugin.convert_input(batch)
-    datamodule, default = trainer.datamodule, pl.LightningDataModule.on_before_batch_transfer
-    own_hook = getattr(type(datamodule), "on_before_batch_transfer", default) is not default
-    owner = datamodule if own_hook else pl_module  # Lightning calls a datamodule's own hook where it has one
+    owner = trainer.datamodule if is_overridden("on_before_batch_transfer", trainer.datamodule) else pl_module
     return trainer.strategy.batch_to_device(owner.on_before_batch_transfer(batch, 0))
 
 
