@@ -102,9 +102,8 @@ class WeightNorm(nn.Module):
             return None
         # these very g and v (functional_call, load_state_dict(assign=True) swap them; entries hold them, so the ids
         # stay theirs) at their versions, in this mode: w built without grad (or from frozen g and v) has no graph
-        versions = v._version, m._version
-        modes = v.requires_grad, m.requires_grad, torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-        return id(v), id(m), *storage, *versions, *modes
+        return (id(v), id(m), *storage, v._version, m._version,
+                v.requires_grad, m.requires_grad, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
 
     def forward(self) -> Tensor:
         """``w``: computed, or inside :func:`lightning_wn.cached` the one computed from these same ``g`` and ``v``."""
@@ -124,8 +123,7 @@ class WeightNorm(nn.Module):
         (on the first call after ``g`` or ``v`` changed: a second inside :func:`lightning_wn.cached` builds ``w``)."""
         v, device = self.original1, x.device.type
         pays = v.numel() >= 1 << 18 and self.dim == 0 and x.dim() > 0 and x.numel() < x.shape[-1] ** 2
-        autocast = pays and torch.is_autocast_enabled(device)
-        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+        dtype = torch.get_autocast_dtype(device) if pays and torch.is_autocast_enabled(device) else x.dtype
         # x @ v.T takes ||v|| into its range, which float16 may not hold (float32's range: bfloat16's too)
         if not pays or dtype == torch.float16 or _tracing() or v.is_inference():
             return F.linear(x, self(), bias)
