@@ -43,7 +43,7 @@ class ComputedWeight(torch.Tensor):
             if isinstance(out, torch.Tensor):
                 return _guarded_if_alias(cls, out, args[0], func)
             if isinstance(out, tuple) and out and all(isinstance(o, torch.Tensor) for o in out):
-                return tuple(_guarded_if_alias(cls, o, args[0], func) for o in out)
+                return type(out)(_guarded_if_alias(cls, o, args[0], func) for o in out)  # max(0).values
         return out
 
     # a copy, or a tensor saved to a file, is a new tensor, the user's to write: a plain one (torch.load's

@@ -370,6 +370,18 @@ def test_the_weight_read_outside_the_layer_copies_and_saves_as_a_plain_tensor(tm
     assert type(loaded) is torch.Tensor and torch.equal(loaded, layer.weight)
 
 
+def test_ops_on_the_weight_read_outside_the_layer_return_as_on_a_plain_tensor():
+    layer = weight_norm(nn.Linear(4, 3))
+    w = layer.weight
+    plain = w.clone()  # a new tensor: plain
+    for op in (lambda t: t.max(0), lambda t: t.sort(1), lambda t: torch.topk(t, 2), lambda t: t.chunk(3)):
+        got, wanted = op(w), op(plain)  # named tuples keep their type and fields (w.max(0).values)
+        assert type(got) is type(wanted) and all(torch.equal(a, b) for a, b in zip(got, wanted))
+    assert torch.equal(w.max(0).values, plain.max(0).values)
+    with pytest.raises(RuntimeError, match="written in place"):
+        w.chunk(3)[0].zero_()  # views in a tuple still refuse writes
+
+
 GRAD_MODE_WRITES = {  # layer, input shape, the computed tensor written
     "linear": (lambda: nn.Linear(4, 3), (2, 4), "weight"),
     "conv2d": (lambda: nn.Conv2d(2, 3, 3), (2, 2, 5, 5), "weight"),
