@@ -199,7 +199,7 @@ class ConvVAE(LightningModule):
         metrics = {
             self._unit: self._report(-terms["elbo"], x).mean(),
             "elbo": terms["elbo"].mean(),
-            "reconstruction": terms["log_likelihood"].mean(),
+            "reconstruction": -terms["log_likelihood"].mean(),  # -log p(x | z) in nats, as DRAW's: nats = it + kl
             "kl": terms["kl"].mean(),
         }
         log_stage_metrics(self, stage, metrics, prog_bar=self._unit)

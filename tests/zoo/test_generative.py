@@ -185,6 +185,9 @@ def test_vae_test_step_reports_the_importance_weighted_bound_below_the_elbo():
                         enable_model_summary=False).test(model, data, verbose=False)  # fmt: skip
     assert set(result) >= {"test/nats", "test/nats_iw", "test/kl", "test/reconstruction"}
     assert result["test/nats_iw"] <= result["test/nats"]  # k samples bound log p(x) more tightly
+    # the negative ELBO's two terms, in nats, with DRAW's signs: -log p(x | z) and the KL
+    assert result["test/reconstruction"] > 0 and result["test/kl"] > 0
+    assert result["test/reconstruction"] + result["test/kl"] == pytest.approx(result["test/nats"], rel=1e-5)
 
 
 @pytest.mark.slow
