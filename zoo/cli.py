@@ -68,6 +68,9 @@ class ZooCLI(LightningCLI):
             return
         if config.ckpt_path == "last":
             config.ckpt_path = self._last_checkpoint(Path(config.checkpoint.dirpath), subcommand)
+        if subcommand != "fit" and not config.ckpt_path:  # Lightning's default, but the zoo builds a fresh model
+            rank_zero_warn(f"`{subcommand}` without `--ckpt_path` evaluates the untrained model the config builds: pass "
+                           "`--ckpt_path last` for the last checkpoint of this config's `fit`, or a checkpoint file.")
         if config.ckpt_path and not Path(config.ckpt_path).is_dir():  # a folder is a sharded checkpoint
             self._check_checkpoint(config.ckpt_path, config.model)
         self._model_asked = config.model.clone() if config.model is not None else None

@@ -106,7 +106,8 @@ def test_two_process_ddp_run_resumes_with_ckpt_path_last(tmp_path):
 def test_other_subcommands(subcommand, tmp_path):
     args = fast_dev_run_args(ROOT / "configs/cifar10/wn.yaml", tmp_path)
     args[0] = subcommand
-    cli = main(args)
+    with pytest.warns(UserWarning, match=f"`{subcommand}` without `--ckpt_path` evaluates the untrained model"):
+        cli = main(args)
     assert cli.trainer.state.finished
     assert f"{'val' if subcommand == 'validate' else 'test'}/error" in cli.trainer.callback_metrics
 
