@@ -259,25 +259,24 @@ class DQN(LightningModule):
         every = self.trainer.log_every_n_steps
         if not every or (self.global_step + 1) % every:  # Lightning writes logs only then; a self.log costs ~0.3 ms
             return
-        now, steps = time.perf_counter(), self.env_steps
         # the batch size saves Lightning searching the batch for it
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(q))
-        metrics = {
-            "train/q_mean": q.detach().mean(),
-            "train/epsilon": self.epsilon,
-            "charts/fps": (steps - self._clock[1]) / max(now - self._clock[0], 1e-9),  # environment steps per second
-            "charts/env_steps": float(steps),
-        }
-        self._clock = (now, steps)
+        steps = self.env_steps
+        metrics = {"train/q_mean": q.detach().mean(), "train/epsilon": self.epsilon, "charts/env_steps": float(steps)}
         self.log_dict(metrics, batch_size=len(q))
-        if self._episodes:  # those finished since the last write
-            returns = {"train/episode_return": float(np.mean([e.ret for e in self._episodes])),
-                       "train/episode_length": float(np.mean([e.length for e in self._episodes]))}
+        # what happened since the last write, to the loggers once: self.log would write the last value again at every
+        # step until the next one (no play in a window shorter than gradient_steps updates, no episode ended)
+        window, (start, steps_then), now = {}, self._clock, time.perf_counter()
+        if steps > steps_then:
+            window["charts/fps"] = (steps - steps_then) / max(now - start, 1e-9)  # environment steps per second
+            self._clock = now, steps
+        if self._episodes:
+            window["train/episode_return"] = float(np.mean([e.ret for e in self._episodes]))
+            window["train/episode_length"] = float(np.mean([e.length for e in self._episodes]))
             self._episodes.clear()
-            # to the loggers once: self.log would write the last value again at every step until the next episode
-            for logger in self.loggers:
-                logger.log_metrics(returns, step=self.global_step)
-            self.log("train/episode_return", returns["train/episode_return"], prog_bar=True, logger=False)
+            self.log("train/episode_return", window["train/episode_return"], prog_bar=True, logger=False)
+        for logger in self.loggers if window else ():
+            logger.log_metrics(window, step=self.global_step)
 
     # -- evaluation and checkpoints -----------------------------------------------------------
 

@@ -108,7 +108,7 @@ def test_each_collection_of_train_frequency_steps_is_followed_by_gradient_steps_
     assert agent.env_steps == 64 + 8 * math.ceil(updates / gradient_steps)
 
 
-def test_episode_returns_are_written_once_not_repeated_until_the_next_episode(tmp_path):
+def test_episode_returns_and_rates_are_written_once_not_repeated_until_the_next_ones(tmp_path):
     import csv
 
     from lightning.pytorch.loggers import CSVLogger
@@ -123,6 +123,8 @@ def test_episode_returns_are_written_once_not_repeated_until_the_next_episode(tm
     returns = [row["step"] for row in rows if row.get("train/episode_return")]
     assert len(losses) == 40 and 1 <= len(returns) <= 5  # episodes end in the 5 collections (and the first fill)
     assert len(set(returns)) == len(returns)
+    rates = [float(row["charts/fps"]) for row in rows if row.get("charts/fps")]
+    assert len(rates) == 5 and min(rates) > 0  # one rate per window with play in it, not 0.0 for the 35 without
 
 
 def test_a_resumed_run_finishes_its_block_of_updates_before_it_collects(tmp_path):
