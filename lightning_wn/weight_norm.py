@@ -94,7 +94,8 @@ class WeightNorm(nn.Module):
     def _key(self) -> tuple | None:
         """What a ``w`` reused inside :func:`lightning_wn.cached` must be computed from; None where none may be."""
         v, m = self.original1, self.magnitude_param
-        if active_cache() is None or _tracing() or v.is_inference() or m.is_inference():
+        # _tracing() first: a compiled graph that read the cache's context variable would be guarded on it
+        if _tracing() or active_cache() is None or v.is_inference() or m.is_inference():
             return None  # inference tensors (made in inference mode) keep no version counter to key on
         try:
             storage = v.data_ptr(), m.data_ptr()  # Module.to() swaps it under the same tensor and version
@@ -107,31 +108,27 @@ class WeightNorm(nn.Module):
 
     def forward(self) -> Tensor:
         """``w``: computed, or inside :func:`lightning_wn.cached` the one computed from these same ``g`` and ``v``."""
-        return self._weight(self._key())
-
-    def _weight(self, key: tuple | None) -> Tensor:
-        if key is None:
+        if (key := self._key()) is None:
             return self.compute()
         cache = active_cache()
         entry = cache.get(self)
-        if entry is None or entry[0] != key or entry[1] is None:  # None: only the output was scaled (see linear)
+        if entry is None or entry[0] != key:
             entry = cache[self] = key, self.compute(), (self.original1, self.magnitude_param)
         return entry[1]
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        """``F.linear(x, w, bias)``; for a large weight fed fewer rows than it has inputs, the paper's output scaling
-        (on the first call after ``g`` or ``v`` changed: a second inside :func:`lightning_wn.cached` builds ``w``)."""
+        """``F.linear(x, w, bias)``; for a large weight fed fewer rows than it has inputs, the paper's output scaling.
+
+        At every call, cached or not: activation checkpointing needs a recomputed forward to take the path the
+        first one took.
+        """
         v, device = self.original1, x.device.type
         pays = v.numel() >= 1 << 18 and self.dim == 0 and x.dim() > 0 and x.numel() < x.shape[-1] ** 2
-        dtype = torch.get_autocast_dtype(device) if pays and torch.is_autocast_enabled(device) else x.dtype
+        autocast = pays and torch.is_autocast_enabled(device) and torch.float64 not in (x.dtype, v.dtype)  # as F.linear
+        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         # x @ v.T takes ||v|| into its range, which float16 may not hold (float32's range: bfloat16's too)
         if not pays or dtype == torch.float16 or _tracing() or v.is_inference():
             return F.linear(x, self(), bias)
-        if (key := self._key()) is not None:
-            cache = active_cache()
-            if cache.get(self, (None,))[0] == key:  # called before in this cached() block: build w or reuse it
-                return F.linear(x, self._weight(key), bias)
-            cache[self] = key, None, (v, self.magnitude_param)
         with torch.autocast(device, enabled=False):  # its dtypes are ScaledLinear's own: the matmul's, the norm's
             try:
                 return ScaledLinear.apply(x, v, self.g(), bias, dtype)

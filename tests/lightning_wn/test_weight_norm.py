@@ -189,8 +189,8 @@ def test_a_module_called_many_times_computes_its_weight_once_per_step_inside_cac
 @pytest.mark.parametrize(("features", "rows", "scaled"), [(1024, 3, True), (1024, 2000, False), (64, 3, False)])
 @pytest.mark.parametrize("grad", [True, False])
 def test_a_linear_scales_its_output_only_where_that_is_cheaper(monkeypatch, features, rows, scaled, grad):
-    """A big weight fed fewer rows than inputs: the paper's output scaling; inside cached(), on the first call
-    only, and a second call builds w once; otherwise w itself."""
+    """A big weight fed fewer rows than inputs: the paper's output scaling, at every call (cached or not); otherwise
+    w itself."""
     calls = []
     apply = ScaledLinear.apply
     monkeypatch.setattr(ScaledLinear, "apply", lambda *a: calls.append(1) or apply(*a))
@@ -201,10 +201,58 @@ def test_a_linear_scales_its_output_only_where_that_is_cheaper(monkeypatch, feat
         assert len(calls) == scaled
         with cached():
             second, third = layer(x), layer(x)
-        assert len(calls) == 2 * scaled
+        assert len(calls) == 3 * scaled
     w = layer.parametrizations.weight.compute()
     for out in (first, second, third):
         torch.testing.assert_close(out, nn.functional.linear(x, w, layer.bias))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("calls", [1, 2])
+def test_activation_checkpointing_inside_cached_recomputes_what_the_forward_computed(reentrant, calls):
+    # the recomputed forward must take the path the first took: a cached() entry must not switch it
+    torch.manual_seed(0)
+    layer, x = weight_norm(nn.Linear(1024, 256)), torch.randn(4, 1024)  # the output-scaling path
+    reference = parametrizations.weight_norm(nn.Linear(1024, 256))
+    reference.load_state_dict(layer.state_dict())
+    x, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()  # reentrant checkpointing needs one
+
+    def run(module, x):
+        for _ in range(calls):
+            x = module(x).repeat(1, 4)
+        return x
+
+    with cached():
+        torch.utils.checkpoint.checkpoint(run, layer, x, use_reentrant=reentrant).square().sum().backward()
+    run(reference, x_ref).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    for (name, p), q in zip(layer.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_a_float64_layer_under_autocast_stays_float64_on_the_output_scaling_path():
+    layer, x = weight_norm(nn.Linear(1024, 256).double()), torch.randn(4, 1024, dtype=torch.float64)
+    with torch.no_grad():
+        expected = nn.functional.linear(x, layer.weight, layer.bias)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves float64 alone, as for a plain Linear
+            out = layer(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected)
+
+
+def test_a_compiled_model_is_not_compiled_again_inside_cached():
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    model = nn.Sequential(weight_norm(nn.Linear(8, 8)), nn.ReLU(), weight_norm(nn.Linear(8, 2)))
+    compiled, x = torch.compile(model, backend=backend), torch.randn(4, 8)
+    compiled(x).sum().backward()
+    with cached():
+        compiled(x).sum().backward()
+    assert len(graphs) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
