@@ -68,7 +68,8 @@ class WeightNormalization(Callback):
             a list (``["mel", "noise"]``) passes several as positional arguments. Or define ``data_init_inputs(batch)``
             on the module, returning a tensor, a tuple (``forward(*inputs)``) or a dict (``forward(**inputs)``).
         mean_only_bn: put the paper's mean-only batch norm after every normalized layer.
-        max_norm: after each training batch, rescale any ``||v||`` above this (the function is unchanged).
+        max_norm: before the first and after each training batch, rescale any ``||v||`` above this (the function is
+            unchanged).
         fold_on_fit_end: fold ``g`` and ``v`` into plain weights when fit ends.
         log_scale_factor: learn ``s`` with ``g = exp(c * s)``, ``c`` being this value.
         paper_init: re-draw every ``v`` from N(0, 0.05) before the init, as in the paper.
@@ -217,6 +218,8 @@ class WeightNormalization(Callback):
         # ModelParallelStrategy restores a checkpoint after on_fit_start: only here is it known to be a resume
         if trainer.strategy.restore_checkpoint_after_setup:
             self._data_init(trainer, pl_module)
+        if self.max_norm is not None:  # before the first batch too: the batches of an accumulated step see one v
+            limit_direction_norm(pl_module, self.max_norm)
 
     # every step runs inside one cache scope: a module called many times per step computes its weight once
     def _open_cache(self, *args: Any) -> None:

@@ -83,6 +83,19 @@ def test_training_lowers_loss_with_mean_only_bn_and_max_norm():
         assert v.flatten(1).norm(dim=1).max() <= 2.0 + 1e-5
 
 
+def test_max_norm_keeps_gradient_accumulation_equal_to_the_larger_batch():
+    # v is limited before the first batch too: else the first step summed gradients taken at two scales of v
+    seed_everything(0)
+    start, trained = ConvClassifier(), []
+    apply_weight_norm(start)
+    for batch_size, accumulate in ((32, 1), (16, 2)):
+        model, wn = copy.deepcopy(start), WeightNormalization(data_init=False, max_norm=0.3)  # rows start at ~0.6
+        trainer(max_steps=2, accumulate_grad_batches=accumulate, callbacks=[wn]).fit(model, RandomImages(batch_size=batch_size))
+        trained.append(dict(model.named_parameters()))
+    for name, param in trained[0].items():
+        torch.testing.assert_close(param, trained[1][name], msg=name)
+
+
 def test_mean_only_bn_output_is_standardized_after_init():
     seed_everything(0)
     model, data = ConvClassifier(), RandomImages()
