@@ -32,7 +32,7 @@ from lightning_wn.init_inputs import first_examples, model_inputs
 from lightning_wn.mean_only_bn import attach_mean_only_bn
 from lightning_wn.models import apply_weight_norm, limit_direction_norm, remove_weight_norm, select_layers
 from lightning_wn.state_dict import fold_state_dict
-from lightning_wn.weight_norm import is_weight_normalized, positive_number, weight_norms
+from lightning_wn.weight_norm import RECURRENT_LAYERS, is_weight_normalized, positive_number, weight_norms
 
 # and their subclasses: why each cannot carry weight norm
 _REFUSED_STRATEGIES = {
@@ -250,8 +250,9 @@ class WeightNormalization(Callback):
         resumed = bool(restored.get("initialized")) if restored is not None else trainer.ckpt_path is not None
         if resumed:
             if restored is None:
-                rank_zero_info(f"WeightNormalization: {trainer.ckpt_path} holds no state of this callback; its weights "
-                               "were trained without it, so they are kept and the data-dependent init does not run.")
+                rank_zero_info(f"WeightNormalization: {trainer.ckpt_path} holds no state of this callback (trained "
+                               "without it, or saved with `save_weights_only`), so its weights are kept and the "
+                               "data-dependent init does not run.")
             self._mark_initialized(pl_module)
         targets = [name for name in self.normalized if not getattr(pl_module.get_submodule(name), INITIALIZED, False)]
         if not self.data_init or not targets:
@@ -260,6 +261,13 @@ class WeightNormalization(Callback):
                                "`data_dependent_init`), so its weights are kept and the init does not run.")
             self.initialized = True  # past the init, run or not: a checkpoint of this run resumes without one
             return
+        if all(isinstance(pl_module.get_submodule(name), RECURRENT_LAYERS) for name in targets):
+            raise ValueError(f"WeightNormalization selects only recurrent layers ({', '.join(targets)}), which the "
+                             "data-dependent init leaves alone: it is for networks without recursion. Set "
+                             "`data_init=False`, or include non-recurrent layers too.")
+        if trainer.limit_train_batches == 0:  # Lightning then builds no training dataloader
+            return rank_zero_info("WeightNormalization: `limit_train_batches=0` trains nothing, so the data-dependent "
+                                  "init does not run.")
         if self._in_started_process(trainer):
             raise RuntimeError(_STARTED_PROCESS.format(what="the record of the data-dependent init"))
         trainer.fit_loop.setup_data()  # the processed loader: DistributedSampler, each rank its shard

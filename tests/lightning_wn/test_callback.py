@@ -96,6 +96,31 @@ def test_max_norm_keeps_gradient_accumulation_equal_to_the_larger_batch():
         torch.testing.assert_close(param, trained[1][name], msg=name)
 
 
+class CellModel(ConvClassifier):
+    def __init__(self):
+        super().__init__()
+        self.cell, self.head = torch.nn.LSTMCell(5, 6), torch.nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.head(self.cell(self.net(x))[0])
+
+
+def test_an_init_that_could_reach_only_recurrent_layers_is_refused_with_the_fix():
+    wn = WeightNormalization(include=["LSTMCell"])  # the init is for networks without recursion
+    with pytest.raises(ValueError, match=r"selects only recurrent layers \(cell\).*Set `data_init=False`"):
+        trainer(max_steps=1, callbacks=[wn]).fit(CellModel(), RandomImages())
+    model = CellModel()
+    trainer(max_steps=1, callbacks=[WeightNormalization(include=["LSTMCell"], data_init=False)]).fit(model, RandomImages())
+    assert is_weight_normalized(model.cell) and not is_weight_normalized(model.head)
+
+
+def test_a_fit_that_trains_nothing_runs_no_init(monkeypatch):
+    monkeypatch.setattr(callback_module, "data_dependent_init", lambda *a, **k: pytest.fail("no training data to read"))
+    model, wn = ConvClassifier(), WeightNormalization()
+    trainer(max_steps=2, limit_train_batches=0, callbacks=[wn]).fit(model, RandomImages())  # as Lightning does alone
+    assert not wn.initialized and is_weight_normalized(model.net[0])
+
+
 def test_mean_only_bn_output_is_standardized_after_init():
     seed_everything(0)
     model, data = ConvClassifier(), RandomImages()
