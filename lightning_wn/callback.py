@@ -123,7 +123,7 @@ class WeightNormalization(Callback):
         self.normalized: list[str] = []
         self.initialized = False
         self._restored: dict[str, Any] | None = None  # applied at the init, not in load_state_dict
-        self._plain_checkpoint: dict[str, Any] | None = None  # its optimizer states are for plain weights
+        self._other_parameters: tuple[dict, str] | None = None  # a checkpoint whose optimizer states don't apply, why
         self._plain_to_evaluate: dict[str, dict[str, torch.nn.Parameter]] = {}  # by layer: its weights, as they came
         self._cache = ExitStack()  # the open cached() scope of the current step, if any
         self._pid = os.getpid()  # the process that built the callback: a launcher hands the fitted weights back to it
@@ -323,20 +323,25 @@ class WeightNormalization(Callback):
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if trainer.state.fn != TrainerFn.FITTING:  # trained weights, loaded to evaluate: a later fit keeps them
             return self._mark_initialized(pl_module)
-        # Plain weights (trained without weight norm) have just loaded into g and v: their optimizer states, restored
-        # after on_fit_start, are rewritten there. A checkpoint saved with this callback holds states for g and v.
-        if "optimizer_states" not in checkpoint or self.state_key in checkpoint.get("callbacks", {}):
+        # The optimizer states, restored after on_fit_start and rewritten there, hold moments of other parameters
+        # where the weights that just loaded into g and v were plain, or learned g as another exp(c * s)
+        if "optimizer_states" not in checkpoint:
             return
-        tensors = [f"{n}.{t}" for n, m in pl_module.named_modules() for t in weight_norms(m)]
-        if any(tensor in checkpoint["state_dict"] for tensor in tensors):
-            self._plain_checkpoint = checkpoint
+        if (saved := checkpoint.get("callbacks", {}).get(self.state_key)) is None:
+            tensors = [f"{n}.{t}" for n, m in pl_module.named_modules() for t in weight_norms(m)]
+            if any(tensor in checkpoint["state_dict"] for tensor in tensors):
+                why = "was trained without weight norm: the state saved for its plain weights"
+                self._other_parameters = checkpoint, why
+        elif (c := saved.get("log_scale_factor", self.log_scale_factor)) != self.log_scale_factor:
+            self._other_parameters = checkpoint, (f"learned g with `log_scale_factor`={c!r}, this run with "
+                                                  f"{self.log_scale_factor!r}: the state saved for its g or s")
 
     def _restart_optimizer_states(self, trainer: pl.Trainer) -> None:
-        # the saved states hold moments of plain weights, now g and v: each group keeps its saved hyperparameters
-        # (a learning rate a scheduler lowered), its per-parameter state (Adam's moments) starts empty
-        checkpoint, self._plain_checkpoint = self._plain_checkpoint, None
-        if checkpoint is None:
+        # each group keeps its saved hyperparameters (a learning rate a scheduler lowered), its per-parameter state
+        # (Adam's moments) starts empty
+        if self._other_parameters is None:
             return
+        (checkpoint, why), self._other_parameters = self._other_parameters, None
         restarted = []
         for saved, optimizer in zip(checkpoint["optimizer_states"], trainer.optimizers):
             fresh = optimizer.state_dict()
@@ -345,9 +350,9 @@ class WeightNormalization(Callback):
                     new |= {k: v for k, v in old.items() if k not in ("params", "param_names")}  # hyperparameters
             restarted.append(fresh)
         checkpoint["optimizer_states"] = restarted
-        rank_zero_warn(f"WeightNormalization: {trainer.ckpt_path} was trained without weight norm, so the optimizer "
-                       "state saved for its plain weights (momentum, Adam's moments) cannot apply to g and v and "
-                       "restarts from zero. Learning rates and the loop's progress are restored.")
+        rank_zero_warn(f"WeightNormalization: {trainer.ckpt_path} {why} (momentum, Adam's moments) cannot apply to "
+                       "this run's g and v, so the optimizer state restarts from zero. Learning rates and the loop's "
+                       "progress are restored.")
 
 
 class FoldWeightNormOnLoad:

@@ -17,7 +17,8 @@ def fold_state_dict(state_dict: Mapping[str, Tensor], keep: Container[str] = ())
     So a checkpoint trained with weight norm loads into the plain model with ``strict=True``. Reads this
     library's and torch's ``<layer>.parametrizations.<name>.original0`` (``g``; or ``s`` and ``c``, ``g = exp(c * s)``)
     and ``original1`` (``v``), and legacy ``<layer>.<name>_g`` and ``_v``; the axis of ``g`` from its shape.
-    Keys in ``keep`` (a model's own) stay as they are. A Lightning checkpoint gives its folded ``'state_dict'``.
+    Keys in ``keep`` (a model's own) stay as they are, with the rest of their weight norm. A Lightning checkpoint
+    gives its folded ``'state_dict'``.
 
     Example:
         >>> from torch import nn
@@ -44,11 +45,11 @@ def fold_state_dict(state_dict: Mapping[str, Tensor], keep: Container[str] = ())
                             "Pass a model's `state_dict()`, or a Lightning checkpoint with a 'state_dict' entry.")
         stem = key[:-2]
         g, v = state_dict.get(f"{stem}_g"), state_dict.get(f"{stem}_v")
-        if key in keep:
-            folded[key] = value
-        elif ".parametrizations." in f".{key}":
+        if ".parametrizations." in f".{key}":
             prefix, _, part = key.rpartition(".")
             groups.setdefault(prefix, {})[part] = value
+        elif key in keep:
+            folded[key] = value
         # a legacy pair, folded once, at its g; spectral norm also keeps a `weight_v`, but no `weight_g`
         elif key.endswith(("_g", "_v")) and stem not in state_dict and _norm_axis(g, v) is not None:
             if key.endswith("_g"):
@@ -56,8 +57,10 @@ def fold_state_dict(state_dict: Mapping[str, Tensor], keep: Container[str] = ())
         else:
             folded[key] = value
     for prefix, parts in groups.items():
-        if not {"original0", "original1", "s"} & parts.keys():  # another parametrization (spectral norm): kept
-            folded.update({f"{prefix}.{part}": value for part, value in parts.items()})
+        entries = {f"{prefix}.{part}": value for part, value in parts.items()}
+        # kept whole: the model's own weight norm (which loads it in any form), or another parametrization
+        if any(key in keep for key in entries) or not {"original0", "original1", "s"} & parts.keys():
+            folded.update(entries)
             continue
         g, v = parts.get("original0"), parts.get("original1")
         if g is None and {"s", "c"} <= parts.keys():

@@ -515,6 +515,32 @@ def test_a_run_trained_without_weight_norm_resumes_with_it(tmp_path, monkeypatch
     assert not torch.equal(resumed.net[0].weight, plain.net[0].weight)  # and it trained on, two steps
 
 
+@pytest.mark.parametrize(("saved_c", "resumed_c"), [(None, 3.0), (2.0, None), (2.0, 5.0)])
+def test_a_run_resumed_with_another_log_scale_factor_restarts_the_optimizer_state(tmp_path, saved_c, resumed_c):
+    # Adam's moments of g (or of s under another c) are not moments of this run's parameter
+    seed_everything(0)
+    data, saver = RandomImages(size=64, batch_size=16), ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    model = ConvClassifier()
+    fit = trainer(max_steps=2, callbacks=[WeightNormalization(log_scale_factor=saved_c), saver], enable_checkpointing=True)
+    fit.fit(model, data)
+    with torch.no_grad():
+        expected = model(data.x)
+
+    class Probe(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.state = dict(trainer.optimizers[0].state)
+            with torch.no_grad():
+                self.out = pl_module(data.x)
+
+    probe, resumed = Probe(), ConvClassifier()
+    with pytest.warns(UserWarning, match=f"learned g with `log_scale_factor`={saved_c}, this run with {resumed_c}.*restarts"):
+        trainer(max_steps=3, callbacks=[WeightNormalization(log_scale_factor=resumed_c), probe]).fit(
+            resumed, data, ckpt_path=tmp_path / "last.ckpt"
+        )
+    assert probe.state == {}
+    torch.testing.assert_close(probe.out, expected, rtol=0, atol=1e-5)  # the saved function, in the new form
+
+
 def test_validating_a_run_trained_without_weight_norm_then_fitting_leaves_the_fit_alone(tmp_path):
     class Validated(ConvClassifier):
         def validation_step(self, batch, batch_idx):

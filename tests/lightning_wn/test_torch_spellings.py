@@ -190,6 +190,10 @@ def test_fold_state_dict_keeps_pairs_the_model_has_and_passes_spectral_norm_thro
     assert fold_state_dict(state, keep=state.keys()).keys() == state.keys()
     spectral = torch.nn.utils.spectral_norm(nn.Linear(4, 3)).state_dict()  # weight_orig, weight_u, weight_v
     assert fold_state_dict(spectral).keys() == spectral.keys()
+    # a model normalized in another form (g = exp(c * s)) keeps the saved g and v whole: its layer loads them
+    saved = weight_norm(nn.Linear(4, 3)).state_dict()
+    own = weight_norm(nn.Linear(4, 3), log_scale_factor=2.0).state_dict().keys()  # bias, s, c, original1
+    assert fold_state_dict(saved, keep=own).keys() == saved.keys()
 
 
 def test_fold_state_dict_says_what_it_wants():
