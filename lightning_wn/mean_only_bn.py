@@ -49,7 +49,7 @@ class MeanOnlyBatchNorm(nn.Module):
 def attach_mean_only_bn(layer: nn.Module, momentum: float = 0.1) -> MeanOnlyBatchNorm:
     """Put a :class:`MeanOnlyBatchNorm` after ``layer``, in place: the child ``layer.mean_only_bn``, applied by a hook.
 
-    The layer's own names stay; output units are on axis 1 (feed ``Linear`` layers ``(N, features)``).
+    The layer's own names stay; the output units are on axis 1, or a ``Linear``'s last axis.
 
     Example:
         >>> layer = nn.Linear(3, 4)
@@ -68,4 +68,7 @@ def attach_mean_only_bn(layer: nn.Module, momentum: float = 0.1) -> MeanOnlyBatc
 
 
 def _apply_mean_only_bn(layer: nn.Module, args: tuple, output: Tensor) -> Tensor:
-    return layer.mean_only_bn(output)  # a named function, not a lambda: a model with this hook still pickles
+    # a named function, not a lambda: a model with this hook still pickles
+    if isinstance(layer, nn.Linear) and output.dim() > 2:  # (N, ..., features): the units are last, not on axis 1
+        return layer.mean_only_bn(output.movedim(-1, 1)).movedim(1, -1)
+    return layer.mean_only_bn(output)

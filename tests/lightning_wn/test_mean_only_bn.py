@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_wn import MeanOnlyBatchNorm
+from lightning_wn import MeanOnlyBatchNorm, attach_mean_only_bn, data_dependent_init
 
 
 @pytest.mark.parametrize("shape", [(16, 3), (16, 3, 7), (8, 3, 5, 5), (4, 3, 3, 4, 5)])
@@ -41,3 +41,18 @@ def test_bad_arguments():
         MeanOnlyBatchNorm(3, momentum=1.5)
     with pytest.raises(ValueError, match=r"expects input \(N, 3, \.\.\.\), got shape \(4, 2\)"):
         MeanOnlyBatchNorm(3)(torch.randn(4, 2))
+
+
+@pytest.mark.parametrize("steps", [16, 5])
+def test_after_a_linear_on_sequences_it_centres_each_feature_not_each_step(steps):
+    # a Linear's units are its last axis: with as many steps as features the wrong axis would raise nothing
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 16)
+    attach_mean_only_bn(layer)
+    x = torch.randn(64, steps, 8) + torch.linspace(-3, 3, 8)
+    out = layer(x)
+    assert out.shape == (64, steps, 16)
+    torch.testing.assert_close(out.mean((0, 1)), torch.zeros(16), atol=1e-5, rtol=0)
+    report = data_dependent_init(layer, x)  # the init's statistics follow the same axis
+    assert report.modules["mean_only_bn"].mean.shape == (16,)
+    torch.testing.assert_close(layer(x).std((0, 1), unbiased=False), torch.ones(16), atol=1e-4, rtol=0)
