@@ -152,7 +152,12 @@ class WeightNormalization(Callback):
         if self.input_key is not None and callable(getattr(pl_module, "data_init_inputs", None)):
             raise ValueError(f"`input_key`={self.input_key!r} and `{type(pl_module).__name__}.data_init_inputs` both "
                              "say what the data-dependent init passes to `forward`: keep one.")
-        selected = select_layers(pl_module, self.include, self.exclude)
+        try:
+            selected = select_layers(pl_module, self.include, self.exclude)
+        except ValueError:  # no layers yet, or not those named: configure_model may build them (on_fit_start checks)
+            if not is_overridden("configure_model", pl_module):
+                raise
+            selected = []
         callbacks = list(trainer.callbacks)
         # a weight-averaging callback copies the model in its own setup: before ours, it copies plain layers
         averaging = (StochasticWeightAveraging, WeightAveraging)
@@ -208,10 +213,32 @@ class WeightNormalization(Callback):
                                "WeightNormalization's `setup` (in `configure_model`) and are left plain: call "
                                "`lightning_wn.apply_weight_norm(self, ...)` at the end of `configure_model` (before "
                                "`fully_shard`).")
+        self._refuse_missing_options(pl_module, [name for name in selected if name not in self.normalized])
         self.normalized = selected  # the init's targets, with the layers configure_model built
         self._restart_optimizer_states(trainer)
         if not trainer.strategy.restore_checkpoint_after_setup:
             self._data_init(trainer, pl_module)
+
+    def _refuse_missing_options(self, pl_module: pl.LightningModule, built_later: list[str]) -> None:
+        """A ``RuntimeError`` naming the options that layers normalized in ``configure_model`` were not given."""
+        wrong: dict[str, list[str]] = {}
+        for name in built_later if self.weight_norm else ():
+            layer = pl_module.get_submodule(name)
+            norms = weight_norms(layer).values()
+            lacks = {
+                "mean_only_bn": self.mean_only_bn and "mean_only_bn" not in layer._modules,
+                "log_scale_factor": any(n.log_scale_factor != self.log_scale_factor for n in norms),
+                "paper_init": self.paper_init and not getattr(layer, INITIALIZED, False)
+                and not all(n.paper_init for n in norms),
+            }
+            for option in (option for option, lacking in lacks.items() if lacking):
+                wrong.setdefault(option, []).append(name)
+        if wrong:
+            lacking = "; ".join(f"`{option}` ({', '.join(names)})" for option, names in wrong.items())
+            raise RuntimeError(f"Layers built in `configure_model` lack options of WeightNormalization: {lacking}. "
+                               "Give them there: `lightning_wn.apply_weight_norm(self, [...], log_scale_factor="
+                               f"{self.log_scale_factor!r}, paper_init={self.paper_init!r})`, then, with "
+                               "`mean_only_bn`, `lightning_wn.attach_mean_only_bn(layer)` on each.")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

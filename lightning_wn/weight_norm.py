@@ -49,6 +49,8 @@ class WeightNorm(nn.Module):
         True
     """
 
+    paper_init = False  # whether v was re-drawn as in the paper (weight_norm's paper_init)
+
     def __init__(self, weight: Tensor, dim: int | None, log_scale_factor: float | None = None) -> None:
         super().__init__()
         if dim is not None and not 0 <= dim < max(weight.dim(), 1):
@@ -283,6 +285,7 @@ def weight_norm(
         if paper_init:
             param.detach().normal_(0.0, 0.05)
         normalized = WeightNorm(param, None if dim is None else dim % max(param.dim(), 1), log_scale_factor)
+        normalized.paper_init = paper_init  # how v was drawn: the callback checks layers built after its setup
         setattr(module.parametrizations, tensor_name, normalized.requires_grad_(param.requires_grad))
     base = getattr(type(module), "_wn_base", type(module))
     module.__class__ = _normalized_class(base, (*getattr(type(module), "_wn_names", ()), *names))

@@ -71,6 +71,41 @@ def test_layers_normalized_in_configure_model_train_and_are_initialized():
     pickle.dumps(model)
 
 
+class AllInConfigureModel(ConvClassifier):
+    """Every layer built in ``configure_model``, as large (FSDP2) models do, and normalized there."""
+
+    def __init__(self, include=None, **options):
+        super().__init__()
+        self.net, self.include, self.options = None, include, options
+
+    def configure_model(self):
+        if self.net is None:
+            self.net = ConvClassifier().net
+            apply_weight_norm(self, include=self.include, **self.options)
+
+
+def test_a_model_built_wholly_in_configure_model_is_normalized_there_and_initialized():
+    model, data = AllInConfigureModel(), RandomImages()
+    wn = WeightNormalization(init_samples=64)
+    trainer(max_steps=0, callbacks=[wn]).fit(model, data)  # setup found no layer yet
+    assert wn.normalized == ["net.0", "net.2", "net.6"]
+    standardized(model, data.x[:64], wn.normalized)
+    with pytest.raises(ValueError, match="`include` pattern 'nett' matches no module"):  # still an error, once built
+        trainer(max_steps=0, callbacks=[WeightNormalization(include=["nett"])]).fit(AllInConfigureModel(), data)
+
+
+@pytest.mark.parametrize(("option", "value"), [("mean_only_bn", True), ("log_scale_factor", 3.0), ("paper_init", True)])
+def test_options_that_missed_layers_normalized_in_configure_model_are_refused(option, value):
+    wn = WeightNormalization(**{option: value})
+    with pytest.raises(RuntimeError, match=rf"configure_model` lack options of WeightNormalization: `{option}` \(head\)"):
+        trainer(max_steps=0, callbacks=[wn]).fit(LazyNormalizedHead(), RandomImages())
+    if option != "mean_only_bn":  # given there, they hold
+        model = AllInConfigureModel(**{option: value})
+        trainer(max_steps=0, callbacks=[WeightNormalization(**{option: value})]).fit(model, RandomImages())
+        wn_0 = model.net[0].parametrizations.weight
+        assert wn_0.log_scale_factor == 3.0 if option == "log_scale_factor" else wn_0.paper_init
+
+
 def test_training_lowers_loss_with_mean_only_bn_and_max_norm():
     seed_everything(0)
     model, data = ConvClassifier(), RandomImages(size=64)
