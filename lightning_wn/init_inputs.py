@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -35,20 +35,24 @@ def model_inputs(batch: Any, input_key: int | str | list[int | str] | None) -> I
 
 
 def first_examples(batches: Iterable[Any], wanted: int, where: str) -> tuple[Inputs, int]:
-    """The first ``wanted`` examples of ``batches`` in their form (a tensor, tuple or dict), and their count.
+    """The first ``wanted`` examples of ``batches`` in their form (a tensor, or tuples, lists and dicts of them,
+    nested), and their count. ``where`` names, in errors, what gave the batches.
 
-    ``where`` names, in errors, what gave the batches.
+    Example:
+        >>> batches = [{"x": torch.ones(4, 2), "context": (torch.zeros(4),)}] * 3
+        >>> inputs, count = first_examples(batches, 10, "the loader")
+        >>> inputs["x"].shape, inputs["context"][0].shape, count
+        (torch.Size([10, 2]), torch.Size([10]), 10)
     """
     chunks, count = [], 0
     for inputs in batches:
-        entries = dict(enumerate(inputs)) if isinstance(inputs, (tuple, list)) else {None: inputs}
-        entries = inputs if isinstance(inputs, dict) else entries
+        entries = dict(_entries(inputs))
         for name, value in entries.items():
             if not isinstance(value, Tensor) or value.dim() == 0:
                 shown = "a 0-d tensor" if isinstance(value, Tensor) else f"a {type(value).__name__}"
                 raise ValueError(f"{where} gave{'' if name is None else f' entry {name!r}'} {shown}; the "
-                                 "data-dependent init needs tensors with a batch axis first (a tensor, a tuple or a "
-                                 "dict of them).")
+                                 "data-dependent init needs tensors with a batch axis first (a tensor, or tuples, "
+                                 "lists and dicts of them).")
         sizes = {name: len(value) for name, value in entries.items()}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"{where} gave tensors with different batch sizes {sizes}, or none; every model input "
@@ -59,9 +63,24 @@ def first_examples(batches: Iterable[Any], wanted: int, where: str) -> tuple[Inp
             break
     if not chunks:
         raise ValueError("The training dataloader is empty: no examples for the data-dependent init.")
-    first, count = chunks[0], min(count, wanted)
+    return _joined(chunks, wanted), min(count, wanted)
+
+
+def _entries(inputs: Any, path: tuple = ()) -> Iterator[tuple[Any, Any]]:
+    """``(name, value)`` of each leaf of nested tuples, lists and dicts: its key or index, a tuple of them deeper,
+    None for a lone tensor."""
+    if isinstance(inputs, (tuple, list, dict)):
+        for key, value in inputs.items() if isinstance(inputs, dict) else enumerate(inputs):
+            yield from _entries(value, (*path, key))
+    else:
+        yield path[0] if len(path) == 1 else path or None, inputs
+
+
+def _joined(chunks: list[Any], wanted: int) -> Any:
+    """The chunks' tensors joined along the batch axis, cut to ``wanted``, in the chunks' form (lists as tuples)."""
+    first = chunks[0]
     if isinstance(first, Tensor):
-        return torch.cat(chunks)[:wanted], count
-    keys = first.keys() if isinstance(first, dict) else range(len(first))
-    joined = {key: torch.cat([chunk[key] for chunk in chunks])[:wanted] for key in keys}
-    return (joined if isinstance(first, dict) else tuple(joined.values())), count
+        return torch.cat(chunks)[:wanted]
+    if isinstance(first, dict):
+        return {key: _joined([chunk[key] for chunk in chunks], wanted) for key in first}
+    return tuple(_joined([chunk[i] for chunk in chunks], wanted) for i in range(len(first)))

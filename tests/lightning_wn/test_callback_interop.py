@@ -233,6 +233,28 @@ def test_several_inputs_reach_forward_and_every_unit_starts_standardized(model_c
     assert_standardized(model, wn.normalized, tensors["mel"][:64], tensors["noise"][:64])
 
 
+class WholeBatch(Conditional):
+    """A forward that takes the whole dict batch, as many models do: ``data_init_inputs`` passes it on."""
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return super().forward(batch["mel"], batch["noise"])
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.mse_loss(self(batch), batch["target"])
+
+    def data_init_inputs(self, batch):
+        return (batch,)  # forward(batch): a tuple of one dict
+
+
+def test_a_forward_that_takes_the_whole_dict_batch_is_initialized_on_it():
+    seed_everything(0)
+    model, (loader, tensors) = WholeBatch(), conditional_data(True)
+    wn = WeightNormalization(init_samples=64)  # two batches of 32, joined key by key
+    trainer(max_steps=0, callbacks=[wn]).fit(model, loader)
+    assert wn.initialized and wn.normalized == ["mel", "noise", "out"]
+    assert_standardized(model, wn.normalized, {"mel": tensors["mel"][:64], "noise": tensors["noise"][:64]})
+
+
 def test_bad_model_inputs_are_clear_errors():
     for bad in ([], True, 1.5, ["mel", None]):
         with pytest.raises(TypeError, match="`input_key` must be an index, a key, or a non-empty list of them"):
