@@ -253,6 +253,17 @@ def test_remove_weight_norm_leaves_no_torch_hook_so_the_model_pickles():
     assert torch.equal(restored(x), model(x))
 
 
+@pytest.mark.parametrize("convert", [from_torch, remove_weight_norm])
+def test_copies_made_under_torchs_weight_norm_keep_working_after_the_conversion(convert):
+    # torch's remove_parametrizations deletes the weight's property from the class such copies share
+    model = nn.Sequential(parametrizations.weight_norm(nn.Conv1d(8, 8, 3)), nn.ReLU())
+    ema, x = torch.optim.swa_utils.AveragedModel(model), torch.randn(2, 8, 12)  # a deepcopy inside
+    expected = ema(x)
+    assert convert(model) == ["0"]
+    torch.testing.assert_close(ema(x), expected)
+    assert parametrize.is_parametrized(ema.module[0]) and not parametrize.is_parametrized(model[0])
+
+
 def test_a_converted_model_pickles_and_computes_the_same():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
