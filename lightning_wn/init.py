@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_wn.mean_only_bn import MeanOnlyBatchNorm
+from lightning_wn.models import parameter_owners
 from lightning_wn.state_dict import WHOLE_TENSOR
 from lightning_wn.torch_norms import TORCH_FIX, torch_reparametrizations
 from lightning_wn.weight_norm import RECURRENT_LAYERS, SUPPORTED_LAYERS, default_dim, is_weight_normalized, weight_norms
@@ -71,6 +72,10 @@ def data_dependent_init(model: nn.Module, inputs: object, modules: Sequence[str]
         init_scale: the standard deviation each output unit starts with.
         min_std: units whose output varies less than this on the batch are left alone.
 
+    A module called several times in the pass is initialized on its first call. A target the pass never calls
+    through its own forward (``MultiheadAttention`` reads its ``out_proj``'s weight itself) keeps its weights,
+    with a warning.
+
     Example:
         >>> from lightning_wn import weight_norm
         >>> model = nn.Sequential(weight_norm(nn.Linear(10, 20)), nn.ReLU(), weight_norm(nn.Linear(20, 5)))
@@ -89,7 +94,7 @@ def data_dependent_init(model: nn.Module, inputs: object, modules: Sequence[str]
         more = f" and {len(again) - 5} more" if len(again) > 5 else ""
         warnings.warn(f"data_dependent_init: {', '.join(again[:5])}{more} were initialized by an earlier call; this "
                       "one rescales them again. Call it once per model (not again after resuming), or pass `modules` "
-                      "to pick the others.", stacklevel=2)
+                      "to pick the others.", stacklevel=3)  # past torch.no_grad's wrapper
     # FSDP2 runs the forward on gathered copies of the parameters and frees them: the init must write the shards
     sharded = [m for m in model.modules() if _is_sharded(m)]
     for m in sharded:
@@ -99,11 +104,12 @@ def data_dependent_init(model: nn.Module, inputs: object, modules: Sequence[str]
     # a target's first call rescales it and normalizes that output in place: later layers see initialized inputs,
     # and so, the hook prepended, do the layer's own hooks (an attached mean-only batch norm)
     handles = [m.register_forward_hook(functools.partial(hook, name), prepend=True) for name, m in targets.items()]
-    before = {id(t): (t, t.clone()) for m in targets.values() for t in (*m.parameters(), *m.buffers())}
+    before = {id(t): (t, t.clone()) for t in (*(p for m in targets.values() for p in m.parameters()), *model.buffers())}
     positional = isinstance(inputs, (tuple, list))
     try:
-        model(**inputs) if isinstance(inputs, dict) else model(*inputs) if positional else model(inputs)
-    except BaseException:  # put back what the hooks rescaled
+        with torch.compiler.set_stance("force_eager"):  # a graph compiled before would run without the hooks
+            model(**inputs) if isinstance(inputs, dict) else model(*inputs) if positional else model(inputs)
+    except BaseException:  # put back what the hooks rescaled, and the running statistics the pass moved
         for tensor, saved in before.values():
             tensor.copy_(saved)
         raise
@@ -116,7 +122,11 @@ def data_dependent_init(model: nn.Module, inputs: object, modules: Sequence[str]
         _rescale(module, scale, shift)
     for name in report.modules:
         setattr(targets[name], INITIALIZED, True)
-    report.skipped.update({name: "not called by the forward pass" for name in targets if name not in report.modules})
+    if missed := [name for name in targets if name not in report.modules]:
+        report.skipped.update(dict.fromkeys(missed, "not called by the forward pass"))
+        warnings.warn(f"data_dependent_init: {', '.join(f'`{name}`' for name in missed)} were not called through "
+                      "their own forward in the pass (another module reads their weight, as MultiheadAttention does "
+                      "its out_proj's, or forward never reaches them), so they keep their weights.", stacklevel=3)
     return report
 
 
@@ -232,9 +242,11 @@ def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str
             if not (matched := [name for name in named if fnmatch.fnmatchcase(name, pattern)]):
                 raise ValueError(f"`modules` pattern {pattern!r} matches no module of {type(model).__name__}.")
             chosen.update(dict.fromkeys(matched))
-    targets = {}
+    targets, owners = {}, parameter_owners(named)
     for name in chosen:
         module = named[name]
+        if isinstance(module, MeanOnlyBatchNorm):
+            continue  # added below
         if isinstance(module, RECURRENT_LAYERS):
             report.skipped[name] = "recurrent: the data-dependent init is for networks without recursion"
         elif not isinstance(module, SUPPORTED_LAYERS):
@@ -245,7 +257,11 @@ def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str
             if patterns is not None:
                 raise ValueError(f"Module `{name}` is {why}. {TORCH_FIX}")
             report.skipped[name] = why
-        elif len(normalized := weight_norms(module)) > 1:
+        elif not (normalized := weight_norms(module)) and len(tied := owners[id(module.weight)]) > 1:
+            raise ValueError(f"Module `{name}`'s weight is tied: {' and '.join(f'`{t}`' for t in tied)} are one "
+                             "tensor, whose rows the init would rescale for each. Leave it out of `modules` (the "
+                             "callback's `exclude`).")
+        elif len(normalized) > 1:
             raise ValueError(f"Module `{name}` normalizes {sorted(normalized)}, but data-dependent init needs one "
                              "normalized weight per layer: normalize only `weight`, or leave it out of `modules`.")
         elif dims := [wn.dim for wn in normalized.values() if wn.dim != default_dim(module)]:
@@ -260,7 +276,11 @@ def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str
         why = f" {under_torch} layers are under torch's weight or spectral norm. {TORCH_FIX}" if under_torch else ""
         raise ValueError(f"No module of {type(model).__name__} to initialize: it has no weight-normalized, Linear or "
                          f"Conv* layer matching `modules` (recurrent layers are skipped).{why}")
-    return targets | {name: m for name, m in named.items() if isinstance(m, MeanOnlyBatchNorm)}, report
+    # mean-only batch norms: all, or those named and those attached to the chosen layers (not to others, done before)
+    norms = {name: m for name, m in named.items() if isinstance(m, MeanOnlyBatchNorm)}
+    if patterns is not None:
+        norms = {name: m for name, m in norms.items() if name in chosen or name.rpartition(".")[0] in targets}
+    return targets | norms, report
 
 
 def _check_batch(x: object) -> bool:

@@ -47,10 +47,7 @@ def apply_weight_norm(
     refuse_wrapped(model)
     names = select_layers(model, include, exclude)
     modules = dict(model.named_modules())
-    owners: dict[int, list[str]] = {}  # a tied weight (embeddings) would be untied: two g, and v stepped twice
-    for module_name, module in modules.items():
-        for param_name, param in module.named_parameters(recurse=False, remove_duplicate=False):
-            owners.setdefault(id(param), []).append(f"{module_name}.{param_name}".lstrip("."))
+    owners = parameter_owners(modules)  # a tied weight (embeddings) would be untied: two g, and v stepped twice
     for name in names:  # all checked before any is normalized
         if is_weight_normalized(module := modules[name]):
             raise ValueError(f"Module `{name}` ({type(module).__name__}) is already weight-normalized. "
@@ -177,6 +174,16 @@ def limit_direction_norm(model: nn.Module, max_norm: float) -> int:
         wn.v.mul_(torch.where(too_long, max_norm / norm, 1.0))
         rescaled += int(too_long.sum())
     return rescaled
+
+
+def parameter_owners(modules: dict[str, nn.Module]) -> dict[int, list[str]]:
+    """By parameter id, the qualified names it has in ``modules`` (``dict(model.named_modules())``): a tied
+    weight has several."""
+    owners: dict[int, list[str]] = {}
+    for module_name, module in modules.items():
+        for param_name, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(param), []).append(f"{module_name}.{param_name}".lstrip("."))
+    return owners
 
 
 def refuse_wrapped(model: nn.Module) -> None:

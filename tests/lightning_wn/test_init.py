@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from lightning_wn import MeanOnlyBatchNorm, apply_weight_norm, data_dependent_init, weight_norm
+from lightning_wn import MeanOnlyBatchNorm, apply_weight_norm, attach_mean_only_bn, data_dependent_init, weight_norm
 
 
 def deep_cnn() -> nn.Module:
@@ -184,8 +184,66 @@ def test_a_second_call_on_the_same_layers_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the first call is silent
         data_dependent_init(model, x)
-    with pytest.warns(UserWarning, match="`0`, `2` were initialized by an earlier call; this one rescales them again"):
+    with pytest.warns(UserWarning, match="`0`, `2` were initialized by an earlier call; this one rescales them again") as caught:
         data_dependent_init(model, x)
+    assert caught[0].filename == __file__  # the caller's line, not torch.no_grad's wrapper
+
+
+def test_a_model_compiled_and_run_before_is_initialized_through_its_hooks():
+    # a graph compiled before the init's hooks were added would run without them, initializing nothing
+    model, x = nn.Sequential(weight_norm(nn.Linear(8, 16)), nn.ReLU(), weight_norm(nn.Linear(16, 4))), torch.randn(64, 8)
+    compiled = torch.compile(model, backend="eager")
+    compiled(x)
+    assert sorted(data_dependent_init(compiled, x).modules) == ["_orig_mod.0", "_orig_mod.2"]
+    mean, std = unit_moments(outputs_of(model, x, ["2"])["2"], -1)
+    assert mean.abs().max() < 1e-4 and (std - 1).abs().max() < 1e-4
+
+
+def test_a_target_the_pass_never_calls_is_reported_and_warned_about():
+    class Attention(nn.Module):  # MultiheadAttention reads out_proj's weight itself, never calling out_proj
+        def __init__(self):
+            super().__init__()
+            self.inp, self.mha = nn.Linear(4, 8), nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.mha(h, h, h)[0]
+
+    model = Attention()
+    assert apply_weight_norm(model) == ["inp", "mha.out_proj"]
+    with pytest.warns(UserWarning, match="`mha.out_proj` were not called through their own forward"):
+        report = data_dependent_init(model, torch.randn(32, 5, 4))
+    assert list(report.modules) == ["inp"] and report.skipped["mha.out_proj"] == "not called by the forward pass"
+
+
+def test_a_plain_layer_with_a_tied_weight_is_refused():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(10, 6), nn.Linear(6, 10)
+            self.head.weight = self.embed.weight  # one tensor: rescaling the head's rows rescales the embedding
+
+        def forward(self, tokens):
+            return self.head(self.embed(tokens))
+
+    model = Tied()
+    before = model.embed.weight.detach().clone()
+    with pytest.raises(ValueError, match="Module `head`'s weight is tied: `embed.weight` and `head.weight` are one tensor"):
+        data_dependent_init(model, torch.randint(0, 10, (64,)))
+    assert torch.equal(model.embed.weight, before)
+
+
+def test_modules_leaves_the_mean_only_batch_norms_of_other_layers_alone():
+    model = nn.Sequential(weight_norm(nn.Linear(4, 8)), nn.ReLU(), weight_norm(nn.Linear(8, 3)))
+    attach_mean_only_bn(model[0])
+    attach_mean_only_bn(model[2])
+    assert list(data_dependent_init(model, torch.randn(64, 4) + 2, modules=["0"]).modules) == ["0", "0.mean_only_bn"]
+    kept = model[0].mean_only_bn.running_mean.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing initialized before is touched: no warning either
+        report = data_dependent_init(model.eval(), torch.randn(64, 4) * 3 - 5, modules=["2"])  # eval: no update
+    assert list(report.modules) == ["2", "2.mean_only_bn"]
+    assert torch.equal(model[0].mean_only_bn.running_mean, kept)
 
 
 def test_huge_inputs_do_not_overflow_the_statistics():
@@ -210,8 +268,8 @@ def test_a_forward_that_fails_halfway_leaves_the_model_as_it_was():
         def forward(self, x):
             raise RuntimeError("a bug further down the network")
 
-    model = nn.Sequential(weight_norm(nn.Linear(8, 16)), nn.ReLU(), nn.Linear(16, 4), Fails())
-    before = copy.deepcopy(model.state_dict())
+    model = nn.Sequential(weight_norm(nn.Linear(8, 16)), nn.BatchNorm1d(16), nn.Linear(16, 4), Fails())
+    before = copy.deepcopy(model.state_dict())  # the batch norm's running statistics too
     with pytest.raises(RuntimeError, match="a bug further down"):
         data_dependent_init(model, torch.randn(64, 8), modules=["0", "2"])
     for name, value in model.state_dict().items():
