@@ -14,6 +14,7 @@ Example:
 
 from lightning_wn._computed_weight import ComputedWeight
 from lightning_wn.cache import cached
+from lightning_wn.checkpoint import read_checkpoint
 from lightning_wn.convert import from_torch, to_torch
 from lightning_wn.init import InitReport, ModuleInit, data_dependent_init
 from lightning_wn.mean_only_bn import MeanOnlyBatchNorm, attach_mean_only_bn
@@ -39,6 +40,6 @@ __all__ = [
     "DEFAULT_LAYERS", "SUPPORTED_LAYERS", "ComputedWeight", "FoldWeightNormOnLoad", "InitReport", "MeanOnlyBatchNorm",
     "ModuleInit", "WeightNorm", "WeightNormalization", "apply_weight_norm", "attach_mean_only_bn", "cached",
     "data_dependent_init", "fold_state_dict", "from_torch", "is_weight_normalized", "limit_direction_norm",
-    "load_from_checkpoint", "remove_weight_norm", "select_layers", "to_torch", "weight_norm",
+    "load_from_checkpoint", "read_checkpoint", "remove_weight_norm", "select_layers", "to_torch", "weight_norm",
     "weight_normalized_modules", "weight_norms",
 ]  # fmt: skip

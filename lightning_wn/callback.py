@@ -10,11 +10,9 @@ import functools
 import io
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -27,6 +25,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_wn.cache import cached
+from lightning_wn.checkpoint import read_checkpoint
 from lightning_wn.init import INITIALIZED, _is_sharded, data_dependent_init
 from lightning_wn.init_inputs import first_examples, model_inputs
 from lightning_wn.mean_only_bn import attach_mean_only_bn
@@ -396,20 +395,8 @@ class FoldWeightNormOnLoad:
 
 
 def load_from_checkpoint(model_class: type[pl.LightningModule], path: str, **kwargs: Any) -> pl.LightningModule:
-    """``model_class.load_from_checkpoint(path)`` of a weight-normalized checkpoint, folded into plain weights.
-
-    ``path`` is a checkpoint file, or the folder of shards ``ModelParallelStrategy`` saves (gathered here).
-    """
-    path = Path(path)
-    if path.is_dir():
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save  # slow to import
-
-        with tempfile.TemporaryDirectory() as folder:  # every rank's shards of the weights, joined
-            dcp_to_torch_save(path, Path(folder) / "full.pt")
-            full = torch.load(Path(folder) / "full.pt", map_location="cpu", weights_only=False)
-        checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=False) | full  # meta.pt: the rest
-    else:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    """``model_class.load_from_checkpoint(path)`` of a weight-normalized checkpoint, folded into plain weights."""
+    checkpoint = read_checkpoint(path, weights_only=False)
     checkpoint["state_dict"] = fold_state_dict(checkpoint["state_dict"])
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)

@@ -30,7 +30,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from zoo.checkpoints import read_checkpoint
+from lightning_wn import read_checkpoint
 from zoo.errors import UserError
 
 PROG = "python -m zoo"

@@ -1,4 +1,4 @@
-"""Reading a checkpoint file a user named, with one clear error when the file is not one."""
+"""Reading a Lightning checkpoint file, with one clear error when the file is not one."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from typing import Any
 import torch
 
 
-def read_checkpoint(path: str | PathLike) -> dict[str, Any]:
-    """The Lightning checkpoint at ``path`` (tensors and plain data only), or a ``ValueError`` naming the file and
-    its fault.
+def read_checkpoint(path: str | PathLike, *, weights_only: bool = True) -> dict[str, Any]:
+    """The Lightning checkpoint at ``path``, or a ``ValueError`` naming the file and its fault.
+
+    ``weights_only`` goes to ``torch.load`` (``False`` unpickles any object: trusted files only). A sharded
+    checkpoint (the folder ``ModelParallelStrategy`` saves) is gathered into one full checkpoint.
 
     Example:
         >>> path = Path(tempfile.mkdtemp()) / "model.pt"
@@ -24,6 +26,16 @@ def read_checkpoint(path: str | PathLike) -> dict[str, Any]:
         ValueError: `.../model.pt` holds a bare state dict (...), not a Lightning checkpoint: ...
     """
     path = Path(path)
+    if (path / "meta.pt").is_file() and (path / ".metadata").is_file():  # a sharded checkpoint's folder
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as folder:  # every rank's shards of the weights and optimizer state, joined
+            dcp_to_torch_save(path, Path(folder) / "full.pt")
+            tensors = torch.load(Path(folder) / "full.pt", map_location="cpu", weights_only=weights_only)
+        checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=weights_only)  # all but tensors
+        optimizers = sorted((key for key in tensors if key.startswith("optimizer_")), key=lambda key: int(key[10:]))
+        checkpoint["optimizer_states"] = [tensors.pop(key) for key in optimizers]  # Lightning's full layout
+        return {**checkpoint, **tensors}  # with the gathered "state_dict"
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint `{path}` {'is a folder' if path.is_dir() else 'does not exist'}.")
     with path.open("rb") as file:
@@ -33,7 +45,7 @@ def read_checkpoint(path: str | PathLike) -> dict[str, Any]:
     if head.startswith(b"version https://git-lfs"):
         raise ValueError(f"`{path}` is a git-lfs pointer, not the checkpoint itself: fetch it with `git lfs pull`.")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as error:  # torch raises whatever its unpickler or zip reader met
         message = f"`{path}` cannot be read as a checkpoint: {type(error).__name__}: {error}."
         if not zipfile.is_zipfile(path):

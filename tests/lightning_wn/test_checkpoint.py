@@ -1,18 +1,24 @@
 """A file that is not a Lightning checkpoint gets one error naming the file and its fault."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.demos.boring_classes import BoringModel
 
-from zoo.checkpoints import read_checkpoint
+import lightning_wn
+from lightning_wn import read_checkpoint
+
+sys.path.insert(0, str(Path(__file__).parent))
+from lit_models import ConvClassifier  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("good") / "model.ckpt"
     trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.strategy.connect(BoringModel())
+    trainer.strategy.connect(ConvClassifier())
     trainer.save_checkpoint(path)
     return path
 
@@ -30,7 +36,7 @@ def bad_files(directory, good):
     for name, (content, message) in files.items():
         (directory / f"{name}.ckpt").write_bytes(content)
         paths[name] = (directory / f"{name}.ckpt", message)
-    torch.save(BoringModel().state_dict(), directory / "state_dict.pt")
+    torch.save(ConvClassifier().state_dict(), directory / "state_dict.pt")
     paths["bare state dict"] = (directory / "state_dict.pt", "bare state dict .*model.load_state_dict")
     torch.save({"epoch": 3}, directory / "other.pt")
     paths["other dict"] = (directory / "other.pt", "not a Lightning checkpoint .*keys \\['epoch'\\]")
@@ -40,14 +46,15 @@ def bad_files(directory, good):
 
 
 def test_a_good_checkpoint_reads_as_lightning_wrote_it(checkpoint):
-    assert torch.equal(read_checkpoint(checkpoint)["state_dict"]["layer.weight"], torch.load(checkpoint)["state_dict"]["layer.weight"])
+    assert torch.equal(read_checkpoint(checkpoint)["state_dict"]["net.0.weight"], torch.load(checkpoint)["state_dict"]["net.0.weight"])
 
 
 @pytest.mark.parametrize("kind", ["empty", "truncated", "git-lfs pointer", "text", "bare state dict", "other dict", "list"])
 def test_bad_files_get_an_error_naming_the_file_and_the_fault(kind, checkpoint, tmp_path):
     path, message = bad_files(tmp_path, checkpoint)[kind]
-    with pytest.raises(ValueError, match=f"^`{path}` .*{message}"):
-        read_checkpoint(path)
+    for read in (read_checkpoint, lambda p: lightning_wn.load_from_checkpoint(ConvClassifier, p)):
+        with pytest.raises(ValueError, match=f"^`{path}` .*{message}"):
+            read(path)
 
 
 def test_a_missing_file_or_a_folder_is_named(tmp_path):
