@@ -31,7 +31,8 @@ from lightning_wn.init_inputs import first_examples, model_inputs
 from lightning_wn.mean_only_bn import attach_mean_only_bn
 from lightning_wn.models import apply_weight_norm, limit_direction_norm, remove_weight_norm, select_layers
 from lightning_wn.state_dict import fold_state_dict
-from lightning_wn.weight_norm import RECURRENT_LAYERS, is_weight_normalized, positive_number, weight_norms
+from lightning_wn.weight_norm import RECURRENT_LAYERS, SUPPORTED_LAYERS, is_weight_normalized, positive_number
+from lightning_wn.weight_norm import weight_norms
 
 # and their subclasses: why each cannot carry weight norm
 _REFUSED_STRATEGIES = {
@@ -125,6 +126,7 @@ class WeightNormalization(Callback):
         self._other_parameters: tuple[dict, str] | None = None  # a checkpoint whose optimizer states don't apply, why
         self._plain_to_evaluate: dict[str, dict[str, torch.nn.Parameter]] = {}  # by layer: its weights, as they came
         self._cache = ExitStack()  # the open cached() scope of the current step, if any
+        self._seen_at_setup: set[str] = set()  # the model's modules at setup: configure_model may add more
         self._pid = os.getpid()  # the process that built the callback: a launcher hands the fitted weights back to it
 
     @override
@@ -151,12 +153,11 @@ class WeightNormalization(Callback):
         if self.input_key is not None and callable(getattr(pl_module, "data_init_inputs", None)):
             raise ValueError(f"`input_key`={self.input_key!r} and `{type(pl_module).__name__}.data_init_inputs` both "
                              "say what the data-dependent init passes to `forward`: keep one.")
-        try:
-            selected = select_layers(pl_module, self.include, self.exclude)
-        except ValueError:  # no layers yet, or not those named: configure_model may build them (on_fit_start checks)
-            if not is_overridden("configure_model", pl_module):
-                raise
-            selected = []
+        self._seen_at_setup = set(dict(pl_module.named_modules()))
+        # a model built wholly in configure_model has no layer yet: on_fit_start selects them
+        built_later = is_overridden("configure_model", pl_module)
+        built_later = built_later and not any(isinstance(m, SUPPORTED_LAYERS) for m in pl_module.modules())
+        selected = [] if built_later else select_layers(pl_module, self.include, self.exclude)
         callbacks = list(trainer.callbacks)
         # a weight-averaging callback copies the model in its own setup: before ours, it copies plain layers
         averaging = (StochasticWeightAveraging, WeightAveraging)
@@ -203,8 +204,9 @@ class WeightNormalization(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # configure_model has run since setup: the layers it built exist only now
-        with warnings.catch_warnings():  # about layers under torch's norms: setup warned already
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings():
+            if not set(dict(pl_module.named_modules())) - self._seen_at_setup:
+                warnings.simplefilter("ignore")  # about layers under torch's norms: setup warned already
             selected = select_layers(pl_module, self.include, self.exclude)
         modules = dict(pl_module.named_modules())
         if plain := [name for name in selected if self.weight_norm and not is_weight_normalized(modules[name])]:

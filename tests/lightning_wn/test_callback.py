@@ -106,6 +106,19 @@ def test_options_that_missed_layers_normalized_in_configure_model_are_refused(op
         assert wn_0.log_scale_factor == 3.0 if option == "log_scale_factor" else wn_0.paper_init
 
 
+def test_a_model_with_layers_of_its_own_selects_them_at_setup_whatever_configure_model_builds():
+    with pytest.raises(ValueError, match="`exclude` pattern 'head' matches no module"):  # head does not exist yet
+        trainer(max_steps=0, callbacks=[WeightNormalization(exclude=["head"])]).fit(LazyHead(), RandomImages())
+
+    class SpectralHead(LazyHead):  # a layer under torch's spectral norm, built after setup
+        def configure_model(self):
+            if self.head is None:
+                self.head = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(5, 5))
+
+    with pytest.warns(UserWarning, match="leaves 1 layers alone that torch already reparametrizes: `head`"):
+        trainer(max_steps=0, callbacks=[WeightNormalization(init_samples=32)]).fit(SpectralHead(), RandomImages())
+
+
 def test_training_lowers_loss_with_mean_only_bn_and_max_norm():
     seed_everything(0)
     model, data = ConvClassifier(), RandomImages(size=64)
