@@ -282,17 +282,19 @@ class WeightNormalization(Callback):
                                "without it, or saved with `save_weights_only`), so its weights are kept and the "
                                "data-dependent init does not run.")
             self._mark_initialized(pl_module)
-        targets = [name for name in self.normalized if not getattr(pl_module.get_submodule(name), INITIALIZED, False)]
+        layers = {name: pl_module.get_submodule(name) for name in self.normalized}
+        recurrent = [name for name, layer in layers.items() if isinstance(layer, RECURRENT_LAYERS)]  # never initialized
+        if self.data_init and layers and len(recurrent) == len(layers):
+            raise ValueError(f"WeightNormalization selects only recurrent layers ({', '.join(recurrent)}), which the "
+                             "data-dependent init leaves alone: it is for networks without recursion. Set "
+                             "`data_init=False`, or include non-recurrent layers too.")
+        targets = [n for n, layer in layers.items() if n not in recurrent and not getattr(layer, INITIALIZED, False)]
         if not self.data_init or not targets:
             if self.data_init and self.normalized and not resumed:
                 rank_zero_info("WeightNormalization: every layer was data-initialized before (an earlier fit or "
                                "`data_dependent_init`), so its weights are kept and the init does not run.")
             self.initialized = True  # past the init, run or not: a checkpoint of this run resumes without one
             return
-        if all(isinstance(pl_module.get_submodule(name), RECURRENT_LAYERS) for name in targets):
-            raise ValueError(f"WeightNormalization selects only recurrent layers ({', '.join(targets)}), which the "
-                             "data-dependent init leaves alone: it is for networks without recursion. Set "
-                             "`data_init=False`, or include non-recurrent layers too.")
         if trainer.limit_train_batches == 0:  # Lightning then builds no training dataloader
             return rank_zero_info("WeightNormalization: `limit_train_batches=0` trains nothing, so the data-dependent "
                                   "init does not run.")

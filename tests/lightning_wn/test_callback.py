@@ -160,6 +160,9 @@ def test_an_init_that_could_reach_only_recurrent_layers_is_refused_with_the_fix(
     model = CellModel()
     trainer(max_steps=1, callbacks=[WeightNormalization(include=["LSTMCell"], data_init=False)]).fit(model, RandomImages())
     assert is_weight_normalized(model.cell) and not is_weight_normalized(model.head)
+    model, wn = CellModel(), WeightNormalization(include=["LSTMCell", "Linear"])  # the cell is left alone, the rest done
+    for _ in range(2):  # a second fit finds the rest initialized, the cell as it was
+        trainer(max_steps=1, callbacks=[wn]).fit(model, RandomImages())
 
 
 def test_a_fit_that_trains_nothing_runs_no_init(monkeypatch):
