@@ -77,10 +77,11 @@ def _entries(inputs: Any, path: tuple = ()) -> Iterator[tuple[Any, Any]]:
 
 
 def _joined(chunks: list[Any], wanted: int) -> Any:
-    """The chunks' tensors joined along the batch axis, cut to ``wanted``, in the chunks' form (lists as tuples)."""
+    """The chunks' tensors joined along the batch axis and cut to ``wanted``, in the chunks' containers."""
     first = chunks[0]
     if isinstance(first, Tensor):
         return torch.cat(chunks)[:wanted]
     if isinstance(first, dict):
-        return {key: _joined([chunk[key] for chunk in chunks], wanted) for key in first}
-    return tuple(_joined([chunk[i] for chunk in chunks], wanted) for i in range(len(first)))
+        return type(first)((key, _joined([chunk[key] for chunk in chunks], wanted)) for key in first)
+    joined = [_joined([chunk[i] for chunk in chunks], wanted) for i in range(len(first))]
+    return type(first)(*joined) if hasattr(first, "_fields") else type(first)(joined)  # a namedtuple takes fields

@@ -255,6 +255,18 @@ def test_a_forward_that_takes_the_whole_dict_batch_is_initialized_on_it():
     assert_standardized(model, wn.normalized, {"mel": tensors["mel"][:64], "noise": tensors["noise"][:64]})
 
 
+def test_joined_init_inputs_keep_their_containers():
+    from collections import OrderedDict, namedtuple
+
+    from lightning_wn.init_inputs import first_examples
+
+    Pair = namedtuple("Pair", "x context")
+    batch = (Pair(torch.ones(4, 2), [torch.zeros(4), torch.zeros(4, 3)]), OrderedDict(y=torch.ones(4)))
+    (pair, extra), count = first_examples([batch] * 3, 10, "the loader")
+    assert count == 10 and type(pair) is Pair and type(pair.context) is list and type(extra) is OrderedDict
+    assert pair.x.shape == (10, 2) and pair.context[1].shape == (10, 3) and extra["y"].shape == (10,)
+
+
 def test_bad_model_inputs_are_clear_errors():
     for bad in ([], True, 1.5, ["mel", None]):
         with pytest.raises(TypeError, match="`input_key` must be an index, a key, or a non-empty list of them"):
