@@ -354,17 +354,9 @@ class WeightNormalization(Callback):
         if trainer.state.fn != TrainerFn.FITTING:  # trained weights, loaded to evaluate: a later fit keeps them
             return self._mark_initialized(pl_module)
         # The optimizer states, restored after on_fit_start and rewritten there, hold moments of other parameters
-        # where the weights that just loaded into g and v were plain, or learned g as another exp(c * s)
-        if "optimizer_states" not in checkpoint:
-            return
-        if (saved := checkpoint.get("callbacks", {}).get(self.state_key)) is None:
-            tensors = [f"{n}.{t}" for n, m in pl_module.named_modules() for t in weight_norms(m)]
-            if any(tensor in checkpoint["state_dict"] for tensor in tensors):
-                why = "was trained without weight norm: the state saved for its plain weights"
-                self._other_parameters = checkpoint, why
-        elif (c := saved.get("log_scale_factor", self.log_scale_factor)) != self.log_scale_factor:
-            self._other_parameters = checkpoint, (f"learned g with `log_scale_factor`={c!r}, this run with "
-                                                  f"{self.log_scale_factor!r}: the state saved for its g or s")
+        # where a layer's weights just loaded into g and v from another form: plain, or another g = exp(c * s)
+        if "optimizer_states" in checkpoint and (why := _other_forms(pl_module, checkpoint.get("state_dict", {}))):
+            self._other_parameters = checkpoint, why
 
     def _restart_optimizer_states(self, trainer: pl.Trainer) -> None:
         # each group keeps its saved hyperparameters (a learning rate a scheduler lowered), its per-parameter state
@@ -414,6 +406,27 @@ def _as_trained_on(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: An
     batch = trainer.precision_plugin.convert_input(batch)
     owner = trainer.datamodule if is_overridden("on_before_batch_transfer", trainer.datamodule) else pl_module
     return trainer.strategy.batch_to_device(owner.on_before_batch_transfer(batch, 0))
+
+
+def _other_forms(pl_module: pl.LightningModule, saved: dict[str, Any]) -> str | None:
+    """Why the first normalized tensor of ``pl_module`` that ``saved`` holds in another form is not what it learns."""
+    def form(c: float | None) -> str:
+        return "g" if c is None else f"s, with g = exp({c:g} * s)"
+
+    for name, module in pl_module.named_modules():
+        for tensor, wn in weight_norms(module).items():
+            plain, ours = f"{name}.{tensor}".lstrip("."), f"{name}.parametrizations.{tensor}.".lstrip(".")
+            if plain in saved:
+                return "was trained without weight norm: the state saved for its plain weights"
+            c = saved.get(f"{ours}c")
+            if c is None and f"{ours}original0" not in saved and f"{plain}_g" not in saved:
+                continue  # not saved at all: load_state_dict says so
+            saved_c = None if c is None else float(c)
+            now = None if wn.log_scale_factor is None else float(torch.tensor(wn.log_scale_factor))  # as float32
+            if saved_c != now:
+                return (f"saved `{ours[:-1]}` learning {form(saved_c)}, which this run learns as {form(now)}: the state "
+                        "saved for it")
+    return None
 
 
 def _refuse_sharded_plain_layers(modules: dict[str, torch.nn.Module], plain: list[str]) -> None:

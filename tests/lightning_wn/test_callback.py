@@ -584,12 +584,48 @@ def test_a_run_resumed_with_another_log_scale_factor_restarts_the_optimizer_stat
                 self.out = pl_module(data.x)
 
     probe, resumed = Probe(), ConvClassifier()
-    with pytest.warns(UserWarning, match=f"learned g with `log_scale_factor`={saved_c}, this run with {resumed_c}.*restarts"):
+    form = {None: "g", 2.0: r"s, with g = exp\(2 \* s\)", 3.0: r"s, with g = exp\(3 \* s\)", 5.0: r"s, with g = exp\(5 \* s\)"}
+    learns = f"saved `net.0.parametrizations.weight` learning {form[saved_c]}, which this run learns as {form[resumed_c]}"
+    with pytest.warns(UserWarning, match=f"{learns}.*restarts"):
         trainer(max_steps=3, callbacks=[WeightNormalization(log_scale_factor=resumed_c), probe]).fit(
             resumed, data, ckpt_path=tmp_path / "last.ckpt"
         )
     assert probe.state == {}
     torch.testing.assert_close(probe.out, expected, rtol=0, atol=1e-5)  # the saved function, in the new form
+
+
+class HandNormalized(ConvClassifier):
+    def __init__(self, c=None):
+        super().__init__()
+        apply_weight_norm(self, log_scale_factor=c)  # by hand: the callback keeps these layers as they are
+
+
+@pytest.mark.parametrize(("saved", "resumed", "restarts"), [
+    ((2.0, None), (3.0, None), True),  # the layers' own c changed, the callback's option never was set
+    ((2.0, None), (2.0, 5.0), False),  # only the callback's option changed, which layers normalized by hand ignore
+    ((None, False), (None, True), True),  # a run of init only (plain weights), resumed with weight norm
+])  # fmt: skip
+def test_the_optimizer_state_restarts_exactly_where_a_layer_learns_in_another_form(tmp_path, saved, resumed, restarts):
+    def callback(option):  # weight_norm as a bool, or log_scale_factor
+        return WeightNormalization(**{"weight_norm" if isinstance(option, bool) else "log_scale_factor": option})
+
+    seed_everything(0)
+    data, saver = RandomImages(size=64, batch_size=16), ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    model = HandNormalized(saved[0]) if saved[1] is not False else ConvClassifier()
+    trainer(max_steps=2, callbacks=[callback(saved[1]), saver], enable_checkpointing=True).fit(model, data)
+
+    class Probe(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.state = dict(trainer.optimizers[0].state)
+
+    probe = Probe()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = trainer(max_steps=3, callbacks=[callback(resumed[1]), probe])
+        model = HandNormalized(resumed[0]) if resumed[1] is not True else ConvClassifier()
+        fit.fit(model, data, ckpt_path=tmp_path / "last.ckpt")
+    warned = [w for w in caught if "optimizer state restarts from zero" in str(w.message)]
+    assert len(warned) == restarts and (probe.state == {}) == restarts
 
 
 def test_validating_a_run_trained_without_weight_norm_then_fitting_leaves_the_fit_alone(tmp_path):
