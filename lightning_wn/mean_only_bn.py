@@ -49,7 +49,8 @@ class MeanOnlyBatchNorm(nn.Module):
 def attach_mean_only_bn(layer: nn.Module, momentum: float = 0.1) -> MeanOnlyBatchNorm:
     """Put a :class:`MeanOnlyBatchNorm` after ``layer``, in place: the child ``layer.mean_only_bn``, applied by a hook.
 
-    The layer's own names stay; the output units are on axis 1, or a ``Linear``'s last axis.
+    The layer's own names stay; the output units are on axis 1, or a ``Linear``'s last axis (an unbatched
+    convolution's first).
 
     Example:
         >>> layer = nn.Linear(3, 4)
@@ -71,4 +72,6 @@ def _apply_mean_only_bn(layer: nn.Module, args: tuple, output: Tensor) -> Tensor
     # a named function, not a lambda: a model with this hook still pickles
     if isinstance(layer, nn.Linear) and output.dim() > 2:  # (N, ..., features): the units are last, not on axis 1
         return layer.mean_only_bn(output.movedim(-1, 1)).movedim(1, -1)
+    if isinstance(layer, nn.modules.conv._ConvNd) and output.dim() == len(layer.kernel_size) + 1:  # unbatched
+        return layer.mean_only_bn(output.unsqueeze(0)).squeeze(0)
     return layer.mean_only_bn(output)

@@ -56,3 +56,10 @@ def test_after_a_linear_on_sequences_it_centres_each_feature_not_each_step(steps
     report = data_dependent_init(layer, x)  # the init's statistics follow the same axis
     assert report.modules["mean_only_bn"].mean.shape == (16,)
     torch.testing.assert_close(layer(x).std((0, 1), unbiased=False), torch.ones(16), atol=1e-4, rtol=0)
+
+
+def test_after_an_unbatched_convolution_it_centres_each_channel():
+    layer = nn.Conv2d(4, 5, 1)  # unbatched input (4, 5, 5): as many channels out as rows
+    attach_mean_only_bn(layer)
+    out = layer(torch.randn(4, 5, 5) + torch.linspace(-2, 2, 5))
+    torch.testing.assert_close(out.mean((1, 2)), torch.zeros(5), atol=1e-5, rtol=0)
