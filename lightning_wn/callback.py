@@ -30,9 +30,8 @@ from lightning_wn.init import INITIALIZED, _is_sharded, data_dependent_init
 from lightning_wn.init_inputs import first_examples, model_inputs
 from lightning_wn.mean_only_bn import attach_mean_only_bn
 from lightning_wn.models import apply_weight_norm, limit_direction_norm, remove_weight_norm, select_layers
-from lightning_wn.state_dict import fold_state_dict
-from lightning_wn.weight_norm import RECURRENT_LAYERS, SUPPORTED_LAYERS, is_weight_normalized, positive_number
-from lightning_wn.weight_norm import weight_norms
+from lightning_wn.state_dict import fold_state_dict, same_scale_factor
+from lightning_wn.weight_norm import RECURRENT_LAYERS, is_weight_normalized, positive_number, weight_norms
 
 # and their subclasses: why each cannot carry weight norm
 _REFUSED_STRATEGIES = {
@@ -154,10 +153,9 @@ class WeightNormalization(Callback):
             raise ValueError(f"`input_key`={self.input_key!r} and `{type(pl_module).__name__}.data_init_inputs` both "
                              "say what the data-dependent init passes to `forward`: keep one.")
         self._seen_at_setup = set(dict(pl_module.named_modules()))
-        # a model built wholly in configure_model has no layer yet: on_fit_start selects them
-        built_later = is_overridden("configure_model", pl_module)
-        built_later = built_later and not any(isinstance(m, SUPPORTED_LAYERS) for m in pl_module.modules())
-        selected = [] if built_later else select_layers(pl_module, self.include, self.exclude)
+        # what configure_model builds does not exist yet: patterns for it match nothing (on_fit_start selects again)
+        later = is_overridden("configure_model", pl_module)
+        selected = select_layers(pl_module, self.include, self.exclude, missing_ok=later)
         callbacks = list(trainer.callbacks)
         # a weight-averaging callback copies the model in its own setup: before ours, it copies plain layers
         averaging = (StochasticWeightAveraging, WeightAveraging)
@@ -409,23 +407,24 @@ def _as_trained_on(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: An
 
 
 def _other_forms(pl_module: pl.LightningModule, saved: dict[str, Any]) -> str | None:
-    """Why the first normalized tensor of ``pl_module`` that ``saved`` holds in another form is not what it learns."""
-    def form(c: float | None) -> str:
-        return "g" if c is None else f"s, with g = exp({c:g} * s)"
-
+    """Why the first normalized tensor of ``pl_module`` that ``saved`` holds in another form (plain, another
+    ``g = exp(c * s)``, ``g`` along another axis) loads into new ``g`` and ``v``; None if none does."""
     for name, module in pl_module.named_modules():
         for tensor, wn in weight_norms(module).items():
-            plain, ours = f"{name}.{tensor}".lstrip("."), f"{name}.parametrizations.{tensor}.".lstrip(".")
+            plain, ours = f"{name}.{tensor}".lstrip("."), f"{name}.parametrizations.{tensor}."
+            ours = ours.lstrip(".")
             if plain in saved:
                 return "was trained without weight norm: the state saved for its plain weights"
-            c = saved.get(f"{ours}c")
-            if c is None and f"{ours}original0" not in saved and f"{plain}_g" not in saved:
+            magnitude = next((saved[k] for k in (f"{ours}original0", f"{ours}s", f"{plain}_g") if k in saved), None)
+            if magnitude is None:
                 continue  # not saved at all: load_state_dict says so
-            saved_c = None if c is None else float(c)
-            now = None if wn.log_scale_factor is None else float(torch.tensor(wn.log_scale_factor))  # as float32
-            if saved_c != now:
-                return (f"saved `{ours[:-1]}` learning {form(saved_c)}, which this run learns as {form(now)}: the state "
-                        "saved for it")
+            c = saved.get(f"{ours}c")
+            if not same_scale_factor(c, wn.log_scale_factor):  # as the load compares them
+                was, now = (("g" if x is None else f"s with c = {float(x):g}") for x in (c, wn.log_scale_factor))
+                return f"saved `{ours[:-1]}` as {was}, which this run learns as {now}: the state saved for it"
+            if magnitude.shape != wn.magnitude_param.shape:  # g along another axis (torch's ConvTranspose, dim=None)
+                return (f"saved `{ours[:-1]}` with g of shape {tuple(magnitude.shape)}, which this run keeps as "
+                        f"{tuple(wn.magnitude_param.shape)}: the state saved for it")
     return None
 
 

@@ -62,10 +62,13 @@ def apply_weight_norm(
     return names
 
 
-def select_layers(model: nn.Module, include: Selection | None = None, exclude: Selection = ()) -> list[str]:
+def select_layers(
+    model: nn.Module, include: Selection | None = None, exclude: Selection = (), *, missing_ok: bool = False
+) -> list[str]:
     """The qualified names :func:`apply_weight_norm` would normalize, in module order.
 
     Layers torch already reparametrizes are left out with a warning; naming one in ``include`` is an error.
+    ``missing_ok``: a pattern that matches no module, or nothing selected, is no error (layers built later).
 
     Example:
         >>> select_layers(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)), exclude="2")
@@ -73,14 +76,14 @@ def select_layers(model: nn.Module, include: Selection | None = None, exclude: S
     """
     include = DEFAULT_LAYERS if include is None else include
     modules = dict(model.named_modules())
-    chosen = _select(modules, include, "include") - _select(modules, exclude, "exclude")
+    chosen = _select(modules, include, "include", missing_ok) - _select(modules, exclude, "exclude", missing_ok)
     found = {n: torch_norms.torch_reparametrizations(modules[n]) for n in modules if n in chosen}
     by_torch = {n: f"`{n}` ({', '.join(kinds)})" for n, kinds in found.items() if kinds}  # as the messages show them
     if named := [shown for n, shown in by_torch.items() if n in _entries(include)]:  # named exactly, not matched
         raise ValueError(f"`include` names {', '.join(named)}, already reparametrized by torch: weight norm on top "
                          f"would stack two reparametrizations. {torch_norms.TORCH_FIX}")
     chosen -= by_torch.keys()
-    if not chosen:
+    if not chosen and not missing_ok:
         skipped = f" {len(by_torch)} selected are under torch's norms: {torch_norms.TORCH_FIX}" if by_torch else ""
         raise ValueError(f"No module of {type(model).__name__} is selected by `include`={include!r} and "
                          f"`exclude`={exclude!r}. Modules: {_preview(modules)}.{skipped}")
@@ -197,7 +200,7 @@ def _entries(selection: Selection) -> list:
     return [selection] if isinstance(selection, (str, type)) else list(selection)
 
 
-def _select(modules: dict[str, nn.Module], selection: Selection, argument: str) -> set[str]:
+def _select(modules: dict[str, nn.Module], selection: Selection, argument: str, missing_ok: bool) -> set[str]:
     chosen: set[str] = set()
     supported = {name for name, m in modules.items() if isinstance(m, SUPPORTED_LAYERS)}
     for entry in _entries(selection):
@@ -211,7 +214,7 @@ def _select(modules: dict[str, nn.Module], selection: Selection, argument: str) 
             continue
         if not isinstance(entry, str):
             raise TypeError(f"`{argument}` entries must be layer types or name patterns, got {entry!r}.")
-        if not (matched := [name for name in modules if fnmatch.fnmatchcase(name, entry)]):
+        if not (matched := [name for name in modules if fnmatch.fnmatchcase(name, entry)]) and not missing_ok:
             raise ValueError(f"`{argument}` pattern {entry!r} matches no module. Module names: {_preview(modules)}.")
         for root in matched:  # a pattern selects the supported layers inside the modules it matches
             inside = {name for name in supported if not root or f"{name}.".startswith(f"{root}.")}

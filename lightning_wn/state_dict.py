@@ -92,6 +92,19 @@ def _fold(g: Tensor, v: Tensor) -> Tensor:
     return torch._weight_norm(v, g, _norm_axis(g, v))
 
 
+def same_scale_factor(c: Tensor | None, log_scale_factor: float | None) -> bool:
+    """Whether a saved ``c`` (None where ``g`` was saved) is ``log_scale_factor``, rounded as ``c`` is stored
+    (0.1 in bfloat16 is 0.10009765625).
+
+    Example:
+        >>> same_scale_factor(torch.tensor(0.1, dtype=torch.bfloat16), 0.1), same_scale_factor(None, 3.0)
+        (True, False)
+    """
+    if c is None or log_scale_factor is None:
+        return c is None and log_scale_factor is None
+    return float(c) == float(torch.tensor(log_scale_factor, dtype=c.dtype))
+
+
 def adopt_other_spellings(normalized, state_dict: dict[str, Tensor], prefix: str, name: str, error_msgs: list) -> None:
     """Rewrite one normalized tensor's entries of ``state_dict`` into ``normalized``'s own layout, in place.
 
@@ -104,7 +117,7 @@ def adopt_other_spellings(normalized, state_dict: dict[str, Tensor], prefix: str
         state_dict[f"{ours}original1"] = state_dict.pop(f"{plain}_v")
     s, c = state_dict.get(f"{ours}s"), state_dict.get(f"{ours}c")
     if isinstance(s, Tensor) and isinstance(c, Tensor) and f"{ours}original0" not in state_dict:  # g = exp(c * s)
-        if normalized.log_scale_factor is not None and float(c) == float(normalized.c):  # both float32
+        if same_scale_factor(c, normalized.log_scale_factor):
             return  # ours; g() reads c from the option, not from the buffer, so another c is converted below
         state_dict[f"{ours}original0"] = torch.exp(c * s)
         del state_dict[f"{ours}s"], state_dict[f"{ours}c"]

@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 import lightning_wn
 import lightning_wn.callback as callback_module
 from lightning_wn import MeanOnlyBatchNorm, WeightNormalization, apply_weight_norm, data_dependent_init, is_weight_normalized
-from lightning_wn import weight_normalized_modules
+from lightning_wn import weight_norm, weight_normalized_modules
 
 sys.path.insert(0, str(Path(__file__).parent))
 from lit_models import ConvClassifier, DictBatches, LazyHead, LazyNormalizedHead, RandomImages, trainer  # noqa: E402
@@ -106,9 +106,15 @@ def test_options_that_missed_layers_normalized_in_configure_model_are_refused(op
         assert wn_0.log_scale_factor == 3.0 if option == "log_scale_factor" else wn_0.paper_init
 
 
-def test_a_model_with_layers_of_its_own_selects_them_at_setup_whatever_configure_model_builds():
-    with pytest.raises(ValueError, match="`exclude` pattern 'head' matches no module"):  # head does not exist yet
-        trainer(max_steps=0, callbacks=[WeightNormalization(exclude=["head"])]).fit(LazyHead(), RandomImages())
+def test_patterns_may_name_layers_that_configure_model_builds():
+    model = LazyHead()  # head: built plain in configure_model, after setup
+    trainer(max_steps=0, callbacks=[WeightNormalization(exclude=["head"])]).fit(model, RandomImages())
+    assert is_weight_normalized(model.net[0]) and not is_weight_normalized(model.head)
+    model, wn = LazyNormalizedHead(), WeightNormalization(include=["head"])  # normalized there
+    trainer(max_steps=0, callbacks=[wn]).fit(model, RandomImages())
+    assert wn.normalized == ["head"] and not is_weight_normalized(model.net[0])
+    with pytest.raises(ValueError, match="`include` pattern 'hed' matches no module"):  # once built, still checked
+        trainer(max_steps=0, callbacks=[WeightNormalization(include=["hed"])]).fit(LazyNormalizedHead(), RandomImages())
 
     class SpectralHead(LazyHead):  # a layer under torch's spectral norm, built after setup
         def configure_model(self):
@@ -584,8 +590,8 @@ def test_a_run_resumed_with_another_log_scale_factor_restarts_the_optimizer_stat
                 self.out = pl_module(data.x)
 
     probe, resumed = Probe(), ConvClassifier()
-    form = {None: "g", 2.0: r"s, with g = exp\(2 \* s\)", 3.0: r"s, with g = exp\(3 \* s\)", 5.0: r"s, with g = exp\(5 \* s\)"}
-    learns = f"saved `net.0.parametrizations.weight` learning {form[saved_c]}, which this run learns as {form[resumed_c]}"
+    form = {None: "g", 2.0: "s with c = 2", 3.0: "s with c = 3", 5.0: "s with c = 5"}
+    learns = f"saved `net.0.parametrizations.weight` as {form[saved_c]}, which this run learns as {form[resumed_c]}"
     with pytest.warns(UserWarning, match=f"{learns}.*restarts"):
         trainer(max_steps=3, callbacks=[WeightNormalization(log_scale_factor=resumed_c), probe]).fit(
             resumed, data, ckpt_path=tmp_path / "last.ckpt"
@@ -626,6 +632,39 @@ def test_the_optimizer_state_restarts_exactly_where_a_layer_learns_in_another_fo
         fit.fit(model, data, ckpt_path=tmp_path / "last.ckpt")
     warned = [w for w in caught if "optimizer state restarts from zero" in str(w.message)]
     assert len(warned) == restarts and (probe.state == {}) == restarts
+
+
+class WholeTensorNorm(ConvClassifier):  # one g for the whole first weight, as torch's dim=None
+    def __init__(self):
+        super().__init__()
+        weight_norm(self.net[0], dim=None)
+
+
+@pytest.mark.parametrize(("saved", "resumed", "restarts"), [
+    (("bf16-true", HandNormalized, 0.1), ("bf16-true", HandNormalized, 0.1), False),  # c = 0.1 held in bfloat16
+    (("32-true", WholeTensorNorm, None), ("32-true", HandNormalized, None), True),  # g along another axis
+])  # fmt: skip
+def test_the_optimizer_state_restarts_where_g_changed_form_and_only_there(tmp_path, saved, resumed, restarts):
+    def build(model_class, c):
+        return HandNormalized(c) if model_class is HandNormalized else model_class()
+
+    seed_everything(0)
+    data, saver = RandomImages(size=64, batch_size=16), ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit = trainer(max_steps=2, precision=saved[0], callbacks=[WeightNormalization(data_init=False), saver], enable_checkpointing=True)
+    fit.fit(build(*saved[1:]), data)
+
+    class Probe(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.state = dict(trainer.optimizers[0].state)
+
+    probe = Probe()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resume = trainer(max_steps=3, precision=resumed[0], callbacks=[WeightNormalization(data_init=False), probe])
+        resume.fit(build(*resumed[1:]), data, ckpt_path=tmp_path / "last.ckpt")
+    warned = [str(w.message) for w in caught if "optimizer state restarts from zero" in str(w.message)]
+    assert len(warned) == restarts and (probe.state == {}) == restarts
+    assert not restarts or "with g of shape (), which this run keeps as (8, 1, 1, 1)" in warned[0]
 
 
 def test_validating_a_run_trained_without_weight_norm_then_fitting_leaves_the_fit_alone(tmp_path):
