@@ -90,11 +90,10 @@ def data_dependent_init(model: nn.Module, inputs: object, modules: Sequence[str]
     if not _check_batch(inputs):
         raise TypeError(f"`inputs` holds no tensor (got {type(inputs).__name__}); pass a batch of model inputs.")
     targets, report = _targets(model, modules)
-    if again := [f"`{name}`" for name, m in targets.items() if getattr(m, INITIALIZED, False)]:
-        more = f" and {len(again) - 5} more" if len(again) > 5 else ""
-        warnings.warn(f"data_dependent_init: {', '.join(again[:5])}{more} were initialized by an earlier call; this "
-                      "one rescales them again. Call it once per model (not again after resuming), or pass `modules` "
-                      "to pick the others.", stacklevel=3)  # past torch.no_grad's wrapper
+    if again := [name for name, m in targets.items() if getattr(m, INITIALIZED, False)]:
+        warnings.warn(f"data_dependent_init: {_shown(again)} were initialized by an earlier call; this one rescales "
+                      "them again. Call it once per model (not again after resuming), or pass `modules` to pick the "
+                      "others.", stacklevel=3)  # past torch.no_grad's wrapper
     # FSDP2 runs the forward on gathered copies of the parameters and frees them: the init must write the shards
     sharded = [m for m in model.modules() if _is_sharded(m)]
     for m in sharded:
@@ -124,10 +123,15 @@ def data_dependent_init(model: nn.Module, inputs: object, modules: Sequence[str]
         setattr(targets[name], INITIALIZED, True)
     if missed := [name for name in targets if name not in report.modules]:
         report.skipped.update(dict.fromkeys(missed, "not called by the forward pass"))
-        warnings.warn(f"data_dependent_init: {', '.join(f'`{name}`' for name in missed)} were not called through "
-                      "their own forward in the pass (another module reads their weight, as MultiheadAttention does "
-                      "its out_proj's, or forward never reaches them), so they keep their weights.", stacklevel=3)
+        warnings.warn(f"data_dependent_init: {_shown(missed)} were not called through their own forward in the "
+                      "pass (another module reads their weight, as MultiheadAttention does its out_proj's, or forward "
+                      "never reaches them), so they keep their weights.", stacklevel=3)
     return report
+
+
+def _shown(names: list[str], limit: int = 5) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(f"`{name}`" for name in names[:limit]) + more
 
 
 def _init_module(report: InitReport, writes: list, init_scale: float, min_std: float, name: str,

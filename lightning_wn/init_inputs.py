@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -81,7 +82,9 @@ def _joined(chunks: list[Any], wanted: int) -> Any:
     first = chunks[0]
     if isinstance(first, Tensor):
         return torch.cat(chunks)[:wanted]
-    if isinstance(first, dict):
-        return type(first)((key, _joined([chunk[key] for chunk in chunks], wanted)) for key in first)
+    if isinstance(first, dict):  # a copy keeps the dict's class and what its constructor took (a defaultdict's)
+        joined = copy.copy(first)
+        joined.update({key: _joined([chunk[key] for chunk in chunks], wanted) for key in first})
+        return joined
     joined = [_joined([chunk[i] for chunk in chunks], wanted) for i in range(len(first))]
     return type(first)(*joined) if hasattr(first, "_fields") else type(first)(joined)  # a namedtuple takes fields

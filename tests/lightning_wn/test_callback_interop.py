@@ -256,7 +256,7 @@ def test_a_forward_that_takes_the_whole_dict_batch_is_initialized_on_it():
 
 
 def test_joined_init_inputs_keep_their_containers():
-    from collections import OrderedDict, namedtuple
+    from collections import OrderedDict, defaultdict, namedtuple
 
     from lightning_wn.init_inputs import first_examples
 
@@ -265,6 +265,8 @@ def test_joined_init_inputs_keep_their_containers():
     (pair, extra), count = first_examples([batch] * 3, 10, "the loader")
     assert count == 10 and type(pair) is Pair and type(pair.context) is list and type(extra) is OrderedDict
     assert pair.x.shape == (10, 2) and pair.context[1].shape == (10, 3) and extra["y"].shape == (10,)
+    (joined, _) = first_examples([defaultdict(list, x=torch.ones(4, 2))] * 3, 10, "the loader")
+    assert type(joined) is defaultdict and joined.default_factory is list and joined["x"].shape == (10, 2)
 
 
 def test_bad_model_inputs_are_clear_errors():
