@@ -350,6 +350,9 @@ class WeightNormalization(Callback):
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if trainer.state.fn != TrainerFn.FITTING:  # trained weights, loaded to evaluate: a later fit keeps them
+            with warnings.catch_warnings():  # patterns for layers configure_model built: checked before weights load
+                warnings.simplefilter("ignore")  # about layers under torch's norms: setup warned already
+                select_layers(pl_module, self.include, self.exclude)
             return self._mark_initialized(pl_module)
         # The optimizer states, restored after on_fit_start and rewritten there, hold moments of other parameters
         # where a layer's weights just loaded into g and v from another form: plain, or another g = exp(c * s)
@@ -423,8 +426,8 @@ def _other_forms(pl_module: pl.LightningModule, saved: dict[str, Any]) -> str | 
                 was, now = (("g" if x is None else f"s with c = {float(x):g}") for x in (c, wn.log_scale_factor))
                 return f"saved `{ours[:-1]}` as {was}, which this run learns as {now}: the state saved for it"
             if magnitude.shape != wn.magnitude_param.shape:  # g along another axis (torch's ConvTranspose, dim=None)
-                return (f"saved `{ours[:-1]}` with g of shape {tuple(magnitude.shape)}, which this run keeps as "
-                        f"{tuple(wn.magnitude_param.shape)}: the state saved for it")
+                return (f"saved `{ours[:-1]}` with g (or s) of shape {tuple(magnitude.shape)}, which this run keeps "
+                        f"as {tuple(wn.magnitude_param.shape)}: the state saved for it")
     return None
 
 

@@ -93,16 +93,18 @@ def _fold(g: Tensor, v: Tensor) -> Tensor:
 
 
 def same_scale_factor(c: Tensor | None, log_scale_factor: float | None) -> bool:
-    """Whether a saved ``c`` (None where ``g`` was saved) is ``log_scale_factor``, rounded as ``c`` is stored
-    (0.1 in bfloat16 is 0.10009765625).
+    """Whether a saved ``c`` (None where ``g`` was saved) is ``log_scale_factor``, rounded as ``c`` is stored:
+    made in float32 (or the default dtype), then maybe cast (0.1 in bfloat16 is 0.10009765625).
 
     Example:
-        >>> same_scale_factor(torch.tensor(0.1, dtype=torch.bfloat16), 0.1), same_scale_factor(None, 3.0)
-        (True, False)
+        >>> bf16, f64 = torch.tensor(0.1).bfloat16(), torch.tensor(0.1).double()
+        >>> same_scale_factor(bf16, 0.1), same_scale_factor(f64, 0.1), same_scale_factor(None, 3.0)
+        (True, True, False)
     """
     if c is None or log_scale_factor is None:
         return c is None and log_scale_factor is None
-    return float(c) == float(torch.tensor(log_scale_factor, dtype=c.dtype))
+    made = (torch.tensor(log_scale_factor, dtype=dtype).to(c.dtype) for dtype in (torch.float32, c.dtype))
+    return any(float(c) == float(value) for value in made)
 
 
 def adopt_other_spellings(normalized, state_dict: dict[str, Tensor], prefix: str, name: str, error_msgs: list) -> None:

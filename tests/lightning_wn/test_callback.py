@@ -116,6 +116,18 @@ def test_patterns_may_name_layers_that_configure_model_builds():
     with pytest.raises(ValueError, match="`include` pattern 'hed' matches no module"):  # once built, still checked
         trainer(max_steps=0, callbacks=[WeightNormalization(include=["hed"])]).fit(LazyNormalizedHead(), RandomImages())
 
+
+def test_a_pattern_that_matches_nothing_is_reported_before_an_evaluation_loads_weights(tmp_path):
+    class Validated(LazyNormalizedHead):
+        def validation_step(self, batch, batch_idx):
+            self.log("val/loss", torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    data, saver = RandomImages(size=32), ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(max_steps=1, callbacks=[WeightNormalization(), saver], enable_checkpointing=True).fit(Validated(), data)
+    wn, loader = WeightNormalization(include=["net.0", "hed"]), data.train_dataloader()
+    with pytest.raises(ValueError, match="`include` pattern 'hed' matches no module"):  # not torch's missing keys
+        trainer(callbacks=[wn]).validate(Validated(), loader, ckpt_path=tmp_path / "last.ckpt")
+
     class SpectralHead(LazyHead):  # a layer under torch's spectral norm, built after setup
         def configure_model(self):
             if self.head is None:
@@ -642,6 +654,7 @@ class WholeTensorNorm(ConvClassifier):  # one g for the whole first weight, as t
 
 @pytest.mark.parametrize(("saved", "resumed", "restarts"), [
     (("bf16-true", HandNormalized, 0.1), ("bf16-true", HandNormalized, 0.1), False),  # c = 0.1 held in bfloat16
+    (("64-true", HandNormalized, 0.1), ("64-true", HandNormalized, 0.1), False),  # float32's 0.1, widened
     (("32-true", WholeTensorNorm, None), ("32-true", HandNormalized, None), True),  # g along another axis
 ])  # fmt: skip
 def test_the_optimizer_state_restarts_where_g_changed_form_and_only_there(tmp_path, saved, resumed, restarts):
@@ -664,7 +677,7 @@ def test_the_optimizer_state_restarts_where_g_changed_form_and_only_there(tmp_pa
         resume.fit(build(*resumed[1:]), data, ckpt_path=tmp_path / "last.ckpt")
     warned = [str(w.message) for w in caught if "optimizer state restarts from zero" in str(w.message)]
     assert len(warned) == restarts and (probe.state == {}) == restarts
-    assert not restarts or "with g of shape (), which this run keeps as (8, 1, 1, 1)" in warned[0]
+    assert not restarts or "with g (or s) of shape (), which this run keeps as (8, 1, 1, 1)" in warned[0]
 
 
 def test_validating_a_run_trained_without_weight_norm_then_fitting_leaves_the_fit_alone(tmp_path):

@@ -196,6 +196,16 @@ def test_fold_state_dict_keeps_pairs_the_model_has_and_passes_spectral_norm_thro
     assert fold_state_dict(saved, keep=own).keys() == saved.keys()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_a_layer_loads_its_own_s_and_v_as_they_are_whatever_dtype_holds_c(dtype):
+    # c = 0.1 is not exact in these dtypes: the load must not take it for another c and split s and v again
+    saved = weight_norm(nn.Linear(3, 2), log_scale_factor=0.1).to(dtype)
+    layer = weight_norm(nn.Linear(3, 2), log_scale_factor=0.1).to(dtype)
+    layer.load_state_dict(saved.state_dict())
+    for name, value in saved.state_dict().items():
+        assert torch.equal(layer.state_dict()[name], value), name
+
+
 def test_fold_state_dict_says_what_it_wants():
     layer = weight_norm(nn.Linear(3, 2))
     with pytest.raises(TypeError, match=r"a state dict .* got WeightNormedLinear\. Pass `model.state_dict\(\)`"):
