@@ -618,36 +618,43 @@ class HandNormalized(ConvClassifier):
         apply_weight_norm(self, log_scale_factor=c)  # by hand: the callback keeps these layers as they are
 
 
+def fit_then_resume(tmp_path, first, second):
+    """Fit ``first`` (model, callback, precision) two steps, then resume ``second`` from its last checkpoint: the
+    optimizer state the resumed run starts with, and the warnings that it restarted."""
+    seed_everything(0)
+    data, saver = RandomImages(size=64, batch_size=16), ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    model, callback, precision = first
+    trainer(max_steps=2, precision=precision, callbacks=[callback, saver], enable_checkpointing=True).fit(model, data)
+
+    class Probe(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.state = dict(trainer.optimizers[0].state)
+
+    probe, (model, callback, precision) = Probe(), second
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resume = trainer(max_steps=3, precision=precision, callbacks=[callback, probe])
+        resume.fit(model, data, ckpt_path=tmp_path / "last.ckpt")
+    return probe.state, [str(w.message) for w in caught if "optimizer state restarts from zero" in str(w.message)]
+
+
 @pytest.mark.parametrize(("saved", "resumed", "restarts"), [
     ((2.0, None), (3.0, None), True),  # the layers' own c changed, the callback's option never was set
     ((2.0, None), (2.0, 5.0), False),  # only the callback's option changed, which layers normalized by hand ignore
     ((None, False), (None, True), True),  # a run of init only (plain weights), resumed with weight norm
 ])  # fmt: skip
 def test_the_optimizer_state_restarts_exactly_where_a_layer_learns_in_another_form(tmp_path, saved, resumed, restarts):
-    def callback(option):  # weight_norm as a bool, or log_scale_factor
-        return WeightNormalization(**{"weight_norm" if isinstance(option, bool) else "log_scale_factor": option})
+    def run(c, option):  # the callback's weight_norm as a bool, or its log_scale_factor
+        model = ConvClassifier() if isinstance(option, bool) else HandNormalized(c)
+        callback = WeightNormalization(**{"weight_norm" if isinstance(option, bool) else "log_scale_factor": option})
+        return model, callback, "32-true"
 
-    seed_everything(0)
-    data, saver = RandomImages(size=64, batch_size=16), ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    model = HandNormalized(saved[0]) if saved[1] is not False else ConvClassifier()
-    trainer(max_steps=2, callbacks=[callback(saved[1]), saver], enable_checkpointing=True).fit(model, data)
-
-    class Probe(Callback):
-        def on_train_start(self, trainer, pl_module):
-            self.state = dict(trainer.optimizers[0].state)
-
-    probe = Probe()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fit = trainer(max_steps=3, callbacks=[callback(resumed[1]), probe])
-        model = HandNormalized(resumed[0]) if resumed[1] is not True else ConvClassifier()
-        fit.fit(model, data, ckpt_path=tmp_path / "last.ckpt")
-    warned = [w for w in caught if "optimizer state restarts from zero" in str(w.message)]
-    assert len(warned) == restarts and (probe.state == {}) == restarts
+    state, warned = fit_then_resume(tmp_path, run(*saved), run(*resumed))
+    assert len(warned) == restarts and (state == {}) == restarts
 
 
 class WholeTensorNorm(ConvClassifier):  # one g for the whole first weight, as torch's dim=None
-    def __init__(self):
+    def __init__(self, c=None):
         super().__init__()
         weight_norm(self.net[0], dim=None)
 
@@ -658,25 +665,11 @@ class WholeTensorNorm(ConvClassifier):  # one g for the whole first weight, as t
     (("32-true", WholeTensorNorm, None), ("32-true", HandNormalized, None), True),  # g along another axis
 ])  # fmt: skip
 def test_the_optimizer_state_restarts_where_g_changed_form_and_only_there(tmp_path, saved, resumed, restarts):
-    def build(model_class, c):
-        return HandNormalized(c) if model_class is HandNormalized else model_class()
+    def run(precision, model_class, c):
+        return model_class(c), WeightNormalization(data_init=False), precision
 
-    seed_everything(0)
-    data, saver = RandomImages(size=64, batch_size=16), ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    fit = trainer(max_steps=2, precision=saved[0], callbacks=[WeightNormalization(data_init=False), saver], enable_checkpointing=True)
-    fit.fit(build(*saved[1:]), data)
-
-    class Probe(Callback):
-        def on_train_start(self, trainer, pl_module):
-            self.state = dict(trainer.optimizers[0].state)
-
-    probe = Probe()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        resume = trainer(max_steps=3, precision=resumed[0], callbacks=[WeightNormalization(data_init=False), probe])
-        resume.fit(build(*resumed[1:]), data, ckpt_path=tmp_path / "last.ckpt")
-    warned = [str(w.message) for w in caught if "optimizer state restarts from zero" in str(w.message)]
-    assert len(warned) == restarts and (probe.state == {}) == restarts
+    state, warned = fit_then_resume(tmp_path, run(*saved), run(*resumed))
+    assert len(warned) == restarts and (state == {}) == restarts
     assert not restarts or "with g (or s) of shape (), which this run keeps as (8, 1, 1, 1)" in warned[0]
 
 
