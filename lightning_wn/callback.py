@@ -414,8 +414,8 @@ def _other_forms(pl_module: pl.LightningModule, saved: dict[str, Any]) -> str | 
     ``g = exp(c * s)``, ``g`` along another axis) loads into new ``g`` and ``v``; None if none does."""
     for name, module in pl_module.named_modules():
         for tensor, wn in weight_norms(module).items():
-            plain, ours = f"{name}.{tensor}".lstrip("."), f"{name}.parametrizations.{tensor}."
-            ours = ours.lstrip(".")
+            layer = f"{name}." if name else ""
+            plain, ours = f"{layer}{tensor}", f"{layer}parametrizations.{tensor}."
             if plain in saved:
                 return "was trained without weight norm: the state saved for its plain weights"
             magnitude = next((saved[k] for k in (f"{ours}original0", f"{ours}s", f"{plain}_g") if k in saved), None)

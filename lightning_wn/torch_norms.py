@@ -76,13 +76,14 @@ def remove_torch_weight_norm(module: nn.Module) -> bool:
     Each weight is a parameter, trainable as ``w`` was: frozen if ``g`` and ``v`` were, as this library folds.
     """
     found = torch_weight_norms(module)
+    if any(isinstance(norm, _WeightNorm) for _, norm, _, _ in found):
+        # torch deletes each tensor's property from the module's class, which copies made under its parametrization
+        # (an EMA, a target network) share: this module gets a class of its own first
+        cls = type(module)
+        module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
     for name, norm, g, v in found:
         trainable = g.requires_grad or v.requires_grad
         if isinstance(norm, _WeightNorm):
-            # torch deletes the tensor's property from the module's class, which copies made under its parametrization
-            # (an EMA, a target network) share: this module gets a class of its own first
-            cls = type(module)
-            module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
             parametrize.remove_parametrizations(module, name, leave_parametrized=True)
         else:
             nn.utils.remove_weight_norm(module, name)
