@@ -30,7 +30,7 @@ from lightning_wn.init import INITIALIZED, _is_sharded, data_dependent_init
 from lightning_wn.init_inputs import first_examples, model_inputs
 from lightning_wn.mean_only_bn import attach_mean_only_bn
 from lightning_wn.models import apply_weight_norm, limit_direction_norm, remove_weight_norm, select_layers
-from lightning_wn.state_dict import fold_state_dict, same_scale_factor
+from lightning_wn.state_dict import fold_state_dict
 from lightning_wn.weight_norm import RECURRENT_LAYERS, is_weight_normalized, positive_number, weight_norms
 
 # and their subclasses: why each cannot carry weight norm
@@ -132,7 +132,7 @@ class WeightNormalization(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # this run's model may be another: what the callback knew of the last one (restored by a tuner after the
         # init, or saved by a tuner's checkpoint before it) is not this one's
-        self._restored, self.initialized = None, False
+        self._restored, self.initialized, self._other_parameters = None, False, None
         strategy = trainer.strategy
         for refused, why in _REFUSED_STRATEGIES.items():
             if isinstance(strategy, refused):
@@ -356,7 +356,7 @@ class WeightNormalization(Callback):
             return self._mark_initialized(pl_module)
         # The optimizer states, restored after on_fit_start and rewritten there, hold moments of other parameters
         # where a layer's weights just loaded into g and v from another form: plain, or another g = exp(c * s)
-        if "optimizer_states" in checkpoint and (why := _other_forms(pl_module, checkpoint.get("state_dict", {}))):
+        if "optimizer_states" in checkpoint and (why := _converted_on_load(pl_module)):
             self._other_parameters = checkpoint, why
 
     def _restart_optimizer_states(self, trainer: pl.Trainer) -> None:
@@ -373,9 +373,9 @@ class WeightNormalization(Callback):
                     new |= {k: v for k, v in old.items() if k not in ("params", "param_names")}  # hyperparameters
             restarted.append(fresh)
         checkpoint["optimizer_states"] = restarted
-        rank_zero_warn(f"WeightNormalization: {trainer.ckpt_path} {why} (momentum, Adam's moments) cannot apply to "
-                       "this run's g and v, so the optimizer state restarts from zero. Learning rates and the loop's "
-                       "progress are restored.")
+        rank_zero_warn(f"WeightNormalization: {trainer.ckpt_path} {why}. What an optimizer saved for it (momentum, "
+                       "Adam's moments) cannot apply to this run's g and v, so the optimizer state restarts from zero. "
+                       "Learning rates and the loop's progress are restored.")
 
 
 class FoldWeightNormOnLoad:
@@ -409,26 +409,11 @@ def _as_trained_on(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: An
     return trainer.strategy.batch_to_device(owner.on_before_batch_transfer(batch, 0))
 
 
-def _other_forms(pl_module: pl.LightningModule, saved: dict[str, Any]) -> str | None:
-    """Why the first normalized tensor of ``pl_module`` that ``saved`` holds in another form (plain, another
-    ``g = exp(c * s)``, ``g`` along another axis) loads into new ``g`` and ``v``; None if none does."""
-    for name, module in pl_module.named_modules():
-        for tensor, wn in weight_norms(module).items():
-            layer = f"{name}." if name else ""
-            plain, ours = f"{layer}{tensor}", f"{layer}parametrizations.{tensor}."
-            if plain in saved:
-                return "was trained without weight norm: the state saved for its plain weights"
-            magnitude = next((saved[k] for k in (f"{ours}original0", f"{ours}s", f"{plain}_g") if k in saved), None)
-            if magnitude is None:
-                continue  # not saved at all: load_state_dict says so
-            c = saved.get(f"{ours}c")
-            if not same_scale_factor(c, wn.log_scale_factor):  # as the load compares them
-                was, now = (("g" if x is None else f"s with c = {float(x):g}") for x in (c, wn.log_scale_factor))
-                return f"saved `{ours[:-1]}` as {was}, which this run learns as {now}: the state saved for it"
-            if magnitude.shape != wn.magnitude_param.shape:  # g along another axis (torch's ConvTranspose, dim=None)
-                return (f"saved `{ours[:-1]}` with g (or s) of shape {tuple(magnitude.shape)}, which this run keeps "
-                        f"as {tuple(wn.magnitude_param.shape)}: the state saved for it")
-    return None
+def _converted_on_load(pl_module: pl.LightningModule) -> str | None:
+    """How the state dict ``pl_module`` last loaded saved its first normalized tensor whose ``g`` and ``v`` changed
+    form on the way (plain, another ``g = exp(c * s)``, ``g`` along another axis); None if none did."""
+    forms = (wn.converted_on_load for module in pl_module.modules() for wn in weight_norms(module).values())
+    return next((form for form in forms if form), None)
 
 
 def _refuse_sharded_plain_layers(modules: dict[str, torch.nn.Module], plain: list[str]) -> None:

@@ -107,41 +107,53 @@ def same_scale_factor(c: Tensor | None, log_scale_factor: float | None) -> bool:
     return any(float(c) == float(value) for value in made)
 
 
-def adopt_other_spellings(normalized, state_dict: dict[str, Tensor], prefix: str, name: str, error_msgs: list) -> None:
+def adopt_other_spellings(normalized, state_dict: dict[str, Tensor], prefix: str, name: str, error_msgs: list) -> str | None:
     """Rewrite one normalized tensor's entries of ``state_dict`` into ``normalized``'s own layout, in place.
 
     Legacy ``<name>_g``/``_v`` are renamed; a ``g`` along another axis, or where ours is ``s``, is folded and
     split again, as is a plain ``<name>`` (trained without weight norm): each computes what it was saved with.
+    Returns how the entries were saved where their values changed form (so an optimizer's state saved for
+    them does not apply to the new ``g`` and ``v``), else None.
     """
     ours, plain = f"{prefix}parametrizations.{name}.", f"{prefix}{name}"
     if f"{plain}_g" in state_dict and f"{plain}_v" in state_dict and f"{ours}original1" not in state_dict:
         state_dict[f"{ours}original0"] = state_dict.pop(f"{plain}_g")
         state_dict[f"{ours}original1"] = state_dict.pop(f"{plain}_v")
-    s, c = state_dict.get(f"{ours}s"), state_dict.get(f"{ours}c")
+    c, log_scale_factor, was = state_dict.get(f"{ours}c"), normalized.log_scale_factor, None
+    learned = f"which this run learns as {'g' if log_scale_factor is None else f's with c = {log_scale_factor:g}'}"
+    s = state_dict.get(f"{ours}s")
     if isinstance(s, Tensor) and isinstance(c, Tensor) and f"{ours}original0" not in state_dict:  # g = exp(c * s)
-        if same_scale_factor(c, normalized.log_scale_factor):
-            return  # ours; g() reads c from the option, not from the buffer, so another c is converted below
+        if same_scale_factor(c, log_scale_factor):
+            return None  # ours; g() reads c from the option, not from the buffer, so another c is converted
         state_dict[f"{ours}original0"] = torch.exp(c * s)
         del state_dict[f"{ours}s"], state_dict[f"{ours}c"]
+        was = f"saved `{ours[:-1]}` as s with c = {float(c):g}, {learned}"
     g, v, weight = state_dict.get(f"{ours}original0"), state_dict.get(f"{ours}original1"), state_dict.get(plain)
     if isinstance(g, Tensor) and isinstance(v, Tensor):
-        same_layout = normalized.log_scale_factor is None and g.shape == normalized.original0.shape
-        if v.shape != normalized.v.shape or same_layout or _norm_axis(g, v) is None:
-            return  # ours already, or not a weight norm of this tensor: load_state_dict reports what is wrong
+        if v.shape != normalized.v.shape or _norm_axis(g, v) is None:
+            return None  # not a weight norm of this tensor: load_state_dict reports what is wrong
+        if log_scale_factor is None and g.shape == normalized.original0.shape:
+            return was  # g in our layout: saved so, or converted from s
+        if was is None and log_scale_factor is not None:
+            was = f"saved `{ours[:-1]}` as g, {learned}"
+        shape = tuple(normalized.magnitude_param.shape)
+        was = was or f"saved `{ours[:-1]}` with g of shape {tuple(g.shape)}, which this run keeps as {shape}"
         weight = _fold(g, v)
         del state_dict[f"{ours}original0"]
     elif not isinstance(weight, Tensor) or {f"{ours}original0", f"{ours}original1", f"{ours}s"} & state_dict.keys():
-        return  # no plain weight, or part of a g and v: load_state_dict reports what is missing
+        return None  # no plain weight, or part of a g and v: load_state_dict reports what is missing
     else:
         del state_dict[plain]  # its shape mismatch is reported by the name the source gave it
         if weight.shape != normalized.v.shape:
             error_msgs.append(f"size mismatch for {plain}: copying a plain weight of shape {tuple(weight.shape)} into "
                               f"a weight-normalized layer whose weight has shape {tuple(normalized.v.shape)}.")
-            return
+            return None
+        was = f"saved `{plain}` as a plain weight, trained without weight norm"
     v, magnitude = normalized.split(weight.to(normalized.v.dtype))
     state_dict[f"{ours}original1"] = v
-    if normalized.log_scale_factor is None:
+    if log_scale_factor is None:
         state_dict[f"{ours}original0"] = magnitude
     else:
         state_dict[f"{ours}s"] = magnitude
         state_dict.setdefault(f"{ours}c", normalized.c.clone())
+    return was

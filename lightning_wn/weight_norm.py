@@ -50,6 +50,7 @@ class WeightNorm(nn.Module):
     """
 
     paper_init = False  # whether v was re-drawn as in the paper (weight_norm's paper_init)
+    converted_on_load: str | None = None  # how the last state dict loaded saved g and v, where they changed form
 
     def __init__(self, weight: Tensor, dim: int | None, log_scale_factor: float | None = None) -> None:
         super().__init__()
@@ -392,7 +393,7 @@ def _reset_parameters(self: nn.Module) -> None:
 def _load_from_state_dict(self, state_dict, prefix, *args):  # args: local_metadata, strict, ..., error_msgs
     """Loads torch's spellings of ``g`` and ``v``, and a plain layer's weight: ``strict=True`` takes them all."""
     for name, normalized in weight_norms(self).items():
-        adopt_other_spellings(normalized, state_dict, prefix, name, error_msgs=args[-1])
+        normalized.converted_on_load = adopt_other_spellings(normalized, state_dict, prefix, name, args[-1])
     type(self)._wn_base._load_from_state_dict(self, state_dict, prefix, *args)
 
 

@@ -670,7 +670,7 @@ def test_the_optimizer_state_restarts_where_g_changed_form_and_only_there(tmp_pa
 
     state, warned = fit_then_resume(tmp_path, run(*saved), run(*resumed))
     assert len(warned) == restarts and (state == {}) == restarts
-    assert not restarts or "with g (or s) of shape (), which this run keeps as (8, 1, 1, 1)" in warned[0]
+    assert not restarts or "with g of shape (), which this run keeps as (8, 1, 1, 1)" in warned[0]
 
 
 def test_validating_a_run_trained_without_weight_norm_then_fitting_leaves_the_fit_alone(tmp_path):

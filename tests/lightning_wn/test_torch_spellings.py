@@ -103,6 +103,24 @@ def test_a_state_dict_saved_with_another_log_scale_factor_loads_strictly_and_com
     assert sorted(layer.state_dict()) == sorted(weight_norm(nn.Conv1d(3, 4, 3), log_scale_factor=loaded).state_dict())
 
 
+def test_each_load_records_whether_g_and_v_changed_form_and_the_next_load_replaces_the_record():
+    # the callback reads this record to restart an optimizer state saved for other tensors: it must not go stale
+    layer = weight_norm(nn.Conv1d(3, 4, 3), log_scale_factor=2.0)
+    normalized = layer.parametrizations.weight
+    loads = [
+        (nn.Conv1d(3, 4, 3).state_dict(), "saved `weight` as a plain weight"),
+        (weight_norm(nn.Conv1d(3, 4, 3)).state_dict(), "as g, which this run learns as s with c = 2"),
+        (weight_norm(nn.Conv1d(3, 4, 3), log_scale_factor=5.0).state_dict(), "as s with c = 5, which this run learns"),
+        (layer.state_dict(), None),
+    ]
+    for state_dict, record in loads:
+        layer.load_state_dict(state_dict)
+        assert record is None and normalized.converted_on_load is None or record in normalized.converted_on_load
+    layer.load_state_dict(nn.Conv1d(3, 4, 3).state_dict())
+    layer.load_state_dict({}, strict=False)  # a load that holds nothing of this layer: nothing changed form
+    assert normalized.converted_on_load is None
+
+
 @pytest.mark.parametrize("log_scale_factor", [0.1, 3.0])  # 0.1 is not a float32: the buffer c holds it rounded
 def test_a_state_dict_in_our_own_layout_loads_bit_for_bit(log_scale_factor):
     torch.manual_seed(0)
