@@ -311,6 +311,9 @@ class WeightNormalization(Callback):
         wanted = math.ceil(self.init_samples / trainer.world_size)  # the first examples of this rank's shard
         batches = (read(_as_trained_on(trainer, pl_module, batch)) for batch in loader)
         inputs, count = first_examples(batches, wanted, where)
+        if getattr(loader, "persistent_workers", False) and loader.num_workers > 0:
+            iter(loader)  # rewinds the workers' one iterator, which the training loop holds too
+
         with trainer.precision_plugin.train_step_context():
             report = data_dependent_init(pl_module, inputs, modules=targets, init_scale=self.init_scale)
         self.initialized = True

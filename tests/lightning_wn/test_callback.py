@@ -324,6 +324,23 @@ def test_the_init_sees_the_batches_as_training_steps_do(where):
     standardized(model, data.x[:100] / 255, wn.normalized)
 
 
+@pytest.mark.parametrize("persistent_workers", [False, True])
+def test_the_first_epoch_trains_on_every_example_the_init_read_too(persistent_workers):
+    # persistent workers keep one iterator per loader, which the training loop holds too: the init must not use it up
+    class Seen(ConvClassifier):
+        def training_step(self, batch, batch_idx):
+            self.ids.setdefault(self.current_epoch, []).extend(batch[2].tolist())
+            return super().training_step(batch[:2], batch_idx)
+
+    seed_everything(0)
+    data, model = RandomImages(size=64), Seen()
+    model.ids = {}
+    dataset = torch.utils.data.TensorDataset(data.x, data.y, torch.arange(64))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=2, persistent_workers=persistent_workers)
+    trainer(max_epochs=2, callbacks=[WeightNormalization(init_samples=24)]).fit(model, loader)
+    assert [sorted(ids) for ids in model.ids.values()] == [list(range(64))] * 2
+
+
 @pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
 def test_the_init_runs_under_a_true_precision(precision):
     # the parameters are cast, and so must the init's inputs be, as the training loop casts each batch
