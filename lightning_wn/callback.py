@@ -26,7 +26,7 @@ from typing_extensions import override
 
 from lightning_wn.cache import cached
 from lightning_wn.checkpoint import read_checkpoint
-from lightning_wn.init import INITIALIZED, _is_sharded, data_dependent_init
+from lightning_wn.init import INITIALIZED, _is_sharded, _shown, data_dependent_init
 from lightning_wn.init_inputs import first_examples, model_inputs
 from lightning_wn.mean_only_bn import attach_mean_only_bn
 from lightning_wn.models import apply_weight_norm, limit_direction_norm, remove_weight_norm, select_layers
@@ -246,6 +246,20 @@ class WeightNormalization(Callback):
             self._data_init(trainer, pl_module)
         if self.max_norm is not None:  # before the first batch too: the batches of an accumulated step see one v
             limit_direction_norm(pl_module, self.max_norm)
+        self._warn_untrained(trainer, pl_module)
+
+    def _warn_untrained(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # optimizers picked by name (`.endswith("weight")`) miss g and v, which replaced `weight` in setup
+        held = {id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]}
+        if not (self.weight_norm and held):
+            return  # plain layers; or no optimizer at all, which Lightning warns about
+        normalized = {name: pl_module.get_submodule(name).parametrizations.parameters() for name in self.normalized}
+        if untrained := [name for name, params in normalized.items() if any(
+                p.requires_grad and id(p) not in held for p in params)]:
+            rank_zero_warn(f"WeightNormalization: no optimizer holds g or v of {_shown(untrained)}, so they do not "
+                           "train. Weight norm replaced each layer's `weight` with `parametrizations.weight.original0` "
+                           "(g) and `original1` (v) in `setup`: pick parameters by those names or by module in "
+                           "`configure_optimizers`, or freeze them with `requires_grad_(False)`.")
 
     # every step runs inside one cache scope: a module called many times per step computes its weight once
     def _open_cache(self, *args: Any) -> None:

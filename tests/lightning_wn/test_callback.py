@@ -324,6 +324,33 @@ def test_the_init_sees_the_batches_as_training_steps_do(where):
     standardized(model, data.x[:100] / 255, wn.normalized)
 
 
+class DecayByName(ConvClassifier):
+    decayed = ("weight",)  # a common weight-decay split, by name: it misses g and v, which replaced `weight` in setup
+
+    def configure_optimizers(self):
+        decay = [p for name, p in self.named_parameters() if name.endswith(self.decayed)]
+        rest = [p for name, p in self.named_parameters() if name.endswith("bias")]
+        return torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}])
+
+
+@pytest.mark.parametrize(("decayed", "frozen", "named"), [
+    (("weight",), (), "`net.0`, `net.2`, `net.6`"),
+    (("weight",), ("net.0",), "`net.2`, `net.6`"),  # a frozen layer is meant to stay out
+    (("original0", "original1"), (), None),
+])  # fmt: skip
+def test_layers_whose_g_and_v_no_optimizer_holds_are_named_in_a_warning(decayed, frozen, named):
+    model = DecayByName()
+    model.decayed = decayed
+    for name in frozen:
+        model.get_submodule(name).requires_grad_(False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=1, callbacks=[WeightNormalization(init_samples=32)]).fit(model, RandomImages())
+    warned = [str(w.message) for w in caught if "no optimizer holds" in str(w.message)]
+    assert len(warned) == (named is not None)
+    assert named is None or f"g or v of {named}, so they do not train" in warned[0]
+
+
 @pytest.mark.parametrize("persistent_workers", [False, True])
 def test_the_first_epoch_trains_on_every_example_the_init_read_too(persistent_workers):
     # persistent workers keep one iterator per loader, which the training loop holds too: the init must not use it up
