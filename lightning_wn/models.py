@@ -13,9 +13,10 @@ from lightning_wn import torch_norms
 from lightning_wn._normalized_weight import norm_axes
 from lightning_wn.weight_norm import (
     DEFAULT_LAYERS,
+    OUTPUT_AXIS,
     SUPPORTED_LAYERS,
     _names,
-    default_names,
+    checked_targets,
     is_weight_normalized,
     positive_number,
     weight_norm,
@@ -36,8 +37,8 @@ def apply_weight_norm(
     Returns the qualified names of the modules normalized.
 
     Raises:
-        ValueError: a pattern matches no module, a selected module is unsupported, normalized or tied, or
-            nothing is selected.
+        ValueError: a pattern matches no module, a selected module is unsupported, normalized, tied or refused
+            by :func:`weight_norm`, or nothing is selected; then no module is normalized.
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Linear(8, 2))
@@ -52,7 +53,12 @@ def apply_weight_norm(
         if is_weight_normalized(module := modules[name]):
             raise ValueError(f"Module `{name}` ({type(module).__name__}) is already weight-normalized. "
                              "Leave it out with `exclude`, or call `remove_weight_norm` first.")
-        for tensor_name in default_names(module):
+        try:
+            tensors, _ = checked_targets(module, options.get("name"), options.get("dim", OUTPUT_AXIS))
+        except ValueError as error:
+            raise ValueError(f"Module `{name}`: {error} Nothing was normalized; leave it out with `exclude`="
+                             f"{[name]!r}.") from error
+        for tensor_name in tensors:
             if len(shared := owners.get(id(getattr(module, tensor_name, None)), [])) > 1:
                 layers = sorted({owner.rpartition(".")[0] for owner in shared})
                 raise ValueError(f"{' and '.join(f'`{s}`' for s in shared)} are one tensor (tied weights), which "

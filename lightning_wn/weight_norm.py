@@ -250,6 +250,34 @@ def weight_norm(
         >>> weight_norm(nn.Linear(20, 40), dim=None).parametrizations.weight.original0.shape  # as torch's
         torch.Size([])
     """
+    names, dim = checked_targets(module, name, dim)
+    if log_scale_factor is not None:
+        log_scale_factor = positive_number("log_scale_factor", log_scale_factor)
+
+    if "parametrizations" not in module._modules:
+        module.parametrizations = _Parametrizations()
+    for tensor_name in names:
+        param = module._parameters.pop(tensor_name)
+        if paper_init:
+            param.detach().normal_(0.0, 0.05)
+        normalized = WeightNorm(param, None if dim is None else dim % max(param.dim(), 1), log_scale_factor)
+        normalized.paper_init = paper_init  # how v was drawn: the callback checks layers built after its setup
+        setattr(module.parametrizations, tensor_name, normalized.requires_grad_(param.requires_grad))
+    base = getattr(type(module), "_wn_base", type(module))
+    module.__class__ = _normalized_class(base, (*getattr(type(module), "_wn_names", ()), *names))
+    return module
+
+
+def checked_targets(
+    module: nn.Module, name: str | Sequence[str] | None = None, dim: int | None | _OutputAxis = OUTPUT_AXIS
+) -> tuple[list[str], int | None]:
+    """The tensors of ``module`` that :func:`weight_norm` would normalize and their axis; a ``ValueError`` if it
+    cannot take one of them.
+
+    Example:
+        >>> checked_targets(nn.LSTMCell(2, 3))
+        (['weight_ih', 'weight_hh'], 0)
+    """
     names = default_names(module) if name is None else [name] if isinstance(name, str) else list(name)
     dim = default_dim(module) if dim is OUTPUT_AXIS else dim
     kind = type(module).__name__
@@ -259,8 +287,6 @@ def weight_norm(
     if reparametrized := torch_reparametrizations(module):
         raise ValueError(f"This {kind} is already reparametrized by torch ({', '.join(reparametrized)}); weight "
                          f"norm on top would stack two reparametrizations. {TORCH_FIX}")
-    if log_scale_factor is not None:
-        log_scale_factor = positive_number("log_scale_factor", log_scale_factor)
     refuse_shared_columns(module, dim)
     for tensor_name in names:
         param = module._parameters.get(tensor_name)
@@ -278,19 +304,7 @@ def weight_norm(
                              "to normalize. Leave the layer out.")
         if dim is not None and not -param.dim() <= dim < max(param.dim(), 1):
             raise ValueError(f"`dim`={dim} is out of range for `{tensor_name}` of shape {tuple(param.shape)}.")
-
-    if "parametrizations" not in module._modules:
-        module.parametrizations = _Parametrizations()
-    for tensor_name in names:
-        param = module._parameters.pop(tensor_name)
-        if paper_init:
-            param.detach().normal_(0.0, 0.05)
-        normalized = WeightNorm(param, None if dim is None else dim % max(param.dim(), 1), log_scale_factor)
-        normalized.paper_init = paper_init  # how v was drawn: the callback checks layers built after its setup
-        setattr(module.parametrizations, tensor_name, normalized.requires_grad_(param.requires_grad))
-    base = getattr(type(module), "_wn_base", type(module))
-    module.__class__ = _normalized_class(base, (*getattr(type(module), "_wn_names", ()), *names))
-    return module
+    return names, dim
 
 
 def weight_norms(module: nn.Module) -> dict[str, WeightNorm]:

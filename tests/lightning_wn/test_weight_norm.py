@@ -627,6 +627,20 @@ def test_apply_weight_norm_selects_by_type_and_pattern():
     assert apply_weight_norm(make(), include="enc*.2") == ["encoder.2"]
 
 
+@pytest.mark.parametrize(("last", "options", "why"), [
+    (nn.ConvTranspose2d(4, 6, 3, groups=2), {}, "groups=2 shares each weight column"),
+    (nn.LazyLinear(3), {}, "has no shape yet"),
+    (nn.Linear(3, 4), {"dim": 3}, "`dim`=3 is out of range"),  # an axis the first layer has
+])  # fmt: skip
+def test_apply_weight_norm_normalizes_nothing_where_it_refuses_one_layer(last, options, why):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), last)
+    fix = re.escape("Nothing was normalized; leave it out with `exclude`=['1']")
+    with pytest.raises(ValueError, match=f"Module `1`: .*{why}.* {fix}"):
+        apply_weight_norm(model, **options)
+    assert not is_weight_normalized(model[0])
+    assert apply_weight_norm(model, exclude=["1"], **options) == ["0"]  # the fix the message names
+
+
 def test_bad_input_raises_clear_errors():
     model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Embedding(4, 2))
     with pytest.raises(ValueError, match=r"pattern 'decoder\.\*' matches no module. Module names: '0', '1', '2'"):
