@@ -113,6 +113,7 @@ def data_dependent_init(model: nn.Module, inputs: object, modules: Sequence[str]
             tensor.copy_(saved)
         raise
     finally:
+        torch.clear_autocast_cache()  # its low-precision copies of the parameters the hooks rescaled in place
         for handle in handles:
             handle.remove()
         for m in sharded:

@@ -199,6 +199,20 @@ def test_a_model_compiled_and_run_before_is_initialized_through_its_hooks():
     assert mean.abs().max() < 1e-4 and (std - 1).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("normalized", [True, False])
+def test_the_next_forward_in_the_same_autocast_block_sees_the_init(normalized):
+    # autocast keeps bfloat16 copies of the parameters (biases; plain weights), which the init rescales in place
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)), torch.randn(256, 32) * 2 + 3
+    if normalized:
+        apply_weight_norm(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        data_dependent_init(model, x)
+        with torch.no_grad():
+            mean, std = unit_moments(model(x).double(), -1)
+    assert mean.abs().max() < 0.05 and (std - 1).abs().max() < 0.05  # bfloat16's rounding; stale copies: 4.7, 0.44
+
+
 def test_a_target_the_pass_never_calls_is_reported_and_warned_about():
     class Attention(nn.Module):  # MultiheadAttention reads out_proj's weight itself, never calling out_proj
         def __init__(self):
