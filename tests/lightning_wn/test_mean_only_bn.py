@@ -37,10 +37,22 @@ def test_gradient_is_the_centering_projection():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="`num_features` must be at least 1, got 0"):
         MeanOnlyBatchNorm(0)
-    with pytest.raises(ValueError, match=r"`momentum` must be in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"`momentum` must be a number in \[0, 1\], got 1.5"):
         MeanOnlyBatchNorm(3, momentum=1.5)
+    with pytest.raises(ValueError, match=r"got None \(BatchNorm's None, a cumulative average, is not supported\)"):
+        MeanOnlyBatchNorm(3, momentum=None)
     with pytest.raises(ValueError, match=r"expects input \(N, 3, \.\.\.\), got shape \(4, 2\)"):
         MeanOnlyBatchNorm(3)(torch.randn(4, 2))
+
+
+def test_a_training_batch_of_one_example_is_refused_not_turned_into_the_bias():
+    norm = MeanOnlyBatchNorm(3)
+    with pytest.raises(ValueError, match=r"more than one value per channel in training, got shape \(1, 3\)"):
+        norm(torch.randn(1, 3))
+    assert norm.num_batches_tracked == 0 and not norm.running_mean.any()  # nothing moved
+    assert norm(torch.randn(1, 3, 2)).mean(dim=(0, 2)).abs().max() < 1e-6  # one example, several values per channel
+    norm.eval()
+    torch.testing.assert_close(norm(x := torch.randn(1, 3)), x - norm.running_mean)
 
 
 @pytest.mark.parametrize("steps", [16, 5])
