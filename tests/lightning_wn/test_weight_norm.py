@@ -406,6 +406,20 @@ def test_writing_into_the_computed_weight_is_refused_with_the_fix(write, grad):
         torch.testing.assert_close(layer(torch.ones(1, 4)), layer(torch.ones(1, 4)))
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_freezing_the_computed_weight_is_refused_with_the_fix(grad):
+    # in grad mode torch's own error names no fix; under no_grad the flag of a throwaway tensor would be set
+    layer = weight_norm(nn.Linear(4, 3))
+    for freeze in (lambda w: w.requires_grad_(False), lambda w: setattr(w, "requires_grad", False)):
+        with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match=r"`layer.parametrizations.requires_grad_"):
+            freeze(layer.weight)
+    leaf = layer.weight.detach().requires_grad_()  # a leaf of the user's own: allowed, and it takes a gradient
+    leaf.square().sum().backward()
+    torch.testing.assert_close(leaf.grad, 2 * layer.weight.detach())
+    layer.parametrizations.requires_grad_(False)  # the fix the message names
+    assert not layer.weight.requires_grad and not any(p.requires_grad for p in layer.parametrizations.parameters())
+
+
 def test_the_weight_read_outside_the_layer_copies_and_saves_as_a_plain_tensor(tmp_path):
     layer = weight_norm(nn.Linear(4, 3))
     with torch.no_grad():
