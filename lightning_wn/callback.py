@@ -48,8 +48,8 @@ _UNSHARDED_ONLY = {
 _STARTED_PROCESS = ("WeightNormalization runs in a process Lightning started (strategy `ddp_spawn`, `ddp_fork` or "
                     "`ddp_notebook`), which hands back only the weights the main process's model has names for, so "
                     "{what} there would be lost without an error. Normalize and initialize the model before "
-                    "`fit`: `lightning_wn.apply_weight_norm(model, ...)` and `lightning_wn.data_dependent_init(model, "
-                    "batch)`. Or use `strategy='ddp'`.")
+                    "`fit`: {by_hand}, then `lightning_wn.data_dependent_init(model, batch)`. Or use "
+                    "`strategy='ddp'`.")
 
 
 class WeightNormalization(Callback):
@@ -181,7 +181,12 @@ class WeightNormalization(Callback):
         attached = [name for name in selected if self.mean_only_bn and "mean_only_bn" not in modules[name]._modules]
         if (plain or attached) and self._in_started_process(trainer):
             what = "weight norm on plain layers" if plain else "the mean-only batch norms attached"
-            raise RuntimeError(_STARTED_PROCESS.format(what=what))
+            raise RuntimeError(_STARTED_PROCESS.format(what=what, by_hand=self._by_hand("model")))
+        if self.fold_on_fit_end and self._in_started_process(trainer):
+            raise RuntimeError("`fold_on_fit_end` would fold the layers in a process Lightning started (strategy "
+                               "`ddp_spawn`, `ddp_fork` or `ddp_notebook`), whose main process gets g and v back, not "
+                               "plain weights. Leave it out and fold after `fit`: `lightning_wn.remove_weight_norm("
+                               "model)`; or use `strategy='ddp'`.")
         _refuse_sharded_plain_layers(modules, plain)
         if not fitting and self.fold_on_fit_end:  # normalized so that a checkpoint of g and v loads: plain again
             self._plain_to_evaluate = {name: dict(modules[name].named_parameters(recurse=False)) for name in plain}
@@ -210,23 +215,25 @@ class WeightNormalization(Callback):
         if plain := [name for name in selected if self.weight_norm and not is_weight_normalized(modules[name])]:
             raise RuntimeError(f"Layers {', '.join(f'`{name}`' for name in plain)} were built after "
                                "WeightNormalization's `setup` (in `configure_model`) and are left plain: call "
-                               "`lightning_wn.apply_weight_norm(self, ...)` at the end of `configure_model` (before "
+                               f"{self._by_hand('self', plain)} at the end of `configure_model` (before "
                                "`fully_shard`).")
-        self._refuse_missing_options(pl_module, [name for name in selected if name not in self.normalized])
+        self._refuse_missing_options(pl_module, selected)
         self.normalized = selected  # the init's targets, with the layers configure_model built
         self._restart_optimizer_states(trainer)
         if not trainer.strategy.restore_checkpoint_after_setup:
             self._data_init(trainer, pl_module)
 
-    def _refuse_missing_options(self, pl_module: pl.LightningModule, built_later: list[str]) -> None:
-        """A ``RuntimeError`` naming the options that layers normalized in ``configure_model`` were not given."""
+    def _refuse_missing_options(self, pl_module: pl.LightningModule, selected: list[str]) -> None:
+        """A ``RuntimeError`` naming the options that layers normalized without this callback (by hand, or in
+        ``configure_model``) were not given."""
         wrong: dict[str, list[str]] = {}
-        for name in built_later if self.weight_norm else ():
+        for name in selected if self.weight_norm else ():
             layer = pl_module.get_submodule(name)
             norms = weight_norms(layer).values()
             lacks = {
                 "mean_only_bn": self.mean_only_bn and "mean_only_bn" not in layer._modules,
-                "log_scale_factor": any(n.log_scale_factor != self.log_scale_factor for n in norms),
+                "log_scale_factor": self.log_scale_factor is not None
+                and any(n.log_scale_factor != self.log_scale_factor for n in norms),
                 "paper_init": self.paper_init and not getattr(layer, INITIALIZED, False)
                 and not all(n.paper_init for n in norms),
             }
@@ -234,10 +241,18 @@ class WeightNormalization(Callback):
                 wrong.setdefault(option, []).append(name)
         if wrong:
             lacking = "; ".join(f"`{option}` ({', '.join(names)})" for option, names in wrong.items())
-            raise RuntimeError(f"Layers built in `configure_model` lack options of WeightNormalization: {lacking}. "
-                               "Give them there: `lightning_wn.apply_weight_norm(self, [...], log_scale_factor="
-                               f"{self.log_scale_factor!r}, paper_init={self.paper_init!r})`, then, with "
-                               "`mean_only_bn`, `lightning_wn.attach_mean_only_bn(layer)` on each.")
+            layers = sorted({name for names in wrong.values() for name in names})
+            raise RuntimeError(f"Layers normalized without WeightNormalization (by hand, or in `configure_model`) "
+                               f"lack its options: {lacking}. Give them those options where they are normalized: "
+                               f"{self._by_hand('model', layers)}; or leave the options out.")
+
+    def _by_hand(self, model: str, layers: Sequence[str] | None = None) -> str:
+        """The calls that give ``layers`` of ``model`` this callback's weight norm, for messages that ask for them."""
+        options = "".join(f", {option}={getattr(self, option)!r}" for option in ("log_scale_factor", "paper_init")
+                          if getattr(self, option) not in (None, False))
+        names = "[...]" if layers is None else repr(list(layers))
+        attach = " and `lightning_wn.attach_mean_only_bn(layer)` on each" if self.mean_only_bn else ""
+        return f"`lightning_wn.apply_weight_norm({model}, {names}{options})`{attach}"
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -311,7 +326,8 @@ class WeightNormalization(Callback):
             return rank_zero_info("WeightNormalization: `limit_train_batches=0` trains nothing, so the data-dependent "
                                   "init does not run.")
         if self._in_started_process(trainer):
-            raise RuntimeError(_STARTED_PROCESS.format(what="the record of the data-dependent init"))
+            raise RuntimeError(_STARTED_PROCESS.format(what="the record of the data-dependent init",
+                                                       by_hand=self._by_hand("model")))
         trainer.fit_loop.setup_data()  # the processed loader: DistributedSampler, each rank its shard
         loader = trainer.train_dataloader
         if loader is None or isinstance(loader, (list, tuple, dict)):

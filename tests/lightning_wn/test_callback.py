@@ -2,6 +2,7 @@
 
 import copy
 import pickle
+import re
 import subprocess
 import sys
 import warnings
@@ -55,7 +56,7 @@ def test_normalizes_before_optimizers_and_inits_on_training_examples():
 
 
 def test_layers_built_in_configure_model_and_left_plain_are_refused_with_the_fix():
-    with pytest.raises(RuntimeError, match=r"Layers `head` were built after .*call `lightning_wn.apply_weight_norm\(self, ...\)`"):
+    with pytest.raises(RuntimeError, match=r"Layers `head` were built after .*call `lightning_wn.apply_weight_norm\(self, \['head'\]\)`"):
         trainer(max_steps=2, callbacks=[WeightNormalization(init_samples=64)]).fit(LazyHead(), RandomImages())
 
 
@@ -97,13 +98,28 @@ def test_a_model_built_wholly_in_configure_model_is_normalized_there_and_initial
 @pytest.mark.parametrize(("option", "value"), [("mean_only_bn", True), ("log_scale_factor", 3.0), ("paper_init", True)])
 def test_options_that_missed_layers_normalized_in_configure_model_are_refused(option, value):
     wn = WeightNormalization(**{option: value})
-    with pytest.raises(RuntimeError, match=rf"configure_model` lack options of WeightNormalization: `{option}` \(head\)"):
+    with pytest.raises(RuntimeError, match=rf"in `configure_model`\) lack its options: `{option}` \(head\)"):
         trainer(max_steps=0, callbacks=[wn]).fit(LazyNormalizedHead(), RandomImages())
     if option != "mean_only_bn":  # given there, they hold
         model = AllInConfigureModel(**{option: value})
         trainer(max_steps=0, callbacks=[WeightNormalization(**{option: value})]).fit(model, RandomImages())
         wn_0 = model.net[0].parametrizations.weight
         assert wn_0.log_scale_factor == 3.0 if option == "log_scale_factor" else wn_0.paper_init
+
+
+@pytest.mark.parametrize(("option", "value"), [("log_scale_factor", 3.0), ("paper_init", True)])
+def test_options_that_layers_normalized_by_hand_lack_are_refused_with_the_call_that_gives_them(option, value):
+    # the callback keeps a layer normalized by hand as it is: an option it would not apply is an error, not ignored
+    model = ConvClassifier()
+    apply_weight_norm(model)
+    fix = re.escape(f"`lightning_wn.apply_weight_norm(model, ['net.0', 'net.2', 'net.6'], {option}={value!r})`")
+    with pytest.raises(RuntimeError, match=rf"lack its options: `{option}` \(net.0, net.2, net.6\).* {fix}"):
+        trainer(max_steps=0, callbacks=[WeightNormalization(**{option: value})]).fit(model, RandomImages())
+    model = ConvClassifier()
+    apply_weight_norm(model, ["net.0", "net.2", "net.6"], **{option: value})  # the fix
+    trainer(max_steps=0, callbacks=[WeightNormalization(**{option: value})]).fit(model, RandomImages())
+    norm = model.net[0].parametrizations.weight
+    assert norm.log_scale_factor == 3.0 if option == "log_scale_factor" else norm.paper_init
 
 
 def test_patterns_may_name_layers_that_configure_model_builds():
@@ -684,7 +700,7 @@ def fit_then_resume(tmp_path, first, second):
 
 @pytest.mark.parametrize(("saved", "resumed", "restarts"), [
     ((2.0, None), (3.0, None), True),  # the layers' own c changed, the callback's option never was set
-    ((2.0, None), (2.0, 5.0), False),  # only the callback's option changed, which layers normalized by hand ignore
+    ((2.0, None), (2.0, None), False),  # the same form
     ((None, False), (None, True), True),  # a run of init only (plain weights), resumed with weight norm
 ])  # fmt: skip
 def test_the_optimizer_state_restarts_exactly_where_a_layer_learns_in_another_form(tmp_path, saved, resumed, restarts):
@@ -788,10 +804,13 @@ def test_a_strategy_that_starts_processes_refuses_changes_it_cannot_hand_back():
     # normalized in the started processes would be dropped, and the model would come back untrained
     model, data = ConvClassifier(), RandomImages(size=64)
     spawned = dict(max_steps=2, devices=2, strategy="ddp_spawn")
-    with pytest.raises(Exception, match=r"runs in a process Lightning started .* weight norm on plain layers"):
-        trainer(callbacks=[WeightNormalization(init_samples=64)], **spawned).fit(model, data)
+    fix = re.escape("`lightning_wn.apply_weight_norm(model, [...], log_scale_factor=2.0)`, then")
+    with pytest.raises(Exception, match=rf"runs in a process Lightning started .* weight norm on plain layers.*{fix}"):
+        trainer(callbacks=[WeightNormalization(init_samples=64, log_scale_factor=2.0)], **spawned).fit(model, data)
     apply_weight_norm(model)  # the fix the error names: normalized and initialized in the main process
     data_dependent_init(model, data.x[:64])
+    with pytest.raises(Exception, match="`fold_on_fit_end` would fold the layers in a process Lightning started"):
+        trainer(callbacks=[WeightNormalization(fold_on_fit_end=True)], **spawned).fit(model, data)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainer(callbacks=[WeightNormalization(init_samples=64)], **spawned).fit(model, data)
     assert all(not torch.equal(p, before[name]) for name, p in model.named_parameters())  # trained, handed back
