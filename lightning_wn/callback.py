@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -93,7 +94,7 @@ class WeightNormalization(Callback):
         log_scale_factor: float | None = None,
         paper_init: bool = False,
     ) -> None:
-        if isinstance(init_samples, bool) or not isinstance(init_samples, int):
+        if isinstance(init_samples, bool) or not isinstance(init_samples, numbers.Integral):
             raise TypeError(f"`init_samples` must be an integer, got {init_samples!r} ({type(init_samples).__name__}).")
         if init_samples < 1:
             raise ValueError(f"`init_samples` must be a positive integer, got {init_samples!r}.")
@@ -106,7 +107,7 @@ class WeightNormalization(Callback):
                 raise TypeError(f"`{argument}` must be a list of names or patterns, got the string {value!r}.")
         self.include = None if include is None else list(include)
         self.exclude = list(exclude)
-        self.weight_norm, self.data_init, self.init_samples = weight_norm, data_init, init_samples
+        self.weight_norm, self.data_init, self.init_samples = weight_norm, data_init, int(init_samples)
         self.init_scale = positive_number("init_scale", init_scale)
         self.input_key = keys if isinstance(input_key, (list, tuple)) else input_key
         self.mean_only_bn, self.fold_on_fit_end, self.paper_init = mean_only_bn, fold_on_fit_end, paper_init

@@ -55,7 +55,8 @@ def read_checkpoint(path: str | PathLike, *, weights_only: bool = True) -> dict[
         return checkpoint
     if isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         raise ValueError(f"`{path}` holds a bare state dict (`torch.save(model.state_dict())`), not a Lightning "
-                         "checkpoint: load it with `model.load_state_dict(torch.load(path))`, or save one with "
+                         "checkpoint: load it with `model.load_state_dict(torch.load(path))` (into a plain model: "
+                         "`lightning_wn.fold_state_dict(torch.load(path))`), or save one with "
                          "`trainer.save_checkpoint(path)`.")
     found = type(checkpoint).__name__
     if isinstance(checkpoint, dict):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from lightning_wn.models import parameter_owners
 from lightning_wn.state_dict import WHOLE_TENSOR
 from lightning_wn.torch_norms import TORCH_FIX, torch_reparametrizations
 from lightning_wn.weight_norm import RECURRENT_LAYERS, SUPPORTED_LAYERS, default_dim, is_weight_normalized, weight_norms
+from lightning_wn.weight_norm import positive_number
 
 INITIALIZED = "_lightning_wn_data_initialized"  # set on each initialized module: a second call warns, a fit skips it
 
@@ -85,8 +85,7 @@ def data_dependent_init(model: nn.Module, inputs: object, modules: Sequence[str]
         >>> bool(out.mean(0).abs().max() < 1e-4), bool((out.std(0, unbiased=False) - 1).abs().max() < 1e-4)
         (True, True)
     """
-    if not (init_scale > 0 and math.isfinite(init_scale)):
-        raise ValueError(f"`init_scale` must be a positive number, got {init_scale!r}.")
+    init_scale = positive_number("init_scale", init_scale)
     if not _check_batch(inputs):
         raise TypeError(f"`inputs` holds no tensor (got {type(inputs).__name__}); pass a batch of model inputs.")
     targets, report = _targets(model, modules)
@@ -268,12 +267,14 @@ def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str
                              "callback's `exclude`).")
         elif len(normalized) > 1:
             raise ValueError(f"Module `{name}` normalizes {sorted(normalized)}, but data-dependent init needs one "
-                             "normalized weight per layer: normalize only `weight`, or leave it out of `modules`.")
+                             "normalized weight per layer: normalize only `weight`, or leave it out of `modules` (the "
+                             "callback's `exclude`).")
         elif dims := [wn.dim for wn in normalized.values() if wn.dim != default_dim(module)]:
             axis = "one g for the whole tensor (dim=None)" if dims[0] == WHOLE_TENSOR else f"dim={dims[0]}"
             raise ValueError(f"Module `{name}` is weight-normalized with {axis}, but data-dependent init sets one g "
                              f"per output unit (dim={default_dim(module)} for {type(module)._wn_base.__name__}). "
-                             "Normalize it with `dim` left out, or leave it out of `modules`.")
+                             "Normalize it with `dim` left out, or leave it out of `modules` (the callback's "
+                             "`exclude`).")
         else:
             targets[name] = module
     if not targets:

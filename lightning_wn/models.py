@@ -60,7 +60,7 @@ def apply_weight_norm(
                              f"{[name]!r}.") from error
         for tensor_name in tensors:
             if len(shared := owners.get(id(getattr(module, tensor_name, None)), [])) > 1:
-                layers = sorted({owner.rpartition(".")[0] for owner in shared})
+                layers = sorted({owner.rpartition(".")[0] for owner in shared} - {""})  # "" would match the model
                 raise ValueError(f"{' and '.join(f'`{s}`' for s in shared)} are one tensor (tied weights), which "
                                  f"weight norm would untie. Leave them out: `exclude`={layers!r}.")
     for name in names:

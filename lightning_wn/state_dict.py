@@ -107,7 +107,9 @@ def same_scale_factor(c: Tensor | None, log_scale_factor: float | None) -> bool:
     return any(float(c) == float(value) for value in made)
 
 
-def adopt_other_spellings(normalized, state_dict: dict[str, Tensor], prefix: str, name: str, error_msgs: list) -> str | None:
+def adopt_other_spellings(
+    normalized, state_dict: dict[str, Tensor], prefix: str, name: str, error_msgs: list
+) -> str | None:
     """Rewrite one normalized tensor's entries of ``state_dict`` into ``normalized``'s own layout, in place.
 
     Legacy ``<name>_g``/``_v`` are renamed; a ``g`` along another axis, or where ours is ``s``, is folded and

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 
@@ -327,7 +328,7 @@ def refuse_shared_columns(module: nn.Module, dim: int | None) -> None:
 
 def positive_number(argument: str, value: object) -> float:
     """``value`` as a float if it is a finite positive number; a clear error naming ``argument`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's scalars too
         raise TypeError(f"`{argument}` must be a number, got {value!r} ({type(value).__name__}).")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"`{argument}` must be a positive number, got {value!r}.")

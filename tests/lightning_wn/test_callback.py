@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback, seed_everything
@@ -524,6 +525,8 @@ def test_bad_arguments_fail_before_training():
             WeightNormalization(**{option: "1"})
     with pytest.raises(TypeError, match=r"`init_samples` must be an integer, got '500' \(str\)"):
         WeightNormalization(init_samples="500")
+    numpy_scalars = WeightNormalization(init_samples=np.int64(64), init_scale=np.float32(0.5), max_norm=np.float32(2))
+    assert (numpy_scalars.init_samples, numpy_scalars.init_scale, numpy_scalars.max_norm) == (64, 0.5, 2.0)
     with pytest.raises(TypeError, match="`include` must be a list of names or patterns, got the string 'net.0'"):
         WeightNormalization(include="net.0")
     for option in ({"mean_only_bn": True}, {"max_norm": 2.0}, {"log_scale_factor": 3.0}, {"paper_init": True}):

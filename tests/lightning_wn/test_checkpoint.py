@@ -37,7 +37,7 @@ def bad_files(directory, good):
         (directory / f"{name}.ckpt").write_bytes(content)
         paths[name] = (directory / f"{name}.ckpt", message)
     torch.save(ConvClassifier().state_dict(), directory / "state_dict.pt")
-    paths["bare state dict"] = (directory / "state_dict.pt", "bare state dict .*model.load_state_dict")
+    paths["bare state dict"] = (directory / "state_dict.pt", "bare state dict .*model.load_state_dict.*fold_state_dict")
     torch.save({"epoch": 3}, directory / "other.pt")
     paths["other dict"] = (directory / "other.pt", "not a Lightning checkpoint .*keys \\['epoch'\\]")
     torch.save([1, 2], directory / "list.pt")

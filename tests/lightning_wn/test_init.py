@@ -306,6 +306,8 @@ def test_bad_input_raises_clear_errors():
         data_dependent_init(nn.Sequential(nn.ReLU()), torch.randn(4, 2))
     with pytest.raises(ValueError, match="`init_scale` must be a positive number, got 0"):
         data_dependent_init(model, torch.randn(4, 2), init_scale=0)
+    with pytest.raises(TypeError, match=r"`init_scale` must be a number, got '1' \(str\)"):
+        data_dependent_init(model, torch.randn(4, 2), init_scale="1")
 
 
 def normalized_cnn() -> nn.Module:

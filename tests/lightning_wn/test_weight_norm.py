@@ -499,6 +499,19 @@ def test_tied_weights_are_refused_not_silently_untied():
     assert not any(is_weight_normalized(m) for m in model.modules())  # refused before anything changed
 
 
+def test_a_weight_tied_to_the_models_own_parameter_names_an_exclude_that_works():
+    class Tied(nn.Module):  # the model itself holds the tensor a layer uses
+        def __init__(self):
+            super().__init__()
+            self.shared, self.lin, self.head = nn.Parameter(torch.randn(4, 4)), nn.Linear(4, 4), nn.Linear(4, 2)
+            self.lin.weight = self.shared
+
+    model = Tied()
+    with pytest.raises(ValueError, match=re.escape("Leave them out: `exclude`=['lin'].")):  # not '', the model
+        apply_weight_norm(model)
+    assert apply_weight_norm(model, exclude=["lin"]) == ["head"]
+
+
 @pytest.mark.parametrize("kind", ["conv2d", "linear_large", "lstm_cell"])
 def test_second_forward_and_backward_without_a_step_accumulate_like_torch(kind):
     make, shape = LAYERS[kind]
