@@ -14,7 +14,7 @@ Example:
 
 from lightning_wn._computed_weight import ComputedWeight
 from lightning_wn.cache import cached
-from lightning_wn.checkpoint import read_checkpoint
+from lightning_wn.checkpoint import FoldWeightNormOnLoad, load_from_checkpoint, read_checkpoint
 from lightning_wn.convert import from_torch, to_torch
 from lightning_wn.init import InitReport, ModuleInit, data_dependent_init
 from lightning_wn.mean_only_bn import MeanOnlyBatchNorm, attach_mean_only_bn
@@ -24,15 +24,13 @@ from lightning_wn.state_dict import fold_state_dict
 from lightning_wn.weight_norm import DEFAULT_LAYERS, SUPPORTED_LAYERS, WeightNorm, is_weight_normalized, weight_norm
 from lightning_wn.weight_norm import weight_norms
 
-_LIGHTNING = {"WeightNormalization", "FoldWeightNormOnLoad", "load_from_checkpoint"}
-
 
 def __getattr__(name: str):
-    # the Lightning pieces load on first use: plain PyTorch users never import Lightning
-    if name in _LIGHTNING:
-        from lightning_wn import callback
+    # the callback loads on first use: plain PyTorch users never import Lightning
+    if name == "WeightNormalization":
+        from lightning_wn.callback import WeightNormalization
 
-        return getattr(callback, name)
+        return WeightNormalization
     raise AttributeError(f"module 'lightning_wn' has no attribute {name!r}")
 
 

@@ -7,7 +7,6 @@ holds ``g`` and ``v`` and DDP all-reduces their gradients; the data-dependent in
 from __future__ import annotations
 
 import functools
-import io
 import math
 import numbers
 import os
@@ -26,12 +25,10 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_wn.cache import cached
-from lightning_wn.checkpoint import read_checkpoint
 from lightning_wn.init import INITIALIZED, _is_sharded, _shown, data_dependent_init
 from lightning_wn.init_inputs import first_examples, model_inputs
 from lightning_wn.mean_only_bn import attach_mean_only_bn
 from lightning_wn.models import apply_weight_norm, limit_direction_norm, remove_weight_norm, select_layers
-from lightning_wn.state_dict import fold_state_dict
 from lightning_wn.weight_norm import RECURRENT_LAYERS, is_weight_normalized, positive_number, weight_norms
 
 # and their subclasses: why each cannot carry weight norm
@@ -410,29 +407,6 @@ class WeightNormalization(Callback):
         rank_zero_warn(f"WeightNormalization: {trainer.ckpt_path} {why}. What an optimizer saved for it (momentum, "
                        "Adam's moments) cannot apply to this run's g and v, so the optimizer state restarts from zero. "
                        "Learning rates and the loop's progress are restored.")
-
-
-class FoldWeightNormOnLoad:
-    """LightningModule mixin: ``Model.load_from_checkpoint`` folds the ``g`` and ``v`` it lacks into plain weights.
-
-    Put it first in the bases: ``class Model(FoldWeightNormOnLoad, LightningModule)``.
-    """
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
-        if "state_dict" in checkpoint:  # absent when ModelParallelStrategy loaded the weights into the model itself
-            own = self.state_dict().keys()  # type: ignore[attr-defined]
-            checkpoint["state_dict"] = fold_state_dict(checkpoint["state_dict"], keep=own)
-
-
-def load_from_checkpoint(model_class: type[pl.LightningModule], path: str, **kwargs: Any) -> pl.LightningModule:
-    """``model_class.load_from_checkpoint(path)`` of a weight-normalized checkpoint, folded into plain weights."""
-    checkpoint = read_checkpoint(path, weights_only=False)
-    checkpoint["state_dict"] = fold_state_dict(checkpoint["state_dict"])
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    buffer.seek(0)
-    return model_class.load_from_checkpoint(buffer, **kwargs)
 
 
 def _as_trained_on(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:

@@ -1,7 +1,11 @@
-"""Reading a Lightning checkpoint file, with one clear error when the file is not one."""
+"""Lightning checkpoints of weight-normalized models: read with clear errors, loaded into plain models.
+
+Nothing here imports Lightning: a LightningModule class is only handed in.
+"""
 
 from __future__ import annotations
 
+import io
 import tempfile
 import zipfile
 from os import PathLike
@@ -9,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from lightning_wn.state_dict import fold_state_dict
 
 
 def read_checkpoint(path: str | PathLike, *, weights_only: bool = True) -> dict[str, Any]:
@@ -62,3 +68,27 @@ def read_checkpoint(path: str | PathLike, *, weights_only: bool = True) -> dict[
     if isinstance(checkpoint, dict):
         found = f"dict with keys {sorted(map(str, checkpoint))[:8]}"
     raise ValueError(f"`{path}` is not a Lightning checkpoint (a dict with a 'state_dict'): it holds a {found}.")
+
+
+def load_from_checkpoint(model_class: type, path: str | PathLike, **kwargs: Any) -> Any:
+    """``model_class.load_from_checkpoint(path)`` (a LightningModule class) of a weight-normalized checkpoint,
+    folded into plain weights."""
+    checkpoint = read_checkpoint(path, weights_only=False)
+    checkpoint["state_dict"] = fold_state_dict(checkpoint["state_dict"])
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    return model_class.load_from_checkpoint(buffer, **kwargs)
+
+
+class FoldWeightNormOnLoad:
+    """LightningModule mixin: ``Model.load_from_checkpoint`` folds the ``g`` and ``v`` it lacks into plain weights.
+
+    Put it first in the bases: ``class Model(FoldWeightNormOnLoad, LightningModule)``.
+    """
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        if "state_dict" in checkpoint:  # absent when ModelParallelStrategy loaded the weights into the model itself
+            own = self.state_dict().keys()  # type: ignore[attr-defined]
+            checkpoint["state_dict"] = fold_state_dict(checkpoint["state_dict"], keep=own)
