@@ -150,7 +150,6 @@ class WeightNormalization(Callback):
         if self.input_key is not None and callable(getattr(pl_module, "data_init_inputs", None)):
             raise ValueError(f"`input_key`={self.input_key!r} and `{type(pl_module).__name__}.data_init_inputs` both "
                              "say what the data-dependent init passes to `forward`: keep one.")
-        self._seen_at_setup = set(dict(pl_module.named_modules()))
         # what configure_model builds does not exist yet: patterns for it match nothing (on_fit_start selects again)
         later = is_overridden("configure_model", pl_module)
         selected = select_layers(pl_module, self.include, self.exclude, missing_ok=later)
@@ -166,6 +165,7 @@ class WeightNormalization(Callback):
                                "and v). Fit with `WeightNormalization(fold_on_fit_end=True)`, then prune the plain "
                                "layers in a run of their own.")
         self._normalize_layers(trainer, pl_module, selected, fitting=stage == TrainerFn.FITTING)
+        self._seen_at_setup = set(dict(pl_module.named_modules()))  # with the parametrizations and norms just added
 
     def _normalize_layers(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, selected: list[str], fitting: bool
@@ -365,8 +365,8 @@ class WeightNormalization(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.fold_on_fit_end:
-            folded = remove_weight_norm(pl_module)
+        if self.fold_on_fit_end:  # the layers this callback selects: an excluded one stays as the user made it
+            folded = [name for name in self.normalized if remove_weight_norm(pl_module.get_submodule(name))]
             rank_zero_info(f"WeightNormalization: folded weight norm into plain weights in {len(folded)} layers.")
 
     @override

@@ -761,6 +761,29 @@ class Evaluated(ConvClassifier):
         self.log("val/loss", torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
 
 
+def test_fold_on_fit_end_folds_only_the_layers_it_selects_and_the_checkpoint_evaluates(tmp_path):
+    # an excluded layer normalized by hand stays so: the evaluation normalizes only the selected ones again
+    model, data, saver = Evaluated(), RandomImages(size=64), ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    weight_norm(model.net[6])
+    wn = WeightNormalization(exclude=["net.6"], fold_on_fit_end=True, init_samples=32)
+    trainer(max_steps=2, callbacks=[wn, saver], enable_checkpointing=True).fit(model, data)
+    assert [name for name, _ in weight_normalized_modules(model)] == ["net.6"]
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(data.x), data.y).item()
+    wn, loader = WeightNormalization(exclude=["net.6"], fold_on_fit_end=True), data.train_dataloader()
+    (metrics,) = trainer(callbacks=[wn]).validate(model, loader, ckpt_path=tmp_path / "last.ckpt")
+    assert metrics["val/loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_warning_about_layers_under_torchs_norms_is_given_once_per_fit():
+    model = ConvClassifier()
+    model.net[6] = torch.nn.utils.parametrizations.weight_norm(model.net[6])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=0, callbacks=[WeightNormalization(init_samples=32)]).fit(model, RandomImages())
+    assert len([w for w in caught if "torch already reparametrizes: `net.6`" in str(w.message)]) == 1
+
+
 def test_evaluating_or_fitting_again_a_folded_model_keeps_its_function_and_its_folding():
     # with the paper's re-draw of v: a later validate has nothing to load and must leave the model as fit left it,
     # and a second fit must neither re-draw nor re-initialize layers that were initialized and trained
