@@ -196,6 +196,13 @@ class WeightNormalization(Callback):
                 apply_weight_norm(pl_module, names, log_scale_factor=self.log_scale_factor, paper_init=paper_init)
         for name in attached:
             attach_mean_only_bn(modules[name])
+        kept = [name for name in selected if name not in plain]  # normalized by hand, or by an evaluation before
+        for wn in (wn for name in kept if redraw and not getattr(modules[name], INITIALIZED, False)
+                   for wn in weight_norms(modules[name]).values() if not wn.paper_init):
+            wn.reset(torch.empty_like(wn.v).normal_(0.0, 0.05))  # the paper's draw of v, with g = ||v||
+            wn.paper_init = True
+        if fitting:
+            self._refuse_missing_options(pl_module, kept)
         if plain or attached:
             kept = f" ({len(selected) - len(plain)} of them already were)" if len(plain) < len(selected) else ""
             extra = f", {len(attached)} with mean-only batch norm" if attached else ""
@@ -215,17 +222,17 @@ class WeightNormalization(Callback):
                                "WeightNormalization's `setup` (in `configure_model`) and are left plain: call "
                                f"{self._by_hand('self', plain)} at the end of `configure_model` (before "
                                "`fully_shard`).")
-        self._refuse_missing_options(pl_module, selected)
+        self._refuse_missing_options(pl_module, [name for name in selected if name not in self.normalized])
         self.normalized = selected  # the init's targets, with the layers configure_model built
         self._restart_optimizer_states(trainer)
         if not trainer.strategy.restore_checkpoint_after_setup:
             self._data_init(trainer, pl_module)
 
-    def _refuse_missing_options(self, pl_module: pl.LightningModule, selected: list[str]) -> None:
+    def _refuse_missing_options(self, pl_module: pl.LightningModule, names: list[str]) -> None:
         """A ``RuntimeError`` naming the options that layers normalized without this callback (by hand, or in
         ``configure_model``) were not given."""
         wrong: dict[str, list[str]] = {}
-        for name in selected if self.weight_norm else ():
+        for name in names if self.weight_norm else ():
             layer = pl_module.get_submodule(name)
             norms = weight_norms(layer).values()
             lacks = {

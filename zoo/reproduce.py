@@ -53,6 +53,7 @@ class Experiment:
     percent: bool = False
     full_configs: dict[str, str] = field(default_factory=dict)  # --full, where they differ from `configs`
     seen: str = "examples"  # the curves' x axis: training "examples", or emulator "frames" played (DQN)
+    model_seed: bool = False  # the model seeds its own games and exploration (DQN): per run, as the network's init
 
 
 EXPERIMENTS = {
@@ -150,6 +151,7 @@ EXPERIMENTS = {
             "weight norm": "curves only: slightly above plain, more variance",
         },
         seen="frames",
+        model_seed=True,
     ),
     "cartpole": Experiment(
         title="DQN, CartPole-v1",
@@ -163,6 +165,7 @@ EXPERIMENTS = {
             "weight norm": "not in the paper (Atari: slightly above plain, more variance)",
         },
         seen="frames",
+        model_seed=True,
     ),
 }
 
@@ -218,6 +221,7 @@ def run_one(experiment: Experiment, variant: str, config: str, seed: int, args: 
     overrides = [] if args.full else list(experiment.cpu_scale)
     overrides += [
         f"--seed_everything={seed}",
+        *([f"--model.init_args.seed={seed}"] if experiment.model_seed else []),
         f"--trainer.default_root_dir={folder}",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",

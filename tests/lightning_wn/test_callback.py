@@ -108,19 +108,49 @@ def test_options_that_missed_layers_normalized_in_configure_model_are_refused(op
         assert wn_0.log_scale_factor == 3.0 if option == "log_scale_factor" else wn_0.paper_init
 
 
-@pytest.mark.parametrize(("option", "value"), [("log_scale_factor", 3.0), ("paper_init", True)])
-def test_options_that_layers_normalized_by_hand_lack_are_refused_with_the_call_that_gives_them(option, value):
+def test_a_log_scale_factor_that_layers_normalized_by_hand_lack_is_refused_with_the_call_that_gives_it():
     # the callback keeps a layer normalized by hand as it is: an option it would not apply is an error, not ignored
     model = ConvClassifier()
     apply_weight_norm(model)
-    fix = re.escape(f"`lightning_wn.apply_weight_norm(model, ['net.0', 'net.2', 'net.6'], {option}={value!r})`")
-    with pytest.raises(RuntimeError, match=rf"lack its options: `{option}` \(net.0, net.2, net.6\).* {fix}"):
-        trainer(max_steps=0, callbacks=[WeightNormalization(**{option: value})]).fit(model, RandomImages())
+    fix = re.escape("`lightning_wn.apply_weight_norm(model, ['net.0', 'net.2', 'net.6'], log_scale_factor=3.0)`")
+    with pytest.raises(RuntimeError, match=rf"lack its options: `log_scale_factor` \(net.0, net.2, net.6\).* {fix}"):
+        trainer(max_steps=0, callbacks=[WeightNormalization(log_scale_factor=3.0)]).fit(model, RandomImages())
     model = ConvClassifier()
-    apply_weight_norm(model, ["net.0", "net.2", "net.6"], **{option: value})  # the fix
-    trainer(max_steps=0, callbacks=[WeightNormalization(**{option: value})]).fit(model, RandomImages())
-    norm = model.net[0].parametrizations.weight
-    assert norm.log_scale_factor == 3.0 if option == "log_scale_factor" else norm.paper_init
+    apply_weight_norm(model, ["net.0", "net.2", "net.6"], log_scale_factor=3.0)  # the fix
+    trainer(max_steps=0, callbacks=[WeightNormalization(log_scale_factor=3.0)]).fit(model, RandomImages())
+    assert model.net[0].parametrizations.weight.log_scale_factor == 3.0
+
+
+@pytest.mark.parametrize("before", ["by hand", "validate"])
+def test_paper_init_draws_v_in_a_fit_of_layers_normalized_before_and_never_initialized(before):
+    model, data = Evaluated(), RandomImages(size=64)
+    wn = WeightNormalization(init_samples=64, paper_init=True)
+    if before == "by hand":
+        apply_weight_norm(model)
+    else:  # the callback normalized them there, without the draw: an evaluation is not a fit
+        trainer(callbacks=[wn]).validate(model, data.train_dataloader())
+    trainer(max_steps=0, callbacks=[wn]).fit(model, data)
+    for name in wn.normalized:
+        norm = model.get_submodule(name).parametrizations.weight
+        assert norm.paper_init and abs(norm.original1.std().item() - 0.05) < 0.01, name  # N(0, 0.05), not the layer's
+    standardized(model, data.x[:64], wn.normalized)
+
+
+def test_a_run_of_layers_normalized_and_initialized_by_hand_resumes_with_paper_init(tmp_path):
+    # the resumed model is normalized by hand again, not initialized (its checkpoint's weights are): no refusal
+    data, saver = RandomImages(size=64), ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    model = ConvClassifier()
+    apply_weight_norm(model)
+    data_dependent_init(model, data.x[:64])
+    callbacks = [WeightNormalization(paper_init=True), saver]
+    trainer(max_steps=2, callbacks=callbacks, enable_checkpointing=True).fit(model, data)
+    resumed = ConvClassifier()
+    apply_weight_norm(resumed)
+    trainer(max_steps=3, callbacks=[WeightNormalization(paper_init=True)]).fit(resumed, data, ckpt_path=tmp_path / "last.ckpt")
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    v = resumed.net[0].parametrizations.weight.original1
+    assert not torch.equal(v, saved["net.0.parametrizations.weight.original1"])  # a step trained on from there
+    torch.testing.assert_close(v, saved["net.0.parametrizations.weight.original1"], rtol=0, atol=0.05)
 
 
 def test_patterns_may_name_layers_that_configure_model_builds():
