@@ -7,14 +7,10 @@ import torch
 WRITTEN_WEIGHT = ("A weight-normalized layer's weight was written in place, but it is computed from g and v, so the "
                   "write would be lost. Re-initialize with `layer.reset_parameters()`, or assign `layer.weight = W`.")
 
-FROZEN_WEIGHT = ("A weight-normalized layer's weight is computed from g and v, whose requires_grad it follows: "
-                 "freeze them with `layer.parametrizations.requires_grad_(False)`.")
-
 _NOT_WRITES = frozenset({"requires_grad_", "share_memory_", "retain_grad", "pin_memory"})  # "_" names writing nothing
 _IN_PLACE_OPS = "add sub mul truediv floordiv mod pow and or xor lshift rshift matmul".split()
 _WRITING_DUNDERS = frozenset({"__setitem__", *(f"__i{op}__" for op in _IN_PLACE_OPS)})
 _DATA = torch.Tensor.data  # reading or setting `.data` reaches __torch_function__ as this descriptor's __get__, __set__
-_REQUIRES_GRAD = torch.Tensor.requires_grad
 
 
 class ComputedWeight(torch.Tensor):
@@ -37,8 +33,6 @@ class ComputedWeight(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _freezes(cls, func, args, kwargs):
-            raise RuntimeError(FROZEN_WEIGHT)
         if _writes_into(cls, func, args, kwargs):
             raise RuntimeError(WRITTEN_WEIGHT)
         with torch._C.DisableTorchFunctionSubclass():
@@ -65,17 +59,6 @@ def _guarded_if_alias(cls: type, out: torch.Tensor, source: torch.Tensor, func) 
     aliases = out._is_view() or func in (torch.Tensor.detach, torch.detach)  # detach shares storage, not as a view
     shared = aliases and out.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
     return out.as_subclass(cls) if shared else out
-
-
-def _freezes(cls: type, func, args: tuple, kwargs: dict) -> bool:
-    # `requires_grad_(False)`, or `.requires_grad = False` (the descriptor's __set__); setting True is allowed, as in
-    # `w.detach().requires_grad_()`, a leaf of the user's own
-    if not (args and isinstance(args[0], cls)):
-        return False
-    if func == _REQUIRES_GRAD.__set__:
-        return not args[1]
-    wanted = args[1] if len(args) > 1 else kwargs.get("requires_grad", True)
-    return getattr(func, "__name__", "") == "requires_grad_" and not wanted
 
 
 def _writes_into(cls: type, func, args: tuple, kwargs: dict) -> bool:

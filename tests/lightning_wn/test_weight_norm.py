@@ -406,18 +406,13 @@ def test_writing_into_the_computed_weight_is_refused_with_the_fix(write, grad):
         torch.testing.assert_close(layer(torch.ones(1, 4)), layer(torch.ones(1, 4)))
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
-def test_freezing_the_computed_weight_is_refused_with_the_fix(grad):
-    # in grad mode torch's own error names no fix; under no_grad the flag of a throwaway tensor would be set
+def test_a_leaf_made_from_the_computed_weight_is_that_leaf_and_takes_its_gradient():
     layer = weight_norm(nn.Linear(4, 3))
-    for freeze in (lambda w: w.requires_grad_(False), lambda w: setattr(w, "requires_grad", False)):
-        with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match=r"`layer.parametrizations.requires_grad_"):
-            freeze(layer.weight)
-    leaf = layer.weight.detach().requires_grad_()  # a leaf of the user's own: allowed, and it takes a gradient
+    leaf = layer.weight.detach().requires_grad_()  # requires_grad_ returns the tensor itself, not an alias of it
     leaf.square().sum().backward()
     torch.testing.assert_close(leaf.grad, 2 * layer.weight.detach())
-    layer.parametrizations.requires_grad_(False)  # the fix the message names
-    assert not layer.weight.requires_grad and not any(p.requires_grad for p in layer.parametrizations.parameters())
+    frozen = nn.Parameter(layer.weight.detach(), requires_grad=False)  # a frozen copy of the user's own
+    assert not frozen.requires_grad and torch.equal(frozen, layer.weight)
 
 
 def test_the_weight_read_outside_the_layer_copies_and_saves_as_a_plain_tensor(tmp_path):
