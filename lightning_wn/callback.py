@@ -348,6 +348,10 @@ class WeightNormalization(Callback):
         inputs, count = first_examples(batches, wanted, where)
         if getattr(loader, "persistent_workers", False) and loader.num_workers > 0:
             iter(loader)  # rewinds the workers' one iterator, which the training loop holds too
+            if isinstance(loader.dataset, torch.utils.data.IterableDataset):
+                rank_zero_warn("WeightNormalization: the first epoch trains on its first batch twice: Lightning "
+                               "fetched it before the init rewound the loader (an IterableDataset with "
+                               "`persistent_workers`). Set `persistent_workers=False` to train on it once.")
 
         with trainer.precision_plugin.train_step_context():
             report = data_dependent_init(pl_module, inputs, modules=targets, init_scale=self.init_scale)

@@ -371,6 +371,23 @@ def test_the_init_sees_the_batches_as_training_steps_do(where):
     standardized(model, data.x[:100] / 255, wn.normalized)
 
 
+class Stream(torch.utils.data.IterableDataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __iter__(self):  # each worker its share
+        info = torch.utils.data.get_worker_info()
+        return iter(list(zip(self.x, self.y))[info.id :: info.num_workers])
+
+
+def test_a_persistent_iterable_loader_warns_that_its_first_batch_is_trained_on_twice():
+    # Lightning fetches a loader without a length one batch ahead, before the init reads and rewinds it
+    data = RandomImages(size=64)
+    loader = torch.utils.data.DataLoader(Stream(data.x, data.y), batch_size=8, num_workers=2, persistent_workers=True)
+    with pytest.warns(UserWarning, match="first epoch trains on its first batch twice"):
+        trainer(max_steps=1, callbacks=[WeightNormalization(init_samples=16)]).fit(ConvClassifier(), loader)
+
+
 class DecayByName(ConvClassifier):
     decayed = ("weight",)  # a common weight-decay split, by name: it misses g and v, which replaced `weight` in setup
 
