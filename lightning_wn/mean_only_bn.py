@@ -24,10 +24,10 @@ class MeanOnlyBatchNorm(nn.Module):
         super().__init__()
         if num_features < 1:
             raise ValueError(f"`num_features` must be at least 1, got {num_features}.")
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        if momentum is None or isinstance(momentum, (bool, str)) or not 0.0 <= float(momentum) <= 1.0:
             raise ValueError(f"`momentum` must be a number in [0, 1], got {momentum!r} (BatchNorm's None, a cumulative "
                              "average, is not supported).")
-        self.num_features, self.momentum = num_features, momentum
+        self.num_features, self.momentum = num_features, float(momentum)
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
@@ -40,8 +40,8 @@ class MeanOnlyBatchNorm(nn.Module):
         if self.training:
             if x.numel() == self.num_features:  # (1, C): each mean is the value itself, the output the bias alone
                 raise ValueError(f"MeanOnlyBatchNorm needs more than one value per channel in training, got shape "
-                                 f"{tuple(x.shape)}. Train on batches of several examples (`drop_last=True` drops a "
-                                 "last batch of one).")
+                                 f"{tuple(x.shape)}: use batches of several examples (`drop_last=True` drops a last "
+                                 "batch of one; a data-dependent init's too, whose `init_samples` ranks split).")
             mean = x.mean(dim=[0, *range(2, x.dim())])
             self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
             self.num_batches_tracked.add_(1)

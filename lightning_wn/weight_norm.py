@@ -328,6 +328,8 @@ def refuse_shared_columns(module: nn.Module, dim: int | None) -> None:
 
 def positive_number(argument: str, value: object) -> float:
     """``value`` as a float if it is a finite positive number; a clear error naming ``argument`` otherwise."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex():
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's scalars too
         raise TypeError(f"`{argument}` must be a number, got {value!r} ({type(value).__name__}).")
     if not (math.isfinite(value) and value > 0):

@@ -308,6 +308,7 @@ def test_bad_input_raises_clear_errors():
         data_dependent_init(model, torch.randn(4, 2), init_scale=0)
     with pytest.raises(TypeError, match=r"`init_scale` must be a number, got '1' \(str\)"):
         data_dependent_init(model, torch.randn(4, 2), init_scale="1")
+    data_dependent_init(model, torch.randn(4, 2), init_scale=torch.tensor(2.0))  # a 0-d tensor is a number
 
 
 def normalized_cnn() -> nn.Module:

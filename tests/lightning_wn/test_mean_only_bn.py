@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -41,6 +42,8 @@ def test_bad_arguments():
         MeanOnlyBatchNorm(3, momentum=1.5)
     with pytest.raises(ValueError, match=r"got None \(BatchNorm's None, a cumulative average, is not supported\)"):
         MeanOnlyBatchNorm(3, momentum=None)
+    for momentum in (np.float32(0.25), torch.tensor(0.25)):  # numbers too, as BatchNorm takes them
+        assert MeanOnlyBatchNorm(3, momentum=momentum).momentum == 0.25
     with pytest.raises(ValueError, match=r"expects input \(N, 3, \.\.\.\), got shape \(4, 2\)"):
         MeanOnlyBatchNorm(3)(torch.randn(4, 2))
 
