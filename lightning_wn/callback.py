@@ -266,20 +266,27 @@ class WeightNormalization(Callback):
             self._data_init(trainer, pl_module)
         if self.max_norm is not None:  # before the first batch too: the batches of an accumulated step see one v
             limit_direction_norm(pl_module, self.max_norm)
-        self._warn_untrained(trainer, pl_module)
+        self._warn_misplaced(trainer, pl_module)
 
-    def _warn_untrained(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # optimizers picked by name (`.endswith("weight")`) miss g and v, which replaced `weight` in setup
-        held = {id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]}
-        if not (self.weight_norm and held):
+    def _warn_misplaced(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # parameters picked by name (`.endswith("weight")`) miss g and v, which replaced `weight` in setup
+        groups = [group for optimizer in trainer.optimizers for group in optimizer.param_groups]
+        decayed = {id(p): group.get("weight_decay", 0) > 0 for group in groups for p in group["params"]}
+        if not (self.weight_norm and decayed):
             return  # plain layers; or no optimizer at all, which Lightning warns about
-        normalized = {name: pl_module.get_submodule(name).parametrizations.parameters() for name in self.normalized}
-        if untrained := [name for name, params in normalized.items() if any(
-                p.requires_grad and id(p) not in held for p in params)]:
-            rank_zero_warn(f"WeightNormalization: no optimizer holds g or v of {_shown(untrained)}, so they do not "
-                           "train. Weight norm replaced each layer's `weight` with `parametrizations.weight.original0` "
-                           "(g) and `original1` (v) in `setup`: pick parameters by those names or by module in "
-                           "`configure_optimizers`, or freeze them with `requires_grad_(False)`.")
+        params = {name: pl_module.get_submodule(name).parametrizations.parameters() for name in self.normalized}
+        trained = {name: [p for p in layer if p.requires_grad] for name, layer in params.items()}
+        normalized_ids = [id(p) for layer in trained.values() for p in layer]
+        if untrained := [name for name, layer in trained.items() if any(id(p) not in decayed for p in layer)]:
+            why = f"no optimizer holds g or v of {_shown(untrained)}, so they do not train (to freeze them instead: "
+            why += "`requires_grad_(False)`)"
+        elif any(group.get("weight_decay", 0) > 0 for group in groups) and not any(map(decayed.get, normalized_ids)):
+            why = "a group has weight decay, but no g or v is in one"
+        else:
+            return
+        rank_zero_warn(f"WeightNormalization: {why}. Weight norm replaced each layer's `weight` with "
+                       "`parametrizations.weight.original0` (g) and `original1` (v) in `setup`: pick parameters by "
+                       "those names, or by module, in `configure_optimizers`.")
 
     # every step runs inside one cache scope: a module called many times per step computes its weight once
     def _open_cache(self, *args: Any) -> None:

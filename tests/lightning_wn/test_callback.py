@@ -389,30 +389,32 @@ def test_a_persistent_iterable_loader_warns_that_its_first_batch_is_trained_on_t
 
 
 class DecayByName(ConvClassifier):
-    decayed = ("weight",)  # a common weight-decay split, by name: it misses g and v, which replaced `weight` in setup
+    decayed, rest = ("weight",), ("bias",)  # a weight-decay split by name: it misses g and v, which replaced `weight`
 
     def configure_optimizers(self):
         decay = [p for name, p in self.named_parameters() if name.endswith(self.decayed)]
-        rest = [p for name, p in self.named_parameters() if name.endswith("bias")]
+        rest = [p for name, p in self.named_parameters() if name.endswith(self.rest)]
         return torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}])
 
 
-@pytest.mark.parametrize(("decayed", "frozen", "named"), [
-    (("weight",), (), "`net.0`, `net.2`, `net.6`"),
-    (("weight",), ("net.0",), "`net.2`, `net.6`"),  # a frozen layer is meant to stay out
-    (("original0", "original1"), (), None),
+@pytest.mark.parametrize(("decayed", "rest", "frozen", "warning"), [
+    (("weight",), ("bias",), (), "no optimizer holds g or v of `net.0`, `net.2`, `net.6`, so they do not train"),
+    (("weight",), ("bias",), ("net.0",), "no optimizer holds g or v of `net.2`, `net.6`,"),  # frozen: meant to stay out
+    (("weight",), ("bias", "original0", "original1"), (), "a group has weight decay, but no g or v is in one"),
+    (("weight", "original0", "original1"), ("bias",), (), None),
+    (("original1",), ("bias", "original0"), (), None),  # v decayed, g not: a choice
 ])  # fmt: skip
-def test_layers_whose_g_and_v_no_optimizer_holds_are_named_in_a_warning(decayed, frozen, named):
+def test_g_and_v_that_no_optimizer_holds_or_decays_where_others_are_are_warned_about(decayed, rest, frozen, warning):
     model = DecayByName()
-    model.decayed = decayed
+    model.decayed, model.rest = decayed, rest
     for name in frozen:
         model.get_submodule(name).requires_grad_(False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer(max_steps=1, callbacks=[WeightNormalization(init_samples=32)]).fit(model, RandomImages())
-    warned = [str(w.message) for w in caught if "no optimizer holds" in str(w.message)]
-    assert len(warned) == (named is not None)
-    assert named is None or f"g or v of {named}, so they do not train" in warned[0]
+    warned = [str(w.message) for w in caught if "replaced each layer's `weight`" in str(w.message)]
+    assert len(warned) == (warning is not None)
+    assert warning is None or warning in warned[0]
 
 
 @pytest.mark.parametrize("persistent_workers", [False, True])
