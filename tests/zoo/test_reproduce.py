@@ -7,6 +7,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib.image
 import pytest
@@ -15,6 +16,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 
 from lightning_wn import WeightNormalization
 from zoo.cli import main as zoo_cli
+from zoo import reproduce
 from zoo.reproduce import EXPERIMENTS, main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,6 +107,23 @@ def test_every_readme_command_runs_every_variant_and_seed_and_writes_every_numbe
     image = matplotlib.image.imread(tmp_path / f"{experiment}.png")
     assert image.shape[0] > 300 and image.shape[1] > 500 * len(spec.curves)
     assert f"{len(runs)} runs in" in printed
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_a_runs_seed_reaches_the_models_own_seed_where_it_has_one(name, monkeypatch, tmp_path):
+    # the DQN seeds its games and exploration itself: --seed_everything alone replays one seed's games three times
+    monkeypatch.chdir(ROOT)
+    experiment, built = EXPERIMENTS[name], []
+
+    def build_only(args, run):
+        built.append(zoo_cli([*args, "--trainer.logger=false"], run=False))
+        raise InterruptedError  # the run itself is not under test
+
+    monkeypatch.setattr(reproduce, "zoo_cli", build_only)
+    settings = SimpleNamespace(out=tmp_path, full=False, override=[])
+    with pytest.raises(InterruptedError):
+        reproduce.run_one(experiment, "plain", next(iter(experiment.configs.values())), 7, settings)
+    assert built[0].model.hparams.get("seed", 7) == 7
 
 
 def test_the_module_runs_as_a_command_and_lists_the_experiments():
