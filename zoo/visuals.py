@@ -14,7 +14,7 @@ def log_image_grid(module: LightningModule, tag: str, images: Tensor, nrow: int 
 
     Call it on every rank (it asks the trainer for its log directory, which synchronizes them).
 
-    The PNG goes to ``<log_dir>/images/<tag>_epoch<NNN>.png``.
+    The PNG goes to ``<log_dir>/images/<tag>_epoch<NNN>_step<NNNNNNN>.png``: one per validation, several an epoch.
     """
     trainer = module.trainer
     log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
@@ -24,7 +24,8 @@ def log_image_grid(module: LightningModule, tag: str, images: Tensor, nrow: int 
     experiment = getattr(module.logger, "experiment", None)
     if hasattr(experiment, "add_image"):  # TensorBoard
         experiment.add_image(tag, grid, global_step=trainer.global_step)
-    path = Path(log_dir or trainer.default_root_dir) / "images" / f"{tag}_epoch{trainer.current_epoch:03d}.png"
+    name = f"{tag}_epoch{trainer.current_epoch:03d}_step{trainer.global_step:07d}.png"
+    path = Path(log_dir or trainer.default_root_dir) / "images" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(grid, path)
     return path

