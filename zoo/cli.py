@@ -86,7 +86,8 @@ class ZooCLI(LightningCLI):
         if changed:
             shown = ", ".join(f"{key}={used[key]!r} (asked: {value!r})" for key, value in changed.items())
             rank_zero_warn(f"`--ckpt_path`: the model is rebuilt with the options its checkpoint was trained with, "
-                           f"not the config's: {shown}. Train a new run to change them.")
+                           f"not the config's: {shown}. Train a new run to change them; one that only changes "
+                           "evaluation can be given in Python: `Model.load_from_checkpoint(path, option=value)`.")
 
     def _last_checkpoint(self, folder: Path, subcommand: str) -> str | None:
         found = last_checkpoint(folder)
@@ -133,6 +134,13 @@ class ZooCLI(LightningCLI):
                 super()._run_subcommand(subcommand)
             except UserError as error:  # missing data and the like: the message names the fix, a traceback adds noise
                 self._stop(error)
+            except RuntimeError as error:  # a checkpoint of another form of the model: other layers, or weight norm
+                if not str(error).startswith("Error(s) in loading state_dict"):
+                    raise
+                keys = " ".join(line.strip() for line in str(error).splitlines()[1:])
+                self._stop(UserError(f"`--ckpt_path`: the checkpoint's weights do not fit the model this config builds "
+                                     f"({keys[:300]}{'...' if len(keys) > 300 else ''}). Pass the config it was trained "
+                                     "with, callbacks included (its run folder keeps a copy, config.yaml)."))
 
     def _stop(self, error: UserError) -> NoReturn:
         """Print ``error`` alone, as the parser prints a bad option, and stop the run's processes with status 2."""

@@ -156,6 +156,21 @@ def test_a_checkpoint_of_another_model_class_is_refused_naming_both(classifier_c
     assert "is a checkpoint of `zoo.classifier.PaperClassifier`, but the config's model is `zoo.dqn.DQN`" in error
 
 
+@needs_fashion_mnist
+@pytest.mark.parametrize("args", [
+    ["test", f"--config={ROOT / 'configs/fashion_mnist/none.yaml'}"],  # trained with weight norm, tested without
+    ["fit", f"--config={FASHION_MNIST}", "--trainer.callbacks.init_args.exclude=[net.25]", "--trainer.max_steps=3"],
+])  # fmt: skip
+def test_a_checkpoint_of_another_form_of_the_model_is_one_error_line_naming_the_fix(args, classifier_checkpoint,
+                                                                                     tmp_path, data_dir, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([*args, *small(tmp_path, data_dir), f"--ckpt_path={classifier_checkpoint}"])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in error
+    assert "error: `--ckpt_path`: the checkpoint's weights do not fit the model this config builds (" in error
+    assert "key(s) in state_dict: " in error and "its run folder keeps a copy, config.yaml" in error
+
+
 @pytest.mark.parametrize("content, fault", [(b"", "is empty"), (b"version https://git-lfs.github.com/spec/v1\n", "is a git-lfs pointer")])
 def test_a_bad_ckpt_path_is_one_clear_error(content, fault, tmp_path, capsys):
     bad = tmp_path / "last.ckpt"
