@@ -72,7 +72,7 @@ class ZooCLI(LightningCLI):
             rank_zero_warn(f"`{subcommand}` without `--ckpt_path` evaluates the untrained model the config builds: pass "
                            "`--ckpt_path last` for the last checkpoint of this config's `fit`, or a checkpoint file.")
         if config.ckpt_path and not Path(config.ckpt_path).is_dir():  # a folder is a sharded checkpoint
-            self._check_checkpoint(config.ckpt_path, config.model)
+            self._check_checkpoint(config.ckpt_path, config.model, config.data if subcommand == "fit" else None)
         self._model_asked = config.model.clone() if config.model is not None else None
 
     def before_instantiate_classes(self) -> None:
@@ -101,7 +101,7 @@ class ZooCLI(LightningCLI):
         rank_zero_warn(f"`--ckpt_path last`: no checkpoint in `{folder}` yet, so this fit starts a new run.")
         return None
 
-    def _check_checkpoint(self, path: str, model: Any) -> None:
+    def _check_checkpoint(self, path: str, model: Any, data: Any) -> None:
         try:
             checkpoint = read_checkpoint(path)
         except (ValueError, OSError) as error:  # OSError: a file it cannot open, or none there
@@ -113,6 +113,13 @@ class ZooCLI(LightningCLI):
                 f"`--ckpt_path`: `{path}` is a checkpoint of `{trained}`, but the config's model is `{wanted}`: "
                 "pass the config it was trained with (its run folder keeps a copy, config.yaml)."
             )
+        # a resumed fit on other examples: Lightning takes the data options as given, unlike the model's
+        trained_on, given = checkpoint.get("datamodule_hyper_parameters") or {}, (data or {}).get("init_args") or {}
+        if changed := {key: value for key, value in given.items() if key in SPLIT_OPTIONS and key in trained_on
+                       and trained_on[key] != value}:  # fmt: skip
+            shown = ", ".join(f"{key}={value!r} (trained: {trained_on[key]!r})" for key, value in changed.items())
+            rank_zero_warn(f"`--ckpt_path`: the data options differ from the ones the checkpoint was trained with: "
+                           f"{shown}, so the resumed run trains and validates on other examples.")
 
     def instantiate_classes(self) -> None:
         # A constructor that rejects a value of the config or command line (DQN's `batch_size: -1`) raises a
@@ -158,6 +165,10 @@ class ZooCLI(LightningCLI):
         if config.get("enable_checkpointing") is False or config.get("fast_dev_run"):
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         return super()._instantiate_trainer(config, callbacks)
+
+
+# data options that choose the examples a run trains and validates on, or how they are transformed
+SPLIT_OPTIONS = {"source", "train_size", "val_size", "seed", "zca", "zca_eps", "binarize", "binarize_seed"}
 
 
 def rejected_by_constructor(error: BaseException) -> str | None:

@@ -117,6 +117,8 @@ def test_model_options_a_checkpoint_overrides_are_named(tmp_path, data_dir):
     with pytest.warns(UserWarning, match=r"checkpoint was trained with, not the config's: lr=0.001 \(asked: 0.05\)"):
         resumed = main(["fit", *args, "--trainer.max_epochs=2", "--ckpt_path", "last", "--model.init_args.lr=0.05"])
     assert resumed.model.hparams.lr == 0.001
+    with pytest.warns(UserWarning, match=r"data options differ .*: train_size=300 \(trained: 400\), so the resumed"):
+        main(["fit", *args, "--trainer.max_epochs=3", "--ckpt_path", "last", "--data.init_args.train_size=300"])
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # the config it was trained with: nothing to name
         main(["test", "--config", str(FASHION_MNIST), *small(tmp_path, data_dir), "--ckpt_path", "last"])
