@@ -188,21 +188,19 @@ class WeightNormalization(Callback):
         _refuse_sharded_plain_layers(modules, plain)
         if not fitting and self.fold_on_fit_end:  # normalized so that a checkpoint of g and v loads: plain again
             self._plain_to_evaluate = {name: dict(modules[name].named_parameters(recurse=False)) for name in plain}
-        # the paper's re-draw of v is for fresh layers of a fit, not for ones initialized (and maybe trained) before
-        redraw = fitting and self.paper_init
-        fresh = [name for name in plain if redraw and not getattr(modules[name], INITIALIZED, False)]
-        for names, paper_init in ((fresh, True), ([name for name in plain if name not in fresh], False)):
-            if names:
-                apply_weight_norm(pl_module, names, log_scale_factor=self.log_scale_factor, paper_init=paper_init)
+        if plain:
+            apply_weight_norm(pl_module, plain, log_scale_factor=self.log_scale_factor)
         for name in attached:
             attach_mean_only_bn(modules[name])
-        kept = [name for name in selected if name not in plain]  # normalized by hand, or by an evaluation before
-        for wn in (wn for name in kept if redraw and not getattr(modules[name], INITIALIZED, False)
-                   for wn in weight_norms(modules[name]).values() if not wn.paper_init):
-            wn.reset(torch.empty_like(wn.v).normal_(0.0, 0.05))  # the paper's draw of v, with g = ||v||
-            wn.paper_init = True
+        # the paper's draw of v is for a fit's layers never initialized: fresh ones, and those normalized by hand or
+        # by an evaluation before; not for ones initialized (and maybe trained) before
+        fresh = [name for name in selected if fitting and not getattr(modules[name], INITIALIZED, False)]
+        for wn in (wn for name in fresh if self.paper_init for wn in weight_norms(modules[name]).values()):
+            if not wn.paper_init:
+                wn.reset(torch.empty_like(wn.v).normal_(0.0, 0.05))  # v ~ N(0, 0.05), g = ||v||
+                wn.paper_init = True
         if fitting:
-            self._refuse_missing_options(pl_module, kept)
+            self._refuse_missing_options(pl_module, [name for name in selected if name not in plain])
         if plain or attached:
             kept = f" ({len(selected) - len(plain)} of them already were)" if len(plain) < len(selected) else ""
             extra = f", {len(attached)} with mean-only batch norm" if attached else ""
