@@ -112,6 +112,9 @@ class WeightNormalization(Callback):
         if log_scale_factor is not None:
             log_scale_factor = positive_number("log_scale_factor", log_scale_factor)
         self.log_scale_factor = log_scale_factor
+        if paper_init and not data_init:  # v ~ N(0, 0.05) is for the init to scale; it would also redraw loaded weights
+            raise ValueError("`paper_init`=True draws v from N(0, 0.05) for the data-dependent init to scale, but "
+                             "`data_init`=False skips the init. Set `data_init=True`, or leave `paper_init` out.")
         # each of these acts on g or v, which a plain layer does not have
         for argument in () if weight_norm else ("mean_only_bn", "max_norm", "log_scale_factor", "paper_init"):
             if (value := getattr(self, argument)) not in (None, False):
@@ -188,17 +191,18 @@ class WeightNormalization(Callback):
         _refuse_sharded_plain_layers(modules, plain)
         if not fitting and self.fold_on_fit_end:  # normalized so that a checkpoint of g and v loads: plain again
             self._plain_to_evaluate = {name: dict(modules[name].named_parameters(recurse=False)) for name in plain}
-        if plain:
-            apply_weight_norm(pl_module, plain, log_scale_factor=self.log_scale_factor)
-        for name in attached:
-            attach_mean_only_bn(modules[name])
         # the paper's draw of v is for a fit's layers never initialized: fresh ones, and those normalized by hand or
         # by an evaluation before; not for ones initialized (and maybe trained) before
-        fresh = [name for name in selected if fitting and not getattr(modules[name], INITIALIZED, False)]
-        for wn in (wn for name in fresh if self.paper_init for wn in weight_norms(modules[name]).values()):
-            if not wn.paper_init:
-                wn.reset(torch.empty_like(wn.v).normal_(0.0, 0.05))  # v ~ N(0, 0.05), g = ||v||
-                wn.paper_init = True
+        redraw = fitting and self.paper_init
+        fresh = {name for name in selected if redraw and not getattr(modules[name], INITIALIZED, False)}
+        for paper_init in (True, False):  # by weight_norm, as by hand: the same draws from the same random state
+            if names := [name for name in plain if (name in fresh) == paper_init]:
+                apply_weight_norm(pl_module, names, log_scale_factor=self.log_scale_factor, paper_init=paper_init)
+        for wn in (wn for name in fresh for wn in weight_norms(modules[name]).values() if not wn.paper_init):
+            wn.reset(torch.empty_like(wn.v).normal_(0.0, 0.05))  # v ~ N(0, 0.05), g = ||v||
+            wn.paper_init = True
+        for name in attached:
+            attach_mean_only_bn(modules[name])
         if fitting:
             self._refuse_missing_options(pl_module, [name for name in selected if name not in plain])
         if plain or attached:
@@ -269,17 +273,17 @@ class WeightNormalization(Callback):
     def _warn_misplaced(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # parameters picked by name (`.endswith("weight")`) miss g and v, which replaced `weight` in setup
         groups = [group for optimizer in trainer.optimizers for group in optimizer.param_groups]
-        decayed = {id(p): group.get("weight_decay", 0) > 0 for group in groups for p in group["params"]}
-        if not (self.weight_norm and decayed):
+        held = {id(p) for group in groups for p in group["params"]}
+        if not (self.weight_norm and held):
             return  # plain layers; or no optimizer at all, which Lightning warns about
         params = {name: pl_module.get_submodule(name).parametrizations.parameters() for name in self.normalized}
         trained = {name: [p for p in layer if p.requires_grad] for name, layer in params.items()}
-        normalized_ids = [id(p) for layer in trained.values() for p in layer]
-        if untrained := [name for name, layer in trained.items() if any(id(p) not in decayed for p in layer)]:
+        decaying = [group["params"] for group in groups if group.get("weight_decay", 0) > 0]
+        if untrained := [name for name, layer in trained.items() if any(id(p) not in held for p in layer)]:
             why = f"no optimizer holds g or v of {_shown(untrained)}, so they do not train (to freeze them instead: "
             why += "`requires_grad_(False)`)"
-        elif any(group.get("weight_decay", 0) > 0 for group in groups) and not any(map(decayed.get, normalized_ids)):
-            why = "a group has weight decay, but no g or v is in one"
+        elif any(trained.values()) and decaying and not any(p.dim() > 1 for group in decaying for p in group):
+            why = "a group has weight decay but holds no weight: g and v are in none"
         else:
             return
         rank_zero_warn(f"WeightNormalization: {why}. Weight norm replaced each layer's `weight` with "

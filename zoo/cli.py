@@ -142,7 +142,9 @@ class ZooCLI(LightningCLI):
             except UserError as error:  # missing data and the like: the message names the fix, a traceback adds noise
                 self._stop(error)
             except RuntimeError as error:  # a checkpoint of another form of the model: other layers, or weight norm
-                if not str(error).startswith("Error(s) in loading state_dict"):
+                frames = traceback.extract_tb(error.__traceback__)
+                restoring = any(frame.filename.endswith("checkpoint_connector.py") for frame in frames)
+                if not (restoring and str(error).startswith("Error(s) in loading state_dict")):
                     raise
                 keys = " ".join(line.strip() for line in str(error).splitlines()[1:])
                 self._stop(UserError(f"`--ckpt_path`: the checkpoint's weights do not fit the model this config builds "

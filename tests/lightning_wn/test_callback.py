@@ -136,6 +136,19 @@ def test_paper_init_draws_v_in_a_fit_of_layers_normalized_before_and_never_initi
     standardized(model, data.x[:64], wn.normalized)
 
 
+def test_paper_init_through_the_callback_draws_as_by_hand_bit_for_bit():
+    base, data = ConvClassifier(), RandomImages(size=64)
+    torch.nn.init.zeros_(base.net[6].weight)  # zero units: splitting them draws a direction from the same generator
+    by_hand, fitted = copy.deepcopy(base), copy.deepcopy(base)
+    torch.manual_seed(1)
+    apply_weight_norm(by_hand, paper_init=True)
+    data_dependent_init(by_hand, data.x[:64])
+    torch.manual_seed(1)
+    trainer(max_steps=0, callbacks=[WeightNormalization(init_samples=64, paper_init=True)]).fit(fitted, data)
+    for (name, expected), value in zip(by_hand.state_dict().items(), fitted.state_dict().values(), strict=True):
+        assert torch.equal(value, expected), name
+
+
 def test_a_run_of_layers_normalized_and_initialized_by_hand_resumes_with_paper_init(tmp_path):
     # the resumed model is normalized by hand again, not initialized (its checkpoint's weights are): no refusal
     data, saver = RandomImages(size=64), ModelCheckpoint(dirpath=tmp_path, save_last=True)
@@ -371,6 +384,19 @@ def test_the_init_sees_the_batches_as_training_steps_do(where):
     standardized(model, data.x[:100] / 255, wn.normalized)
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_decaying_other_weights_and_no_g_or_v_is_a_choice_not_warned_about(frozen):
+    model = DecayByName()  # net.6 left plain: its weight alone decayed, on purpose; or the normalized layers frozen
+    model.decayed, model.rest = ("net.6.weight",), ("bias", "original0", "original1")
+    if frozen:
+        model.net[:6].requires_grad_(False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wn = WeightNormalization(init_samples=32, exclude=["net.6"])
+        trainer(max_steps=1, callbacks=[wn]).fit(model, RandomImages())
+    assert not [w for w in caught if "replaced each layer's `weight`" in str(w.message)]
+
+
 class Stream(torch.utils.data.IterableDataset):
     def __init__(self, x, y):
         self.x, self.y = x, y
@@ -400,7 +426,7 @@ class DecayByName(ConvClassifier):
 @pytest.mark.parametrize(("decayed", "rest", "frozen", "warning"), [
     (("weight",), ("bias",), (), "no optimizer holds g or v of `net.0`, `net.2`, `net.6`, so they do not train"),
     (("weight",), ("bias",), ("net.0",), "no optimizer holds g or v of `net.2`, `net.6`,"),  # frozen: meant to stay out
-    (("weight",), ("bias", "original0", "original1"), (), "a group has weight decay, but no g or v is in one"),
+    (("weight",), ("bias", "original0", "original1"), (), "a group has weight decay but holds no weight: g and v are in none"),
     (("weight", "original0", "original1"), ("bias",), (), None),
     (("original1",), ("bias", "original0"), (), None),  # v decayed, g not: a choice
 ])  # fmt: skip
@@ -574,6 +600,8 @@ def test_bad_arguments_fail_before_training():
             WeightNormalization(**{option: "1"})
     with pytest.raises(TypeError, match=r"`init_samples` must be an integer, got '500' \(str\)"):
         WeightNormalization(init_samples="500")
+    with pytest.raises(ValueError, match="`paper_init`=True draws v from N.0, 0.05. for the data-dependent init"):
+        WeightNormalization(paper_init=True, data_init=False)
     numpy_scalars = WeightNormalization(init_samples=np.int64(64), init_scale=np.float32(0.5), max_norm=np.float32(2))
     assert (numpy_scalars.init_samples, numpy_scalars.init_scale, numpy_scalars.max_norm) == (64, 0.5, 2.0)
     with pytest.raises(TypeError, match="`include` must be a list of names or patterns, got the string 'net.0'"):
