@@ -173,6 +173,18 @@ def test_a_checkpoint_of_another_form_of_the_model_is_one_error_line_naming_the_
     assert "key(s) in state_dict: " in error and "its run folder keeps a copy, config.yaml" in error
 
 
+@needs_fashion_mnist
+def test_a_state_dict_error_outside_the_checkpoint_restore_keeps_its_traceback(tmp_path, data_dir, monkeypatch):
+    from zoo.classifier import PaperClassifier
+
+    def load_wrong(self):  # a bug of the model's own, not a checkpoint that does not fit
+        torch.nn.Linear(4, 8).load_state_dict(torch.nn.Linear(4, 16).state_dict())
+
+    monkeypatch.setattr(PaperClassifier, "on_fit_start", load_wrong, raising=False)
+    with pytest.raises(RuntimeError, match="Error.s. in loading state_dict for Linear"):
+        main(["fit", f"--config={FASHION_MNIST}", *small(tmp_path, data_dir), "--trainer.max_steps=1"])
+
+
 @pytest.mark.parametrize("content, fault", [(b"", "is empty"), (b"version https://git-lfs.github.com/spec/v1\n", "is a git-lfs pointer")])
 def test_a_bad_ckpt_path_is_one_clear_error(content, fault, tmp_path, capsys):
     bad = tmp_path / "last.ckpt"
