@@ -109,9 +109,8 @@ class WeightNormalization(Callback):
         self.input_key = keys if isinstance(input_key, (list, tuple)) else input_key
         self.mean_only_bn, self.fold_on_fit_end, self.paper_init = mean_only_bn, fold_on_fit_end, paper_init
         self.max_norm = None if max_norm is None else positive_number("max_norm", max_norm)
-        if log_scale_factor is not None:
-            log_scale_factor = positive_number("log_scale_factor", log_scale_factor)
-        self.log_scale_factor = log_scale_factor
+        self.log_scale_factor = (None if log_scale_factor is None
+                                 else positive_number("log_scale_factor", log_scale_factor))
         if paper_init and not data_init:  # v ~ N(0, 0.05) is for the init to scale; it would also redraw loaded weights
             raise ValueError("`paper_init`=True draws v from N(0, 0.05) for the data-dependent init to scale, but "
                              "`data_init`=False skips the init. Set `data_init=True`, or leave `paper_init` out.")
