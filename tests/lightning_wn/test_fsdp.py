@@ -66,7 +66,13 @@ def _init_sharded(rank: int, port: int, folder: str) -> None:
 
 @pytest.mark.slow
 def test_data_dependent_init_writes_the_fsdp2_shards_with_all_reduced_statistics(tmp_path):
-    torch.multiprocessing.spawn(_init_sharded, args=(_free_port(), str(tmp_path)), nprocs=2)
+    try:
+        torch.multiprocessing.spawn(_init_sharded, args=(_free_port(), str(tmp_path)), nprocs=2)
+    except torch.multiprocessing.ProcessExitedException as error:
+        # gloo aborts a process at teardown now and then ("terminate called without an active exception", twice in
+        # some 30 runs): the results count only if both ranks wrote theirs, before their barrier
+        if error.signal_name != "SIGABRT" or not all((tmp_path / f"rank{r}.pt").exists() for r in (0, 1)):
+            raise
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     reference = _mlp()
     data_dependent_init(reference, _batch())  # unsharded, on the whole batch both ranks saw together
