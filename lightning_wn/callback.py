@@ -360,7 +360,6 @@ class WeightNormalization(Callback):
                 rank_zero_warn("WeightNormalization: the first epoch trains on its first batch twice: Lightning "
                                "fetched it before the init rewound the loader (an IterableDataset with "
                                "`persistent_workers`). Set `persistent_workers=False` to train on it once.")
-
         with trainer.precision_plugin.train_step_context():
             report = data_dependent_init(pl_module, inputs, modules=targets, init_scale=self.init_scale)
         self.initialized = True

@@ -254,7 +254,6 @@ def weight_norm(
     names, dim = checked_targets(module, name, dim)
     if log_scale_factor is not None:
         log_scale_factor = positive_number("log_scale_factor", log_scale_factor)
-
     if "parametrizations" not in module._modules:
         module.parametrizations = _Parametrizations()
     for tensor_name in names:
