@@ -44,10 +44,9 @@ _UNSHARDED_ONLY = {
 }
 # the launcher loads the trained state dict back into the main process's model with strict=False
 _STARTED_PROCESS = ("WeightNormalization runs in a process Lightning started (strategy `ddp_spawn`, `ddp_fork` or "
-                    "`ddp_notebook`), which hands back only the weights the main process's model has names for, so "
-                    "{what} there would be lost without an error. Normalize and initialize the model before "
-                    "`fit`: {by_hand}, then `lightning_wn.data_dependent_init(model, batch)`. Or use "
-                    "`strategy='ddp'`.")
+                    "`ddp_notebook`), which hands back only the weights the main process's model has names for: "
+                    "{what} there would be silently lost. Normalize and initialize the model before `fit`: "
+                    "{by_hand}, then `lightning_wn.data_dependent_init(model, batch)`; or use `strategy='ddp'`.")
 
 
 class WeightNormalization(Callback):
@@ -65,8 +64,7 @@ class WeightNormalization(Callback):
             a list (``["mel", "noise"]``) passes several as positional arguments. Or define ``data_init_inputs(batch)``
             on the module, returning a tensor, a tuple (``forward(*inputs)``) or a dict (``forward(**inputs)``).
         mean_only_bn: put the paper's mean-only batch norm after every normalized layer.
-        max_norm: before the first and after each training batch, rescale any ``||v||`` above this (the function is
-            unchanged).
+        max_norm: rescale any ``||v||`` above this before the first and after each training batch (``w`` is unchanged).
         fold_on_fit_end: fold ``g`` and ``v`` into plain weights when fit ends.
         log_scale_factor: learn ``s`` with ``g = exp(c * s)``, ``c`` being this value.
         paper_init: re-draw every ``v`` from N(0, 0.05) before the init, as in the paper.
@@ -121,7 +119,7 @@ class WeightNormalization(Callback):
                                  f"plain: set `weight_norm=True`, or leave `{argument}` out.")
         self.normalized: list[str] = []
         self.initialized = False
-        self._restored: dict[str, Any] | None = None  # applied at the init, not in load_state_dict
+        self._restored: bool | None = None  # whether a restored state was past its init; applied at the init
         self._other_parameters: tuple[dict, str] | None = None  # a checkpoint whose optimizer states don't apply, why
         self._plain_to_evaluate: dict[str, dict[str, torch.nn.Parameter]] = {}  # by layer: its weights, as they came
         self._cache = ExitStack()  # the open cached() scope of the current step, if any
@@ -130,8 +128,7 @@ class WeightNormalization(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # this run's model may be another: what the callback knew of the last one (restored by a tuner after the
-        # init, or saved by a tuner's checkpoint before it) is not this one's
+        # what the callback knew of another run's model (a tuner's, restored or saved) is not this one's
         self._restored, self.initialized, self._other_parameters = None, False, None
         strategy = trainer.strategy
         for refused, why in _REFUSED_STRATEGIES.items():
@@ -156,8 +153,7 @@ class WeightNormalization(Callback):
         later = is_overridden("configure_model", pl_module)
         selected = select_layers(pl_module, self.include, self.exclude, missing_ok=later)
         callbacks = list(trainer.callbacks)
-        # a weight-averaging callback copies the model in its own setup: before ours, it copies plain layers
-        averaging = (StochasticWeightAveraging, WeightAveraging)
+        averaging = (StochasticWeightAveraging, WeightAveraging)  # each copies the model in its own setup
         if first := [c for c in callbacks[: callbacks.index(self)] if isinstance(c, averaging)]:
             raise RuntimeError(f"{type(first[0]).__name__} is listed before WeightNormalization, so it copies the "
                                "layers before they are weight-normalized. List WeightNormalization first: "
@@ -190,10 +186,8 @@ class WeightNormalization(Callback):
         _refuse_sharded_plain_layers(modules, plain)
         if not fitting and self.fold_on_fit_end:  # normalized so that a checkpoint of g and v loads: plain again
             self._plain_to_evaluate = {name: dict(modules[name].named_parameters(recurse=False)) for name in plain}
-        # the paper's draw of v is for a fit's layers never initialized: fresh ones, and those normalized by hand or
-        # by an evaluation before; not for ones initialized (and maybe trained) before
-        redraw = fitting and self.paper_init
-        fresh = {name for name in selected if redraw and not getattr(modules[name], INITIALIZED, False)}
+        # the paper's draw of v is for a fit's layers never initialized, plain or not; trained ones keep theirs
+        fresh = {n for n in selected if fitting and self.paper_init and not getattr(modules[n], INITIALIZED, False)}
         for paper_init in (True, False):  # by weight_norm, as by hand: the same draws from the same random state
             if names := [name for name in plain if (name in fresh) == paper_init]:
                 apply_weight_norm(pl_module, names, log_scale_factor=self.log_scale_factor, paper_init=paper_init)
@@ -202,8 +196,6 @@ class WeightNormalization(Callback):
             wn.paper_init = True
         for name in attached:
             attach_mean_only_bn(modules[name])
-        if fitting:
-            self._refuse_missing_options(pl_module, [name for name in selected if name not in plain])
         if plain or attached:
             kept = f" ({len(selected) - len(plain)} of them already were)" if len(plain) < len(selected) else ""
             extra = f", {len(attached)} with mean-only batch norm" if attached else ""
@@ -217,21 +209,19 @@ class WeightNormalization(Callback):
             if not set(dict(pl_module.named_modules())) - self._seen_at_setup:
                 warnings.simplefilter("ignore")  # about layers under torch's norms: setup warned already
             selected = select_layers(pl_module, self.include, self.exclude)
-        modules = dict(pl_module.named_modules())
-        if plain := [name for name in selected if self.weight_norm and not is_weight_normalized(modules[name])]:
+        if plain := [n for n in selected if self.weight_norm and not is_weight_normalized(pl_module.get_submodule(n))]:
             raise RuntimeError(f"Layers {', '.join(f'`{name}`' for name in plain)} were built after "
                                "WeightNormalization's `setup` (in `configure_model`) and are left plain: call "
                                f"{self._by_hand('self', plain)} at the end of `configure_model` (before "
                                "`fully_shard`).")
-        self._refuse_missing_options(pl_module, [name for name in selected if name not in self.normalized])
+        self._refuse_missing_options(pl_module, selected)  # those normalized in setup have them, unless by hand
         self.normalized = selected  # the init's targets, with the layers configure_model built
         self._restart_optimizer_states(trainer)
         if not trainer.strategy.restore_checkpoint_after_setup:
             self._data_init(trainer, pl_module)
 
     def _refuse_missing_options(self, pl_module: pl.LightningModule, names: list[str]) -> None:
-        """A ``RuntimeError`` naming the options that layers normalized without this callback (by hand, or in
-        ``configure_model``) were not given."""
+        """Refuse layers normalized without this callback (by hand, or in ``configure_model``) that lack its options."""
         wrong: dict[str, list[str]] = {}
         for name in names if self.weight_norm else ():
             layer = pl_module.get_submodule(name)
@@ -303,8 +293,7 @@ class WeightNormalization(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close_cache()  # a LightningModule's on_train_batch_start returning -1 skips the batch-end hooks
-        # with fold_on_fit_end, layers validate, test or predict normalized go back to plain weights: the checkpoint's,
-        # folded, or the very tensors they came with where none was loaded
+        # fold_on_fit_end: layers normalized to evaluate go plain again (the checkpoint's weights folded, or their own)
         plain, self._plain_to_evaluate = self._plain_to_evaluate, {}
         for name, params in plain.items():
             remove_weight_norm(layer := pl_module.get_submodule(name))
@@ -315,7 +304,7 @@ class WeightNormalization(Callback):
         # Each layer's mark of its init guards it, not a flag of this callback (which may have served another model).
         # A restored state says whether the checkpoint's weights had their init: a tuner's was saved before it.
         restored, self._restored = self._restored, None
-        resumed = bool(restored.get("initialized")) if restored is not None else trainer.ckpt_path is not None
+        resumed = restored if restored is not None else trainer.ckpt_path is not None
         if resumed:
             if restored is None:
                 rank_zero_info(f"WeightNormalization: {trainer.ckpt_path} holds no state of this callback (trained "
@@ -366,8 +355,7 @@ class WeightNormalization(Callback):
         rank_zero_info(f"WeightNormalization: data-dependent init on {count} examples per rank.\n{report}")
 
     def _in_started_process(self, trainer: pl.Trainer) -> bool:
-        # another process than the one that built the callback, started by the strategy's launcher (not, say, a
-        # sweep's worker that runs a whole fit of its own)
+        # started by the strategy's launcher, not (say) a sweep's worker that runs a whole fit of its own
         return os.getpid() != self._pid and trainer.strategy.launcher is not None
 
     def _mark_initialized(self, pl_module: pl.LightningModule) -> None:
@@ -389,12 +377,12 @@ class WeightNormalization(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        state = {"normalized": list(self.normalized), "initialized": self.initialized}
-        return state | {"mean_only_bn": self.mean_only_bn, "log_scale_factor": self.log_scale_factor}
+        return {"normalized": list(self.normalized), "initialized": self.initialized,
+                "mean_only_bn": self.mean_only_bn, "log_scale_factor": self.log_scale_factor}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = dict(state_dict)
+        self._restored = bool(state_dict.get("initialized"))
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
@@ -403,14 +391,14 @@ class WeightNormalization(Callback):
                 warnings.simplefilter("ignore")  # about layers under torch's norms: setup warned already
                 select_layers(pl_module, self.include, self.exclude)
             return self._mark_initialized(pl_module)
-        # The optimizer states, restored after on_fit_start and rewritten there, hold moments of other parameters
-        # where a layer's weights just loaded into g and v from another form: plain, or another g = exp(c * s)
-        if "optimizer_states" in checkpoint and (why := _converted_on_load(pl_module)):
+        # The optimizer states, restored after on_fit_start and rewritten there, hold moments of other parameters where
+        # a layer's weights just loaded into g and v from another form (plain, another g = exp(c * s), another axis)
+        forms = (wn.converted_on_load for module in pl_module.modules() for wn in weight_norms(module).values())
+        if "optimizer_states" in checkpoint and (why := next(filter(None, forms), None)):
             self._other_parameters = checkpoint, why
 
     def _restart_optimizer_states(self, trainer: pl.Trainer) -> None:
-        # each group keeps its saved hyperparameters (a learning rate a scheduler lowered), its per-parameter state
-        # (Adam's moments) starts empty
+        # each group keeps its saved hyperparameters (a learning rate a scheduler lowered); Adam's moments start empty
         if self._other_parameters is None:
             return
         (checkpoint, why), self._other_parameters = self._other_parameters, None
@@ -433,13 +421,6 @@ def _as_trained_on(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: An
     batch = trainer.precision_plugin.convert_input(batch)
     owner = trainer.datamodule if is_overridden("on_before_batch_transfer", trainer.datamodule) else pl_module
     return trainer.strategy.batch_to_device(owner.on_before_batch_transfer(batch, 0))
-
-
-def _converted_on_load(pl_module: pl.LightningModule) -> str | None:
-    """How the state dict ``pl_module`` last loaded saved its first normalized tensor whose ``g`` and ``v`` changed
-    form on the way (plain, another ``g = exp(c * s)``, ``g`` along another axis); None if none did."""
-    forms = (wn.converted_on_load for module in pl_module.modules() for wn in weight_norms(module).values())
-    return next((form for form in forms if form), None)
 
 
 def _refuse_sharded_plain_layers(modules: dict[str, torch.nn.Module], plain: list[str]) -> None:
