@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_wn.init_inputs import named_leaves
 from lightning_wn.mean_only_bn import MeanOnlyBatchNorm
 from lightning_wn.models import parameter_owners
 from lightning_wn.state_dict import WHOLE_TENSOR
@@ -86,8 +87,13 @@ def data_dependent_init(model: nn.Module, inputs: object, modules: Sequence[str]
         (True, True)
     """
     init_scale = positive_number("init_scale", init_scale)
-    if not _check_batch(inputs):
+    if not (tensors := [x for _, x in named_leaves(inputs) if isinstance(x, Tensor)]):
         raise TypeError(f"`inputs` holds no tensor (got {type(inputs).__name__}); pass a batch of model inputs.")
+    for x in tensors:
+        if x.dim() and x.shape[0] == 0:
+            raise ValueError(f"`inputs` is an empty batch (a tensor of shape {tuple(x.shape)}).")
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise ValueError("`inputs` contains NaN or infinite values; the init statistics would be NaN.")
     targets, report = _targets(model, modules)
     if again := [name for name, m in targets.items() if getattr(m, INITIALIZED, False)]:
         warnings.warn(f"data_dependent_init: {_shown(again)} were initialized by an earlier call; this one rescales "
@@ -99,8 +105,7 @@ def data_dependent_init(model: nn.Module, inputs: object, modules: Sequence[str]
         m.reshard()
     writes: list[tuple[nn.Module, Tensor, Tensor]] = []  # (module, scale, shift) of each rescaling
     hook = functools.partial(_init_module, report, writes, init_scale, min_std)
-    # a target's first call rescales it and normalizes that output in place: later layers see initialized inputs,
-    # and so, the hook prepended, do the layer's own hooks (an attached mean-only batch norm)
+    # prepended: the layer's own hooks (an attached mean-only batch norm) see the normalized output, as later layers do
     handles = [m.register_forward_hook(functools.partial(hook, name), prepend=True) for name, m in targets.items()]
     before = {id(t): (t, t.clone()) for t in (*(p for m in targets.values() for p in m.parameters()), *model.buffers())}
     positional = isinstance(inputs, (tuple, list))
@@ -198,12 +203,10 @@ def _rescale(module: nn.Module, scale: Tensor, shift: Tensor) -> None:
             magnitude.mul_(factor)
         else:  # g = exp(c * s)
             magnitude.add_(factor.log() / wn.log_scale_factor)
-    else:
-        weight = module.weight
+    else:  # the weight's rows: (out, in / groups, *kernel)
+        weight, factor = module.weight, scale.view(-1, 1)
         if isinstance(module, nn.modules.conv._ConvTransposeNd):  # weight: (in, out / groups, *kernel)
             factor = scale.view(module.groups, -1).repeat_interleave(weight.shape[0] // module.groups, dim=0)
-        else:  # weight: (out, in / groups, *kernel)
-            factor = scale.view(-1, 1)
         weight, (factor,) = _shards(weight, factor.reshape(*factor.shape, *[1] * (weight.dim() - 2)))
         weight.mul_(factor)
     if isinstance(getattr(module, "bias", None), Tensor):
@@ -247,6 +250,7 @@ def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str
                 raise ValueError(f"`modules` pattern {pattern!r} matches no module of {type(model).__name__}.")
             chosen.update(dict.fromkeys(matched))
     targets, owners = {}, parameter_owners(named)
+    leave_out = "leave it out of `modules` (the callback's `exclude`)."
     for name in chosen:
         module = named[name]
         if isinstance(module, MeanOnlyBatchNorm):
@@ -263,18 +267,15 @@ def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str
             report.skipped[name] = why
         elif not (normalized := weight_norms(module)) and len(tied := owners[id(module.weight)]) > 1:
             raise ValueError(f"Module `{name}`'s weight is tied: {' and '.join(f'`{t}`' for t in tied)} are one "
-                             "tensor, whose rows the init would rescale for each. Leave it out of `modules` (the "
-                             "callback's `exclude`).")
+                             f"tensor, whose rows the init would rescale once for each: {leave_out}")
         elif len(normalized) > 1:
             raise ValueError(f"Module `{name}` normalizes {sorted(normalized)}, but data-dependent init needs one "
-                             "normalized weight per layer: normalize only `weight`, or leave it out of `modules` (the "
-                             "callback's `exclude`).")
+                             f"normalized weight per layer: normalize only `weight`, or {leave_out}")
         elif dims := [wn.dim for wn in normalized.values() if wn.dim != default_dim(module)]:
             axis = "one g for the whole tensor (dim=None)" if dims[0] == WHOLE_TENSOR else f"dim={dims[0]}"
             raise ValueError(f"Module `{name}` is weight-normalized with {axis}, but data-dependent init sets one g "
                              f"per output unit (dim={default_dim(module)} for {type(module)._wn_base.__name__}). "
-                             "Normalize it with `dim` left out, or leave it out of `modules` (the callback's "
-                             "`exclude`).")
+                             f"Normalize it with `dim` left out, or {leave_out}")
         else:
             targets[name] = module
     if not targets:
@@ -287,15 +288,3 @@ def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str
     if patterns is not None:
         norms = {name: m for name, m in norms.items() if name in chosen or name.rpartition(".")[0] in targets}
     return targets | norms, report
-
-
-def _check_batch(x: object) -> bool:
-    """Whether ``x`` (nested tuples, lists and dicts) holds a tensor; every one must be a non-empty, finite batch."""
-    if isinstance(x, Tensor):
-        if x.dim() and x.shape[0] == 0:
-            raise ValueError(f"`inputs` is an empty batch (a tensor of shape {tuple(x.shape)}).")
-        if x.is_floating_point() and not torch.isfinite(x).all():
-            raise ValueError("`inputs` contains NaN or infinite values; the init statistics would be NaN.")
-        return True
-    values = x.values() if isinstance(x, dict) else x if isinstance(x, (tuple, list)) else ()
-    return any([_check_batch(value) for value in values])  # a list, not a generator: every tensor is checked

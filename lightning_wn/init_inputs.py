@@ -47,7 +47,7 @@ def first_examples(batches: Iterable[Any], wanted: int, where: str) -> tuple[Inp
     """
     chunks, count = [], 0
     for inputs in batches:
-        entries = dict(_entries(inputs))
+        entries = dict(named_leaves(inputs))
         for name, value in entries.items():
             if not isinstance(value, Tensor) or value.dim() == 0:
                 shown = "a 0-d tensor" if isinstance(value, Tensor) else f"a {type(value).__name__}"
@@ -67,12 +67,11 @@ def first_examples(batches: Iterable[Any], wanted: int, where: str) -> tuple[Inp
     return _joined(chunks, wanted), min(count, wanted)
 
 
-def _entries(inputs: Any, path: tuple = ()) -> Iterator[tuple[Any, Any]]:
-    """``(name, value)`` of each leaf of nested tuples, lists and dicts: its key or index, a tuple of them deeper,
-    None for a lone tensor."""
+def named_leaves(inputs: Any, path: tuple = ()) -> Iterator[tuple[Any, Any]]:
+    """``(name, leaf)`` in nested tuples, lists and dicts: a key or index, a tuple of them deeper, None at the top."""
     if isinstance(inputs, (tuple, list, dict)):
         for key, value in inputs.items() if isinstance(inputs, dict) else enumerate(inputs):
-            yield from _entries(value, (*path, key))
+            yield from named_leaves(value, (*path, key))
     else:
         yield path[0] if len(path) == 1 else path or None, inputs
 
