@@ -64,9 +64,8 @@ def read_checkpoint(path: str | PathLike, *, weights_only: bool = True) -> dict[
                          "checkpoint: load it with `model.load_state_dict(torch.load(path))` (into a plain model: "
                          "`lightning_wn.fold_state_dict(torch.load(path))`), or save one with "
                          "`trainer.save_checkpoint(path)`.")
-    found = type(checkpoint).__name__
-    if isinstance(checkpoint, dict):
-        found = f"dict with keys {sorted(map(str, checkpoint))[:8]}"
+    found = (f"dict with keys {sorted(map(str, checkpoint))[:8]}" if isinstance(checkpoint, dict)
+             else type(checkpoint).__name__)
     raise ValueError(f"`{path}` is not a Lightning checkpoint (a dict with a 'state_dict'): it holds a {found}.")
 
 

@@ -38,16 +38,15 @@ def from_torch(model: nn.Module) -> list[str]:
                 raise ValueError(f"`{module_name}` mixes torch's weight norm with other reparametrizations "
                                  f"({', '.join(others)}). Remove the others from that layer first.")
             layer = f"model.get_submodule({module_name!r})" if module_name else "model"
-            fold, shown = f"lightning_wn.remove_weight_norm({layer})", f"`{module_name or type(module).__name__}`"
             for name, norm, g, _ in norms:
-                if g.dim() == 1 and g.numel() > 1:  # a 1-D v is one unit here
-                    raise ValueError(f"{shown} cannot be converted: torch normalizes each entry of its 1-D `{name}` "
-                                     f"on its own. Nothing was converted; fold it first with `{fold}`.")
                 try:
+                    if g.dim() == 1 and g.numel() > 1:  # a 1-D v is one unit here
+                        raise ValueError(f"torch normalizes each entry of its 1-D `{name}` on its own.")
                     refuse_shared_columns(module, None if norm.dim == WHOLE_TENSOR else norm.dim)
                 except ValueError as error:
-                    raise ValueError(f"{shown} cannot be converted: {error} Nothing was converted; fold it "
-                                     f"first with `{fold}`.") from error
+                    raise ValueError(f"`{module_name or type(module).__name__}` cannot be converted: {error} "
+                                     "Nothing was converted; fold it first with "
+                                     f"`lightning_wn.remove_weight_norm({layer})`.") from error
             found[module_name] = (module, norms)
     for module, norms in found.values():
         torch_norms.remove_torch_weight_norm(module)  # folds into a plain weight parameter; drops torch's hook

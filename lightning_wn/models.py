@@ -186,8 +186,7 @@ def limit_direction_norm(model: nn.Module, max_norm: float) -> int:
 
 
 def parameter_owners(modules: dict[str, nn.Module]) -> dict[int, list[str]]:
-    """By parameter id, the qualified names it has in ``modules`` (``dict(model.named_modules())``): a tied
-    weight has several."""
+    """By parameter id, its qualified names in ``modules`` (``dict(model.named_modules())``): several if tied."""
     owners: dict[int, list[str]] = {}
     for module_name, module in modules.items():
         for param_name, param in module.named_parameters(recurse=False, remove_duplicate=False):

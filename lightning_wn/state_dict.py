@@ -48,10 +48,8 @@ def fold_state_dict(state_dict: Mapping[str, Tensor], keep: Container[str] = ())
         if ".parametrizations." in f".{key}":
             prefix, _, part = key.rpartition(".")
             groups.setdefault(prefix, {})[part] = value
-        elif key in keep:
-            folded[key] = value
         # a legacy pair, folded once, at its g; spectral norm also keeps a `weight_v`, but no `weight_g`
-        elif key.endswith(("_g", "_v")) and stem not in state_dict and _norm_axis(g, v) is not None:
+        elif key.endswith(("_g", "_v")) and key not in keep and stem not in state_dict and _norm_axis(g, v) is not None:
             if key.endswith("_g"):
                 folded[stem] = _fold(g, v)
         else:
@@ -87,8 +85,7 @@ def _norm_axis(g: object, v: object) -> int | None:
 
 @torch.no_grad()
 def _fold(g: Tensor, v: Tensor) -> Tensor:
-    # torch._weight_norm is the op torch's weight norms and this library's layers run without gradients,
-    # so a folded layer computes bitwise what the normalized one computed in eval
+    # torch's and our weight norms run this op without grad: folded, a layer computes bitwise what it did in eval
     return torch._weight_norm(v, g, _norm_axis(g, v))
 
 
