@@ -7,10 +7,10 @@ import torch
 WRITTEN_WEIGHT = ("A weight-normalized layer's weight was written in place, but it is computed from g and v, so the "
                   "write would be lost. Re-initialize with `layer.reset_parameters()`, or assign `layer.weight = W`.")
 
-_NOT_WRITES = frozenset({"requires_grad_", "share_memory_", "retain_grad", "pin_memory"})  # "_" names writing nothing
+_NOT_WRITES = frozenset({"requires_grad_", "share_memory_"})  # names ending in "_" that write nothing into it
 _IN_PLACE_OPS = "add sub mul truediv floordiv mod pow and or xor lshift rshift matmul".split()
 _WRITING_DUNDERS = frozenset({"__setitem__", *(f"__i{op}__" for op in _IN_PLACE_OPS)})
-_DATA = torch.Tensor.data  # reading or setting `.data` reaches __torch_function__ as this descriptor's __get__, __set__
+_DATA_GET, _DATA_SET = torch.Tensor.data.__get__, torch.Tensor.data.__set__  # reading, setting `.data`
 
 
 class ComputedWeight(torch.Tensor):
@@ -37,7 +37,7 @@ class ComputedWeight(torch.Tensor):
             raise RuntimeError(WRITTEN_WEIGHT)
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
-        if getattr(func, "__self__", None) is _DATA and func.__name__ == "__get__":
+        if func == _DATA_GET:
             return out.as_subclass(cls)  # `.data` shares the storage but not the version counter
         if args and isinstance(args[0], cls) and out is not args[0]:  # views of it (view_as, [i], chunk) refuse writes
             if isinstance(out, torch.Tensor):  # too; a method returning the tensor itself (requires_grad_) returns it
@@ -69,6 +69,5 @@ def _writes_into(cls: type, func, args: tuple, kwargs: dict) -> bool:
     if not isinstance(target, cls):  # a write into another tensor that reads this one (other.copy_(w))
         return False
     name = getattr(func, "__name__", "")
-    if getattr(func, "__self__", None) is _DATA:
-        return name == "__set__"
-    return name in _WRITING_DUNDERS or (name.endswith("_") and not name.startswith("__") and name not in _NOT_WRITES)
+    writer = name in _WRITING_DUNDERS or (name.endswith("_") and not name.startswith("__") and name not in _NOT_WRITES)
+    return writer or func == _DATA_SET

@@ -123,8 +123,7 @@ class WeightNorm(nn.Module):
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """``F.linear(x, w, bias)``; for a large weight fed fewer rows than it has inputs, the paper's output scaling.
 
-        At every call, cached or not: activation checkpointing needs a recomputed forward to take the path the
-        first one took.
+        Chosen at every call, cached or not: a forward recomputed by activation checkpointing takes the first's path.
         """
         v, device = self.original1, x.device.type
         pays = v.numel() >= 1 << 18 and self.dim == 0 and x.dim() > 0 and x.numel() < x.shape[-1] ** 2
@@ -160,8 +159,7 @@ class WeightNorm(nn.Module):
 
 def _raise_unless_refused_by_torch_func(error: RuntimeError) -> None:
     # torch.func transforms (grad, vmap, jvp) refuse autograd nodes whose forward takes ctx; the form they accept
-    # (setup_context) has torch bind its signature at every call, tens of microseconds per layer and step, so under
-    # them w is built from plain ops instead
+    # (setup_context) costs tens of microseconds per layer and step, so under them w is built from plain ops instead
     if "functorch transforms" not in str(error):
         raise error
 
@@ -218,14 +216,8 @@ class _Parametrizations(nn.Module):
     """One :class:`WeightNorm` per normalized tensor name: torch's state-dict layout, not its ModuleDict."""
 
 
-def weight_norm(
-    module: nn.Module,
-    name: str | Sequence[str] | None = None,
-    dim: int | None | _OutputAxis = OUTPUT_AXIS,
-    *,
-    log_scale_factor: float | None = None,
-    paper_init: bool = False,
-) -> nn.Module:
+def weight_norm(module: nn.Module, name: str | Sequence[str] | None = None, dim: int | None | _OutputAxis = OUTPUT_AXIS,
+                *, log_scale_factor: float | None = None, paper_init: bool = False) -> nn.Module:  # fmt: skip
     r"""Reparameterize ``module``'s weight as :math:`w = g \, v / \lVert v \rVert` in place; it computes the same.
 
     Args:
@@ -268,9 +260,8 @@ def weight_norm(
     return module
 
 
-def checked_targets(
-    module: nn.Module, name: str | Sequence[str] | None = None, dim: int | None | _OutputAxis = OUTPUT_AXIS
-) -> tuple[list[str], int | None]:
+def checked_targets(module: nn.Module, name: str | Sequence[str] | None = None,
+                    dim: int | None | _OutputAxis = OUTPUT_AXIS) -> tuple[list[str], int | None]:  # fmt: skip
     """The tensors of ``module`` that :func:`weight_norm` would normalize and their axis; a ``ValueError`` if it
     cannot take one of them.
 
@@ -384,8 +375,7 @@ def _setattr(self: nn.Module, name: str, value: object) -> None:
 
 
 def _delattr(self: nn.Module, name: str) -> None:
-    # torch's register_parametrization (orthogonal, spectral norm) deletes the tensor it takes over, then replaces
-    # `parametrizations`, which holds g and v, with a ModuleDict of its own
+    # torch's register_parametrization deletes the tensor it takes over, then replaces `parametrizations` (g and v)
     if name in self._parameters or name in self._buffers:
         raise ValueError(f"`{name}` of a `{type(self).__name__}` cannot be deleted, nor can torch's parametrizations "
                          "(orthogonal, spectral norm, ...) take it over: they would replace g and v. Fold weight norm "
