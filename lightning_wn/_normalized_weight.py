@@ -56,8 +56,8 @@ class NormalizedWeight(torch.autograd.Function):
         elif ctx.fused:
             fused_backward = torch.ops.aten._weight_norm_interface_backward.default
             return *fused_backward(grad_w.contiguous(), v, g, norm, ctx.dim), None
-        dot = (grad_w * v).sum(dim=axes, keepdim=True)
+        unit = v / norm  # not g * <grad_w, v> / ||v||^3: its cube overflows (or underflows) in float16 and float32
+        grad_g = (grad_w * unit).sum(dim=axes, keepdim=True)
         # the component of grad_w along v does not reach v: w does not depend on ||v||
-        grad_v = grad_w * (g / norm)
-        grad_v.addcmul_(v, g * dot / norm.pow(3), value=-1)
-        return grad_v, (dot / norm).reshape(g.shape), None
+        grad_v = torch.addcmul(grad_w, grad_g, unit, value=-1) * (g / norm)
+        return grad_v, grad_g.reshape(g.shape), None
