@@ -47,7 +47,7 @@ class InitReport:
         for name, m in self.modules.items():
             mean, std = (f"[{t.min().item():+.3g}, {t.max().item():+.3g}]" for t in (m.mean, m.std))
             notes = [f"{len(m.tiny_units)} units with ~0 std left alone"] if m.tiny_units else []
-            notes += [] if m.bias_set else ["no bias: mean kept"]
+            notes += [] if m.bias_set else ["no bias: mean scaled, not removed"]
             lines.append(f"{name:<32} {m.kind:<12} {m.mean.numel():>5} {mean:>21} {std:>21} {'; '.join(notes)}")
         return "\n".join(lines + [f"{name:<32} skipped: {why}" for name, why in self.skipped.items()])
 
@@ -180,12 +180,14 @@ def _unit_moments(y: Tensor, axis: int, name: str) -> tuple[Tensor, Tensor]:
     y = y.double()
     var, mean = torch.var_mean(y, dim=[d for d in range(y.dim()) if d != axis], correction=0)
     count = y.new_full((1,), y.numel() // y.shape[axis])
-    if dist.is_available() and dist.is_initialized():
-        sums = torch.cat([count, mean * count, (var + mean.square()) * count])
+    if dist.is_available() and dist.is_initialized():  # the whole batch's mean, then the spread around it
+        local_mean, local_count = mean, count
+        sums = torch.cat([count, mean * count])
         dist.all_reduce(sums)
-        count, total, total_sq = sums.split([1, mean.numel(), mean.numel()])
-        mean = total / count
-        var = (total_sq / count - mean.square()).clamp_min(0.0)
+        count, mean = sums[:1], sums[1:] / sums[:1]
+        var = (var + (local_mean - mean).square()) * local_count  # not E[y^2] - mean^2: it cancels where mean >> std
+        dist.all_reduce(var)
+        var /= count
     if count.item() < 2:
         raise ValueError(f"Module `{name}` gives one value per output unit on the init batch: no variance to measure. "
                          "Pass a batch of several examples (the paper used a few hundred).")

@@ -1,6 +1,7 @@
 """data_dependent_init: after it, every target's output is standardized on the init batch."""
 
 import copy
+import functools
 import math
 import os
 import socket
@@ -108,6 +109,21 @@ def test_report_holds_the_pre_init_statistics_and_the_scale_set():
     g_after = model[0].parametrizations.weight.original0
     torch.testing.assert_close(g_after.flatten().double(), g_before.flatten().double() / entry.std, rtol=1e-5, atol=0)
     assert "0" in str(report) and "weight_norm" in str(report)
+
+
+def test_a_layer_without_a_bias_keeps_its_mean_over_std_and_the_report_says_so():
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Linear(4, 3, bias=False)))
+    x = torch.randn(100, 4) + 2
+    with torch.no_grad():
+        before = model(x).double()
+    report = data_dependent_init(model, x)
+    with torch.no_grad():
+        after = model(x).double()
+    close = functools.partial(torch.testing.assert_close, rtol=1e-5, atol=1e-5)  # a float32 layer
+    close(after.std(0, correction=0), torch.ones(3, dtype=torch.float64))
+    close(after.mean(0), before.mean(0) / before.std(0, correction=0))  # scaled, not removed
+    assert not report.modules["0"].bias_set and "no bias: mean scaled, not removed" in str(report)
 
 
 def test_log_scale_magnitude_is_initialized_too():
@@ -318,8 +334,8 @@ def normalized_cnn() -> nn.Module:
     return model
 
 
-def _init_on_rank(rank: int, port: int, shards: list, sync: bool, results) -> None:
-    model = normalized_cnn()  # built here: a model sent to a process would share its storage
+def _init_on_rank(rank: int, port: int, shards: list, sync: bool, results, make=normalized_cnn) -> None:
+    model = make()  # built here: a model sent to a process would share its storage
     # without sync, no process group: what the ranks would get without the all-reduce. (Making one and
     # destroying it at once raced: a rank could close it while the other was still connecting.)
     if sync:
@@ -354,3 +370,20 @@ def test_distributed_init_gives_every_rank_the_statistics_of_the_whole_batch(syn
             torch.testing.assert_close(rank0[name], value, rtol=1e-4, atol=1e-5)
     else:
         assert any(not torch.allclose(rank0[n], rank1[n]) for n in rank0)
+
+
+def float64_linear() -> nn.Module:
+    torch.manual_seed(0)
+    return weight_norm(nn.Linear(4, 3).double())
+
+
+def test_distributed_init_is_exact_where_the_mean_is_many_stds():
+    # the ranks' E[y^2] - mean^2 cancelled here: the std came out 0.79 to 1.21 (one process: 1)
+    batch = torch.randn(200, 4, dtype=torch.float64) + 1e8
+    results = mp.Manager().dict()
+    mp.spawn(_init_on_rank, args=(_free_port(), [batch[:100], batch[100:]], True, results, float64_linear), nprocs=2)
+    model = float64_linear()
+    model.load_state_dict(results[0])
+    with torch.no_grad():
+        std = model(batch).std(dim=0, correction=0)
+    torch.testing.assert_close(std, torch.ones(3, dtype=torch.float64), rtol=1e-6, atol=0)
