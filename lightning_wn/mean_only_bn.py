@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor, nn
 
@@ -24,7 +26,9 @@ class MeanOnlyBatchNorm(nn.Module):
         super().__init__()
         if num_features < 1:
             raise ValueError(f"`num_features` must be at least 1, got {num_features}.")
-        if momentum is None or isinstance(momentum, (bool, str)) or not 0.0 <= float(momentum) <= 1.0:
+        if isinstance(momentum, Tensor) and momentum.dim() == 0:
+            momentum = momentum.item()
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
             raise ValueError(f"`momentum` must be a number in [0, 1], got {momentum!r} (BatchNorm's None, a cumulative "
                              "average, is not supported).")
         self.num_features, self.momentum = num_features, float(momentum)

@@ -42,6 +42,9 @@ def test_bad_arguments():
         MeanOnlyBatchNorm(3, momentum=1.5)
     with pytest.raises(ValueError, match=r"got None \(BatchNorm's None, a cumulative average, is not supported\)"):
         MeanOnlyBatchNorm(3, momentum=None)
+    for momentum in (torch.tensor([0.1, 0.2]), torch.tensor(0.5j), "0.1", float("nan")):
+        with pytest.raises(ValueError, match=r"`momentum` must be a number in \[0, 1\], got"):
+            MeanOnlyBatchNorm(3, momentum=momentum)
     for momentum in (np.float32(0.25), torch.tensor(0.25)):  # numbers too, as BatchNorm takes them
         assert MeanOnlyBatchNorm(3, momentum=momentum).momentum == 0.25
     with pytest.raises(ValueError, match=r"expects input \(N, 3, \.\.\.\), got shape \(4, 2\)"):
