@@ -70,7 +70,8 @@ class DQN(LightningModule):
         life_loss_terminal: a lost life ends the bootstrapping (not the logged episode).
         updates_per_epoch: training batches per epoch; validation runs after each epoch.
         eval_episodes: games played with ``eval_epsilon`` per validation, per process.
-        seed: of the environments and exploration; process ``r`` uses ``seed + 1000 r``.
+        seed: of the environments and exploration; each process, and each of its uses (training, every
+            validation, the test), draws seeds of its own from it.
     """
 
     def __init__(
@@ -157,7 +158,6 @@ class DQN(LightningModule):
             self.buffer = ReplayBuffer(h.buffer_size, h.num_envs, shape, self.obs_space.dtype, frame_stack=stack)
         if stage in ("fit", "validate", "test") and self._eval_env is None:
             self._eval_env = make_vector_env(h.env_id, h.eval_episodes, **options)
-        self._process_seed = h.seed + 1000 * self.global_rank
 
     @torch.no_grad()
     def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
@@ -176,7 +176,7 @@ class DQN(LightningModule):
     def fill_buffer(self) -> None:
         """Start the environments (after a checkpoint restored the counters) and play until learning starts."""
         if self.runner is None:
-            seed = self._process_seed + self.env_steps  # a resumed run does not replay the same games
+            seed = self._seed(0, self.env_steps)  # a resumed run does not replay the same games
             self.runner = EnvRunner(self._train_env, seed, self.buffer, self.hparams.life_loss_terminal)
         while len(self.buffer) < self.hparams.learning_starts:
             self.collect(1)
@@ -290,14 +290,22 @@ class DQN(LightningModule):
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._play_evaluation_games("eval", seed_offset=500 + self.current_epoch)
+        self._play_evaluation_games("eval", seed=self._seed(1, self.current_epoch))  # new games each time
 
     @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._play_evaluation_games("test", seed_offset=900)  # games no validation saw
+        self._play_evaluation_games("test", seed=self._seed(2))  # games no validation saw
 
-    def _play_evaluation_games(self, prefix: str, seed_offset: int) -> None:
-        runner = EnvRunner(self._eval_env, seed=self._process_seed + seed_offset)
+    def _seed(self, *use: int) -> int:
+        """A seed for one use (training from a step count, a validation, the test) of this process's environments.
+
+        A vector environment seeds its games ``seed, seed + 1, ...``: seeds drawn apart keep each use's games its
+        own, where seeds counted up from one base would share most of them between uses and processes."""
+        entropy = (self.hparams.seed, self.global_rank, *use)
+        return int(np.random.SeedSequence(entropy).generate_state(1)[0] >> 2)  # ALE's seeds are int32: room to count
+
+    def _play_evaluation_games(self, prefix: str, seed: int) -> None:
+        runner = EnvRunner(self._eval_env, seed=seed)
         returns = runner.run_episodes(self.greedy_actions, self.hparams.eval_epsilon)
         self.log(f"{prefix}/return", float(returns.mean()), prog_bar=True, sync_dist=True, batch_size=len(returns))
         if len(self.obs_space.shape) == 3:  # what the network sees: frame stacks, one row per game

@@ -1,6 +1,7 @@
 """DQN: TD targets, exploration, checkpoints that resume, target copies, DDP, and a CartPole agent that learns."""
 
 import copy
+import itertools
 import math
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from lightning_wn import WeightNormalization, apply_weight_norm, fold_state_dict
+import zoo.dqn
 from zoo.cli import main
 from zoo.dqn import DQN, td_targets
 
@@ -100,6 +102,22 @@ def _cartpole_fit(max_steps, tmp_path, ckpt_path=None, **kwargs):
                       enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)  # fmt: skip
     trainer.fit(agent, ckpt_path=ckpt_path)
     return agent, trainer
+
+
+def test_training_each_validation_and_the_test_play_games_of_their_own(tmp_path, monkeypatch):
+    # a vector environment seeds its games seed, seed + 1, ...: validations seeded one apart replayed 9 of 10 games
+    starts = []
+
+    class RecordingRunner(zoo.dqn.EnvRunner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            starts.append({tuple(state) for state in self.obs.tolist()})
+
+    monkeypatch.setattr(zoo.dqn, "EnvRunner", RecordingRunner)
+    agent, trainer = _cartpole_fit(15, tmp_path)  # 3 epochs of 5 updates, each validated with 2 games
+    trainer.test(agent, verbose=False)
+    assert [len(games) for games in starts] == [2, 2, 2, 2, 2]  # training, 3 validations, the test
+    assert all(not first & second for first, second in itertools.combinations(starts, 2))
 
 
 @pytest.mark.parametrize(("gradient_steps", "updates"), [(1, 5), (3, 7), (4, 8)])
