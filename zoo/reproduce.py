@@ -156,7 +156,7 @@ EXPERIMENTS = {
     "cartpole": Experiment(
         title="DQN, CartPole-v1",
         configs={"plain": "configs/dqn/cartpole_plain.yaml", "weight norm": "configs/dqn/cartpole_wn.yaml"},
-        # the configs' whole 25,000 updates (50,000 steps): a solved run would stop early and cut every curve short
+        # the configs' whole 25,000 updates (51,176 steps): a solved run would stop early and cut every curve short
         cpu_scale=("--trainer.callbacks.stopping_threshold=501",),  # above CartPole-v1's 500: never reached
         curves={"eval/return": "greedy return (10 games)"},
         result="test/return",
