@@ -48,8 +48,9 @@ def fold_state_dict(state_dict: Mapping[str, Tensor], keep: Container[str] = ())
         if ".parametrizations." in f".{key}":
             prefix, _, part = key.rpartition(".")
             groups.setdefault(prefix, {})[part] = value
-        # a legacy pair, folded once, at its g; spectral norm also keeps a `weight_v`, but no `weight_g`
-        elif key.endswith(("_g", "_v")) and key not in keep and stem not in state_dict and _norm_axis(g, v) is not None:
+        # a legacy pair, folded once, at its g, unless kept whole; spectral norm also keeps a `weight_v`, no `weight_g`
+        elif (key.endswith(("_g", "_v")) and f"{stem}_g" not in keep and f"{stem}_v" not in keep
+              and stem not in state_dict and _norm_axis(g, v) is not None):
             if key.endswith("_g"):
                 folded[stem] = _fold(g, v)
         else:
