@@ -196,6 +196,8 @@ class WeightNormalization(Callback):
             wn.paper_init = True
         for name in attached:
             attach_mean_only_bn(modules[name])
+        if fitting:  # here, not at fit start: tuners (LearningRateFinder) train before that
+            self._refuse_missing_options(pl_module, [name for name in selected if name not in plain])
         if plain or attached:
             kept = f" ({len(selected) - len(plain)} of them already were)" if len(plain) < len(selected) else ""
             extra = f", {len(attached)} with mean-only batch norm" if attached else ""
@@ -214,7 +216,7 @@ class WeightNormalization(Callback):
                                "WeightNormalization's `setup` (in `configure_model`) and are left plain: call "
                                f"{self._by_hand('self', plain)} at the end of `configure_model` (before "
                                "`fully_shard`).")
-        self._refuse_missing_options(pl_module, selected)  # those normalized in setup have them, unless by hand
+        self._refuse_missing_options(pl_module, [name for name in selected if name not in self.normalized])
         self.normalized = selected  # the init's targets, with the layers configure_model built
         self._restart_optimizer_states(trainer)
         if not trainer.strategy.restore_checkpoint_after_setup:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateFinder, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import FSDPStrategy
 
@@ -113,8 +113,12 @@ def test_a_log_scale_factor_that_layers_normalized_by_hand_lack_is_refused_with_
     model = ConvClassifier()
     apply_weight_norm(model)
     fix = re.escape("`lightning_wn.apply_weight_norm(model, ['net.0', 'net.2', 'net.6'], log_scale_factor=3.0)`")
+    steps, training_step = [], model.training_step
+    model.training_step = lambda *args: steps.append(1) or training_step(*args)
+    callbacks = [WeightNormalization(log_scale_factor=3.0), LearningRateFinder(num_training_steps=5)]
     with pytest.raises(RuntimeError, match=rf"lack its options: `log_scale_factor` \(net.0, net.2, net.6\).* {fix}"):
-        trainer(max_steps=0, callbacks=[WeightNormalization(log_scale_factor=3.0)]).fit(model, RandomImages())
+        trainer(max_steps=0, callbacks=callbacks).fit(model, RandomImages())
+    assert not steps  # refused in setup: before a tuner, which Lightning runs first at fit start, trains
     model = ConvClassifier()
     apply_weight_norm(model, ["net.0", "net.2", "net.6"], log_scale_factor=3.0)  # the fix
     trainer(max_steps=0, callbacks=[WeightNormalization(log_scale_factor=3.0)]).fit(model, RandomImages())
