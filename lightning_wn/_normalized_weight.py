@@ -56,8 +56,8 @@ class NormalizedWeight(torch.autograd.Function):
         elif ctx.fused:
             fused_backward = torch.ops.aten._weight_norm_interface_backward.default
             return *fused_backward(grad_w.contiguous(), v, g, norm, ctx.dim), None
-        unit = v / norm  # not g * <grad_w, v> / ||v||^3: its cube overflows (or underflows) in float16 and float32
-        grad_g = (grad_w * unit).sum(dim=axes, keepdim=True)
-        # the component of grad_w along v does not reach v: w does not depend on ||v||
-        grad_v = torch.addcmul(grad_w, grad_g, unit, value=-1) * (g / norm)
+        grad_g = (grad_w * v).sum(dim=axes, keepdim=True) / norm
+        # the component of grad_w along v does not reach v: w does not depend on ||v||. Divided by ||v|| twice, not
+        # by ||v||^3, which overflows (or underflows) in float16 and float32
+        grad_v = torch.addcmul(grad_w, v, grad_g / norm, value=-1).mul_(g / norm)
         return grad_v, grad_g.reshape(g.shape), None
