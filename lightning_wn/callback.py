@@ -123,7 +123,6 @@ class WeightNormalization(Callback):
         self._other_parameters: tuple[dict, str] | None = None  # a checkpoint whose optimizer states don't apply, why
         self._plain_to_evaluate: dict[str, dict[str, torch.nn.Parameter]] = {}  # by layer: its weights, as they came
         self._cache = ExitStack()  # the open cached() scope of the current step, if any
-        self._seen_at_setup: set[str] = set()  # the model's modules at setup: configure_model may add more
         self._pid = os.getpid()  # the process that built the callback: a launcher hands the fitted weights back to it
 
     @override
@@ -151,7 +150,10 @@ class WeightNormalization(Callback):
                              "say what the data-dependent init passes to `forward`: keep one.")
         # what configure_model builds does not exist yet: patterns for it match nothing (on_fit_start selects again)
         later = is_overridden("configure_model", pl_module)
-        selected = select_layers(pl_module, self.include, self.exclude, missing_ok=later)
+        with warnings.catch_warnings():
+            if later and stage == TrainerFn.FITTING:  # about layers under torch's norms: on_fit_start sees them all
+                warnings.simplefilter("ignore")
+            selected = select_layers(pl_module, self.include, self.exclude, missing_ok=later)
         callbacks = list(trainer.callbacks)
         averaging = (StochasticWeightAveraging, WeightAveraging)  # each copies the model in its own setup
         if first := [c for c in callbacks[: callbacks.index(self)] if isinstance(c, averaging)]:
@@ -163,7 +165,6 @@ class WeightNormalization(Callback):
                                "and v). Fit with `WeightNormalization(fold_on_fit_end=True)`, then prune the plain "
                                "layers in a run of their own.")
         self._normalize_layers(trainer, pl_module, selected, fitting=stage == TrainerFn.FITTING)
-        self._seen_at_setup = set(dict(pl_module.named_modules()))  # with the parametrizations and norms just added
 
     def _normalize_layers(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, selected: list[str], fitting: bool
@@ -208,7 +209,7 @@ class WeightNormalization(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # configure_model has run since setup: the layers it built exist only now
         with warnings.catch_warnings():
-            if not set(dict(pl_module.named_modules())) - self._seen_at_setup:
+            if not is_overridden("configure_model", pl_module):
                 warnings.simplefilter("ignore")  # about layers under torch's norms: setup warned already
             selected = select_layers(pl_module, self.include, self.exclude)
         if plain := [n for n in selected if self.weight_norm and not is_weight_normalized(pl_module.get_submodule(n))]:

@@ -856,8 +856,13 @@ def test_fold_on_fit_end_folds_only_the_layers_it_selects_and_the_checkpoint_eva
     assert metrics["val/loss"] == pytest.approx(expected, abs=1e-5)
 
 
-def test_a_warning_about_layers_under_torchs_norms_is_given_once_per_fit():
-    model = ConvClassifier()
+@pytest.mark.parametrize("builds", [False, True], ids=["init", "configure_model"])
+def test_a_warning_about_layers_under_torchs_norms_is_given_once_per_fit(builds):
+    class Built(ConvClassifier):
+        def configure_model(self):  # builds a layer: setup and on_fit_start see different models
+            self.extra = self.extra if hasattr(self, "extra") else torch.nn.Identity()
+
+    model = Built() if builds else ConvClassifier()
     model.net[6] = torch.nn.utils.parametrizations.weight_norm(model.net[6])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
