@@ -56,8 +56,10 @@ class NormalizedWeight(torch.autograd.Function):
         elif ctx.fused:
             fused_backward = torch.ops.aten._weight_norm_interface_backward.default
             return *fused_backward(grad_w.contiguous(), v, g, norm, ctx.dim), None
+        wide = torch.promote_types(v.dtype, torch.float32)  # float16's grad_w * v over- and underflows
+        grad_w, v, g, norm = (t.to(wide) for t in (grad_w, v, g, norm))  # no copies in float32 and float64
         grad_g = (grad_w * v).sum(dim=axes, keepdim=True) / norm
         # the component of grad_w along v does not reach v: w does not depend on ||v||. Divided by ||v|| twice, not
-        # by ||v||^3, which overflows (or underflows) in float16 and float32
+        # by ||v||^3, which overflows (or underflows) in float32
         grad_v = torch.addcmul(grad_w, v, grad_g / norm, value=-1).mul_(g / norm)
-        return grad_v, grad_g.reshape(g.shape), None
+        return grad_v.to(ctx.v.dtype), grad_g.reshape(g.shape).to(ctx.g.dtype), None

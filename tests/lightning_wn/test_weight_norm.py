@@ -784,33 +784,38 @@ def test_float16_computes_w_whatever_the_norm_of_v(case):
     torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize(("dtype", "norms"), [(torch.float16, [0.01, 1.0, 50.0, 200.0]),
-                                               (torch.float32, [1e-15, 1.0, 1e14])], ids=["float16", "float32"])
+@pytest.mark.parametrize(("dtype", "cases"), [
+    (torch.float16, [(0.01, 1e-4), (0.01, 1.0), (1.0, 1.0), (50.0, 1.0), (200.0, 1.0), (1e3, 1e2)]),
+    (torch.float32, [(1e-15, 1.0), (1.0, 1.0), (1e14, 1.0)]),
+], ids=["float16", "float32"])  # fmt: skip
 @pytest.mark.parametrize("make", [lambda: nn.ConvTranspose2d(16, 8, 3), lambda: nn.Conv2d(8, 16, 3)],
                          ids=["transpose", "conv"])
-def test_the_gradient_of_v_is_right_whatever_its_norm_off_the_fused_kernels(dtype, norms, make):
-    # ConvTranspose's output axis 1 and channels_last are off ATen's fused kernels: ||v||**3 overflowed or underflowed
+def test_the_gradients_are_right_whatever_the_norms_off_the_fused_kernels(dtype, cases, make):
+    # ConvTranspose's output axis 1 and channels_last are off ATen's fused kernels: ||v||**3 overflowed or underflowed,
+    # and so did float16's grad_w * v where both were large (or small)
     torch.manual_seed(0)
     plain = make()
     x = torch.randn(2, plain.in_channels, 6, 6)
     up = torch.randn_like(plain(x))
     axes = (0, 2, 3) if isinstance(plain, nn.ConvTranspose2d) else (1, 2, 3)
-    for target in norms:
+    for target, grad_size in cases:
         layer = weight_norm(copy.deepcopy(plain)).to(dtype)
         if isinstance(plain, nn.Conv2d):
             layer = layer.to(memory_format=torch.channels_last)
-        v = layer.parametrizations.weight.original1
+        ours = layer.parametrizations.weight
         with torch.no_grad():
-            v.mul_(target / torch.linalg.vector_norm(v.float(), dim=axes, keepdim=True).to(dtype))
+            norm = torch.linalg.vector_norm(ours.original1.float(), dim=axes, keepdim=True)
+            ours.original1.mul_(target / norm.to(dtype))
         reference = parametrizations.weight_norm(copy.deepcopy(plain).double(), dim=default_dim(plain))
-        ours, theirs = layer.parametrizations.weight, reference.parametrizations.weight
+        theirs = reference.parametrizations.weight
         for name in ("original0", "original1"):
             getattr(theirs, name).data.copy_(getattr(ours, name).detach())
-        (reference(x.double()) * up.double()).sum().backward()
-        (layer(x.to(dtype)).double() * up.double()).sum().backward()
-        expected = reference.parametrizations.weight.original1.grad
-        error = (v.grad.double() - expected).norm() / expected.norm()
-        assert error < (3e-3 if dtype == torch.float16 else 1e-5), (target, error.item())
+        (reference(x.double()) * up.double() * grad_size).sum().backward()
+        (layer(x.to(dtype)).double() * up.double() * grad_size).sum().backward()
+        for name in ("original0", "original1"):
+            expected, got = getattr(theirs, name).grad, getattr(ours, name).grad.double()
+            error = (got - expected).norm() / expected.norm()
+            assert error < (3e-3 if dtype == torch.float16 else 1e-5), (name, target, grad_size, error.item())
 
 
 def test_parameters_made_in_inference_mode_compute_with_and_without_grad_and_inside_cached():
