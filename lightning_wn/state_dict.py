@@ -38,6 +38,7 @@ def fold_state_dict(state_dict: Mapping[str, Tensor], keep: Container[str] = ())
         hint = " Pass `model.state_dict()`." if isinstance(state_dict, torch.nn.Module) else ""
         raise TypeError(f"`state_dict` must be a state dict or a Lightning checkpoint, got "
                         f"{type(state_dict).__name__}.{hint}")
+    keep = keep if isinstance(keep, Container) else set(keep)  # a generator: each `in` would consume it
     folded, groups = {}, {}  # groups: "<layer>.parametrizations.<name>" -> {"original0": g, "original1": v, ...}
     for key, value in state_dict.items():
         if not isinstance(value, Tensor) and not str(key).endswith("_extra_state"):

@@ -208,6 +208,7 @@ def test_fold_state_dict_keeps_pairs_the_model_has_and_passes_spectral_norm_thro
     assert fold_state_dict(state, keep=state.keys()).keys() == state.keys()
     for one in ("gate_g", "gate_v"):  # a model that owns one key of a pair keeps both, unfolded
         assert fold_state_dict(state, keep=[one]).keys() == state.keys()
+        assert fold_state_dict(state, keep=(key for key in [one])).keys() == state.keys()  # read once, not consumed
     spectral = torch.nn.utils.spectral_norm(nn.Linear(4, 3)).state_dict()  # weight_orig, weight_u, weight_v
     assert fold_state_dict(spectral).keys() == spectral.keys()
     # a model normalized in another form (g = exp(c * s)) keeps the saved g and v whole: its layer loads them
