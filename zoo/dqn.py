@@ -290,7 +290,7 @@ class DQN(LightningModule):
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._play_evaluation_games("eval", seed=self._seed(1, self.current_epoch))  # new games each time
+        self._play_evaluation_games("eval", seed=self._seed(1, self.global_step))  # new games each time
 
     @override
     def test_step(self, batch: Any, batch_idx: int) -> None:

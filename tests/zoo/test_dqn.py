@@ -95,11 +95,12 @@ def test_bad_arguments_are_refused_with_the_fix():
         DQN(env_id="ALE/SpaceInvader-v5")
 
 
-def _cartpole_fit(max_steps, tmp_path, ckpt_path=None, **kwargs):
+def _cartpole_fit(max_steps, tmp_path, ckpt_path=None, trainer_options=(), **kwargs):
     agent = DQN(env_id="CartPole-v1", num_envs=2, learning_starts=64, train_frequency=8, hidden=[16], updates_per_epoch=5,
                 eval_episodes=2, **kwargs)  # fmt: skip
     trainer = Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)  # fmt: skip
+                      enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+                      **dict(trainer_options))  # fmt: skip
     trainer.fit(agent, ckpt_path=ckpt_path)
     return agent, trainer
 
@@ -117,7 +118,10 @@ def test_training_each_validation_and_the_test_play_games_of_their_own(tmp_path,
     agent, trainer = _cartpole_fit(15, tmp_path)  # 3 epochs of 5 updates, each validated with 2 games
     trainer.test(agent, verbose=False)
     assert [len(games) for games in starts] == [2, 2, 2, 2, 2]  # training, 3 validations, the test
-    assert all(not first & second for first, second in itertools.combinations(starts, 2))
+    _cartpole_fit(10, tmp_path, trainer_options={"val_check_interval": 2})  # 2 validations in each epoch
+    assert [len(games) for games in starts[5:]] == [2] * 5  # training, 4 validations
+    for run in (starts[:5], starts[5:]):  # (the same seed repeats a run: the two fits' training games are one)
+        assert all(not first & second for first, second in itertools.combinations(run, 2))
 
 
 @pytest.mark.parametrize(("gradient_steps", "updates"), [(1, 5), (3, 7), (4, 8)])
