@@ -38,6 +38,8 @@ def fold_state_dict(state_dict: Mapping[str, Tensor], keep: Container[str] = ())
         hint = " Pass `model.state_dict()`." if isinstance(state_dict, torch.nn.Module) else ""
         raise TypeError(f"`state_dict` must be a state dict or a Lightning checkpoint, got "
                         f"{type(state_dict).__name__}.{hint}")
+    if isinstance(keep, str):  # `in` would match substrings of it
+        raise TypeError(f"`keep` must be a collection of state-dict keys, got the string {keep!r}: pass [{keep!r}].")
     keep = keep if isinstance(keep, Container) else set(keep)  # a generator: each `in` would consume it
     folded, groups = {}, {}  # groups: "<layer>.parametrizations.<name>" -> {"original0": g, "original1": v, ...}
     for key, value in state_dict.items():

@@ -236,6 +236,8 @@ def test_fold_state_dict_says_what_it_wants():
     bad = {"parametrizations.weight.original0": torch.ones(2, 3), "parametrizations.weight.original1": torch.ones(2, 3)}
     with pytest.raises(ValueError, match=r"Cannot tell the axis `parametrizations.weight`'s g \(shape \(2, 3\)\)"):
         fold_state_dict(bad)
+    with pytest.raises(TypeError, match=r"`keep` must be a collection .* the string 'weight_g': pass \['weight_g'\]"):
+        fold_state_dict(layer.state_dict(), keep="weight_g")  # as a string it would keep `g` and `weight` too
 
 
 def mixed_model() -> nn.Sequential:
