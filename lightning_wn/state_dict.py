@@ -158,5 +158,6 @@ def adopt_other_spellings(
         state_dict[f"{ours}original0"] = magnitude
     else:
         state_dict[f"{ours}s"] = magnitude
-        state_dict.setdefault(f"{ours}c", normalized.c.clone())
+        c = torch.tensor(log_scale_factor, device=magnitude.device)  # not a clone of the layer's c: it may be on meta
+        state_dict.setdefault(f"{ours}c", c.to(normalized.c.dtype))
     return was

@@ -394,6 +394,8 @@ def _reset_parameters(self: nn.Module) -> None:
     base.reset_parameters(plain)
     for name, wn in norms.items():
         wn.reset(plain._parameters[name])
+        if wn.log_scale_factor is not None:  # to_empty left the buffer c uninitialized too
+            wn.c.fill_(wn.log_scale_factor)
 
 
 def _load_from_state_dict(self, state_dict, prefix, *args):  # args: local_metadata, strict, ..., error_msgs

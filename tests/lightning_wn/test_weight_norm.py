@@ -14,6 +14,7 @@ from torch.nn.utils import parametrizations
 from lightning_wn import (
     apply_weight_norm,
     cached,
+    fold_state_dict,
     is_weight_normalized,
     limit_direction_norm,
     remove_weight_norm,
@@ -370,6 +371,22 @@ def test_reset_parameters_reinitializes_g_and_v_after_to_empty(make):
         assert torch.isfinite(w).all() and w.abs().max().item() <= expected.abs().max().item() * 1.01
         assert w.std().item() == pytest.approx(expected.std().item(), rel=0.15)  # drawn as the plain layer draws
     assert all(torch.isfinite(p).all() for p in layer.parameters())
+
+
+def test_a_layer_learning_s_built_on_meta_saves_the_c_it_computes_with():
+    with torch.device("meta"):
+        built, loaded = (weight_norm(nn.Linear(4, 3), log_scale_factor=3.0) for _ in range(2))
+    built.to_empty(device="cpu")
+    built.reset_parameters()  # the buffer c too, which to_empty left uninitialized
+    fresh = weight_norm(nn.Linear(4, 3), log_scale_factor=3.0)
+    fresh.load_state_dict(built.state_dict())
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(fresh(x), built(x))
+    torch.testing.assert_close(fold_state_dict(built.state_dict())["weight"], built.weight)
+    plain = nn.Linear(4, 3)
+    loaded.load_state_dict(plain.state_dict(), assign=True)  # a plain weight, split into s and v on the cpu
+    assert loaded.parametrizations.weight.c.device.type == "cpu"
+    torch.testing.assert_close(fold_state_dict(loaded.state_dict())["weight"], plain.weight)
 
 
 WRITES = {  # into the computed tensor, not into g or v
