@@ -9,8 +9,21 @@ from contextvars import ContextVar
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-_active: ContextVar[dict[nn.Module, tuple] | None] = ContextVar("lightning_wn_cache", default=None)
-active_cache = _active.get  # the cache of the innermost `cached()` block, or None outside one
+
+class _Cache(dict):
+    """The entries of one ``cached()`` block, by module; closed when the block exits, though a context copied
+    inside it (an asyncio task, ``contextvars.copy_context()``) still holds it."""
+
+    open = True
+
+
+_active: ContextVar[_Cache | None] = ContextVar("lightning_wn_cache", default=None)
+
+
+def active_cache() -> _Cache | None:
+    """The cache of the innermost open ``cached()`` block, or None outside one."""
+    cache = _active.get()
+    return cache if cache is not None and cache.open else None
 
 
 @contextmanager
@@ -36,10 +49,12 @@ def cached() -> Iterator[None]:
     if active_cache() is not None:
         yield
         return
-    cache: dict[nn.Module, tuple] = {}
+    cache = _Cache()
     token, stepped = _active.set(cache), register_optimizer_step_post_hook(lambda *args: cache.clear())
     try:
         yield
     finally:
+        cache.open = False
+        cache.clear()
         stepped.remove()
         _active.reset(token)

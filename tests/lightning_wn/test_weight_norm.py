@@ -1,6 +1,7 @@
 """weight_norm against torch's own implementation, the fast paths, folding and the paper's facts."""
 
 import contextlib
+import contextvars
 import copy
 import io
 import pickle
@@ -318,6 +319,16 @@ def test_an_optimizer_step_inside_cached_is_seen_by_the_next_forward(make_optimi
         after = model(x)
     torch.testing.assert_close(after, model(x))  # computed afresh outside the block
     assert not torch.allclose(after, before)
+
+
+def test_a_context_copied_inside_cached_computes_afresh_once_the_block_has_exited():
+    layer, x = weight_norm(nn.Linear(4, 3)), torch.randn(2, 4)
+    with cached():
+        layer(x)
+        copied = contextvars.copy_context()  # as an asyncio task created in the block holds it
+    with torch.no_grad():
+        layer.parametrizations.weight.original0.data.mul_(2.0)  # no version bump: only the block's end tells
+    torch.testing.assert_close(copied.run(layer, x), layer(x))
 
 
 def test_a_storage_swapped_inside_cached_is_seen_by_the_next_forward():
