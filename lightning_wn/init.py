@@ -94,6 +94,9 @@ def data_dependent_init(model: nn.Module, inputs: object, modules: Sequence[str]
             raise ValueError(f"`inputs` is an empty batch (a tensor of shape {tuple(x.shape)}).")
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise ValueError("`inputs` contains NaN or infinite values; the init statistics would be NaN.")
+    if any(map(nn.parameter.is_lazy, (*model.parameters(), *model.buffers()))):
+        raise ValueError("`model` has lazy modules (`nn.LazyLinear`, ...) whose weights have no shape yet: run one "
+                         "forward pass first, then the data-dependent init.")
     targets, report = _targets(model, modules)
     if again := [name for name, m in targets.items() if getattr(m, INITIALIZED, False)]:
         warnings.warn(f"data_dependent_init: {_shown(again)} were initialized by an earlier call; this one rescales "
@@ -106,8 +109,8 @@ def data_dependent_init(model: nn.Module, inputs: object, modules: Sequence[str]
     writes: list[tuple[nn.Module, Tensor, Tensor]] = []  # (module, scale, shift) of each rescaling
     hook = functools.partial(_init_module, report, writes, init_scale, min_std)
     # prepended: the layer's own hooks (an attached mean-only batch norm) see the normalized output, as later layers do
-    handles = [m.register_forward_hook(functools.partial(hook, name), prepend=True) for name, m in targets.items()]
     before = {id(t): (t, t.clone()) for t in (*(p for m in targets.values() for p in m.parameters()), *model.buffers())}
+    handles = [m.register_forward_hook(functools.partial(hook, name), prepend=True) for name, m in targets.items()]
     positional = isinstance(inputs, (tuple, list))
     try:
         with torch.compiler.set_stance("force_eager"):  # a graph compiled before would run without the hooks
@@ -169,6 +172,7 @@ def _init_module(report: InitReport, writes: list, init_scale: float, min_std: f
     shift = torch.where(tiny | (not has_bias), 0.0, mean)
     writes.append((module, scale, shift))
     _rescale(module, scale, shift)
+    torch.clear_autocast_cache()  # its copies of the parameters rescaled: a module called again must see them
     shape = [-1 if d == axis else 1 for d in range(output.dim())]
     output.sub_(shift.view(shape).to(output.dtype)).mul_(scale.view(shape).to(output.dtype))
     kind, tiny_units = "weight_norm" if is_weight_normalized(module) else "plain", tiny.nonzero().flatten().tolist()

@@ -229,6 +229,28 @@ def test_the_next_forward_in_the_same_autocast_block_sees_the_init(normalized):
     assert mean.abs().max() < 0.05 and (std - 1).abs().max() < 0.05  # bfloat16's rounding; stale copies: 4.7, 0.44
 
 
+def test_a_module_called_twice_under_autocast_is_seen_rescaled_by_its_second_call():
+    # autocast's own cache (on by default outside Lightning) held its copies of the parameters before the rescaling
+    class Siamese(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared, self.head = nn.Linear(8, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(self.shared(x) + self.shared(2 * x))
+
+    for normalized in (False, True):
+        torch.manual_seed(0)
+        model, x = Siamese(), torch.randn(400, 8) * 4
+        if normalized:
+            apply_weight_norm(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            data_dependent_init(model, x)
+        with torch.no_grad():
+            mean, std = unit_moments(model(x).double(), -1)
+        assert mean.abs().max() < 0.02 and (std - 1).abs().max() < 0.02, normalized  # stale copies: 0.17, 0.49
+
+
 def test_a_target_the_pass_never_calls_is_reported_and_warned_about():
     class Attention(nn.Module):  # MultiheadAttention reads out_proj's weight itself, never calling out_proj
         def __init__(self):
@@ -304,6 +326,14 @@ def test_a_forward_that_fails_halfway_leaves_the_model_as_it_was():
         data_dependent_init(model, torch.randn(64, 8), modules=["0", "2"])
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+def test_a_lazy_module_is_refused_and_left_without_hooks():
+    model = nn.Sequential(nn.LazyLinear(3))
+    with pytest.raises(ValueError, match=r"lazy modules .* run one forward pass first"):
+        data_dependent_init(model, torch.randn(100, 4))
+    model(torch.randn(100, 4))
+    assert not model[0]._forward_hooks  # a hook left behind would rescale the layer at some later forward
 
 
 def test_bad_input_raises_clear_errors():
