@@ -143,7 +143,9 @@ def remove_weight_norm(model: nn.Module) -> list[str]:
 
 def _remove_own_weight_norm(module: nn.Module) -> None:
     with torch.no_grad():
-        weights = {n: nn.Parameter(wn.compute().clone(), wn.v.requires_grad) for n, wn in weight_norms(module).items()}
+        # trainable if g or v was (g alone: DoRA-style), as torch folds
+        weights = {n: nn.Parameter(wn.compute().clone(), any(p.requires_grad for p in wn.parameters()))
+                   for n, wn in weight_norms(module).items()}
     module.__class__ = type(module)._wn_base
     del module.parametrizations
     vars(module).pop("_wn_in_forward", None)
