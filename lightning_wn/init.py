@@ -86,7 +86,7 @@ def data_dependent_init(model: nn.Module, inputs: object, modules: Sequence[str]
         >>> bool(out.mean(0).abs().max() < 1e-4), bool((out.std(0, unbiased=False) - 1).abs().max() < 1e-4)
         (True, True)
     """
-    init_scale = positive_number("init_scale", init_scale)
+    init_scale, min_std = positive_number("init_scale", init_scale), positive_number("min_std", min_std)
     if not (tensors := [x for _, x in named_leaves(inputs) if isinstance(x, Tensor)]):
         raise TypeError(f"`inputs` holds no tensor (got {type(inputs).__name__}); pass a batch of model inputs.")
     for x in tensors:
@@ -251,7 +251,10 @@ def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str
         chosen = chosen or [name for name, m in named.items() if isinstance(m, SUPPORTED_LAYERS)]
     else:
         chosen = {}
-        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        entries = [patterns] if isinstance(patterns, str) else patterns
+        if not isinstance(entries, Sequence) or not all(isinstance(entry, str) for entry in entries):
+            raise TypeError(f"`modules` must be module names or glob patterns (`['encoder.*']`), got {patterns!r}.")
+        for pattern in entries:
             if not (matched := [name for name in named if fnmatch.fnmatchcase(name, pattern)]):
                 raise ValueError(f"`modules` pattern {pattern!r} matches no module of {type(model).__name__}.")
             chosen.update(dict.fromkeys(matched))

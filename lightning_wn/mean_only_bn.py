@@ -24,8 +24,8 @@ class MeanOnlyBatchNorm(nn.Module):
 
     def __init__(self, num_features: int, momentum: float = 0.1) -> None:
         super().__init__()
-        if num_features < 1:
-            raise ValueError(f"`num_features` must be at least 1, got {num_features}.")
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
+            raise ValueError(f"`num_features` must be a positive integer, got {num_features!r}.")
         if isinstance(momentum, Tensor) and momentum.dim() == 0:
             momentum = momentum.item()
         if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:

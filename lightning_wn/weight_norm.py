@@ -272,6 +272,8 @@ def checked_targets(module: nn.Module, name: str | Sequence[str] | None = None,
     names = default_names(module) if name is None else [name] if isinstance(name, str) else list(name)
     dim = default_dim(module) if dim is OUTPUT_AXIS else dim
     kind = type(module).__name__
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, numbers.Integral)):
+        raise TypeError(f"`dim` must be an axis (an int) or None, got {dim!r} ({type(dim).__name__}).")
     if dim == -1:
         raise ValueError("`dim`=-1 is ambiguous: torch reads it as the whole tensor, Python as the last axis. "
                          "Pass `dim=None` for the whole tensor, or the last axis's positive index.")

@@ -354,6 +354,11 @@ def test_bad_input_raises_clear_errors():
         data_dependent_init(model, torch.randn(4, 2), init_scale=0)
     with pytest.raises(TypeError, match=r"`init_scale` must be a number, got '1' \(str\)"):
         data_dependent_init(model, torch.randn(4, 2), init_scale="1")
+    for modules in ([nn.Linear], 5):  # apply_weight_norm takes layer types; this takes names
+        with pytest.raises(TypeError, match=r"`modules` must be module names or glob patterns .* got"):
+            data_dependent_init(model, torch.randn(4, 2), modules=modules)
+    with pytest.raises(ValueError, match="`min_std` must be a positive number, got -1"):
+        data_dependent_init(model, torch.randn(4, 2), min_std=-1)
     data_dependent_init(model, torch.randn(4, 2), init_scale=torch.tensor(2.0))  # a 0-d tensor is a number
 
 

@@ -36,8 +36,9 @@ def test_gradient_is_the_centering_projection():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="`num_features` must be at least 1, got 0"):
-        MeanOnlyBatchNorm(0)
+    for num_features in (0, 3.5, "3", True):
+        with pytest.raises(ValueError, match=f"`num_features` must be a positive integer, got {num_features!r}"):
+            MeanOnlyBatchNorm(num_features)
     with pytest.raises(ValueError, match=r"`momentum` must be a number in \[0, 1\], got 1.5"):
         MeanOnlyBatchNorm(3, momentum=1.5)
     with pytest.raises(ValueError, match=r"got None \(BatchNorm's None, a cumulative average, is not supported\)"):

@@ -724,6 +724,9 @@ def test_bad_input_raises_clear_errors():
         weight_norm(nn.Linear(5, 0))  # ATen's kernels would divide by zero: the process would die
     with pytest.raises(ValueError, match=r"`weight` of this LazyLinear has no shape yet \(a lazy module\): run one"):
         apply_weight_norm(nn.Sequential(nn.LazyLinear(3)))
+    for dim in ("0", 0.0, True):  # 0.0 failed only at the first forward; True was taken for axis 1
+        with pytest.raises(TypeError, match=r"`dim` must be an axis \(an int\) or None, got"):
+            weight_norm(nn.Linear(2, 2), dim=dim)
     embedding = weight_norm(nn.Embedding(4, 3), dim=0)  # any layer works once `dim` is given
     torch.testing.assert_close(embedding.weight.norm(dim=1), embedding.parametrizations.weight.original0.flatten())
 
