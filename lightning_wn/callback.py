@@ -354,6 +354,9 @@ class WeightNormalization(Callback):
                                "`persistent_workers`). Set `persistent_workers=False` to train on it once.")
         with trainer.precision_plugin.train_step_context():
             report = data_dependent_init(pl_module, inputs, modules=targets, init_scale=self.init_scale)
+        # a weight-averaging callback copied the model in its setup, before this init: it copies it again, initialized
+        for averaging in (c for c in trainer.callbacks if isinstance(c, WeightAveraging)):
+            averaging.setup(trainer, pl_module, TrainerFn.FITTING)
         self.initialized = True
         rank_zero_info(f"WeightNormalization: data-dependent init on {count} examples per rank.\n{report}")
 

@@ -83,6 +83,21 @@ def test_ema_averages_the_normalized_model(model_class):
 
 
 
+class Snapshot(Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.parameters = parameters(pl_module)
+
+
+def test_the_average_before_its_first_update_is_the_initialized_model():
+    # EMA copies the model in its setup, before the init: it evaluates that copy until its first update, and puts it
+    # into the model at the end of a fit that stops before one
+    seed_everything(0)
+    model, snapshot = ConvClassifier(), Snapshot()
+    ema = EMAWeightAveraging(decay=0.6, update_starting_at_step=3)
+    trainer(max_steps=2, callbacks=[WeightNormalization(init_samples=32), ema, snapshot]).fit(model, RandomImages())
+    assert_same_parameters(parameters(model), snapshot.parameters)
+
+
 class DrawsAfterValidation(ConvClassifier):
     """Like a model that draws samples in ``on_validation_epoch_end``: a no-grad forward after the average is swapped out."""
 
