@@ -323,8 +323,9 @@ class WeightNormalization(Callback):
         targets = [n for n, layer in layers.items() if n not in recurrent and not getattr(layer, INITIALIZED, False)]
         if not self.data_init or not targets:
             if self.data_init and self.normalized and not resumed:
-                rank_zero_info("WeightNormalization: every layer was data-initialized before (an earlier fit or "
-                               "`data_dependent_init`), so its weights are kept and the init does not run.")
+                rank_zero_info("WeightNormalization: every layer was data-initialized before (an earlier fit, "
+                               "`data_dependent_init`, or `load_from_checkpoint`), so its weights are kept and the init "
+                               "does not run.")
             self.initialized = True  # past the init, run or not: a checkpoint of this run resumes without one
             return
         if trainer.limit_train_batches == 0:  # Lightning then builds no training dataloader

@@ -505,6 +505,23 @@ def test_checkpoint_loads_into_the_plain_model_without_the_callback(tmp_path):
             assert torch.equal(loaded.eval()(data.x), expected)
 
 
+def test_fitting_a_model_loaded_from_a_checkpoint_keeps_its_trained_weights(tmp_path):
+    seed_everything(0)
+    t = trainer(max_steps=5, callbacks=[WeightNormalization(init_samples=64)])
+    t.fit(ConvClassifier(), RandomImages())
+    t.save_checkpoint(path := tmp_path / "wn.ckpt")
+    for loaded in (ConvClassifier.load_from_checkpoint(path), lightning_wn.load_from_checkpoint(ConvClassifier, path)):
+        trained, record = copy.deepcopy(loaded.state_dict()), StateAtTrainStart()
+        trainer(max_steps=1, callbacks=[WeightNormalization(init_samples=64), record]).fit(loaded, RandomImages())
+        for name, value in trained.items():  # the loaded weights, not ones initialized again
+            torch.testing.assert_close(lightning_wn.fold_state_dict(record.state)[name], value, msg=name)
+
+
+class StateAtTrainStart(Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.state = copy.deepcopy(pl_module.state_dict())
+
+
 def test_lightning_cli_configures_the_callback_from_yaml(tmp_path):
     config = tmp_path / "wn.yaml"
     config.write_text(
