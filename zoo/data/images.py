@@ -315,9 +315,10 @@ def _torchvision(dataset_class, root: Path, train: bool, download: bool, name: s
                 f"{name} in `data_dir`={str(root)!r} has damaged files: {', '.join(map(str, damaged))}. "
                 "Delete them, then let `download: true` fetch them again or copy the originals there." + hint
             ) from error
-        if not isinstance(error, RuntimeError):
+        # torchvision's MNIST raises RuntimeError after trying every mirror; CIFAR's download lets URLError through
+        if not isinstance(error, (RuntimeError, OSError)):
             raise
-        if download:  # torchvision: "Error downloading ..." after trying every mirror
+        if download:
             reason = str(error).strip().splitlines()[-1]
             raise DownloadError(
                 f"Downloading {name} into `data_dir`={str(root)!r} failed (last error: {reason}). Without internet, "
