@@ -51,7 +51,7 @@ class ZooParser(LightningArgumentParser):
 class ZooCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        # no zoo model has a predict_step: `predict` would fail or print nothing
+        # only the classifier predicts, and from the command line its predictions would go nowhere (no writer)
         return {name: keys for name, keys in LightningCLI.subcommands().items() if name != "predict"}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

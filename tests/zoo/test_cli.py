@@ -117,7 +117,7 @@ def test_other_subcommands(subcommand, tmp_path):
     (["fit", "--config", "configs/cifar10/wn.yaml", "--optimizer", "SGD"], "unrecognized arguments: --optimizer SGD"),
 ])  # fmt: skip
 def test_what_the_zoo_models_do_not_take_is_an_error_not_ignored(args, message, capsys):
-    # no zoo model has a predict_step, and each builds its own optimizer and schedule
+    # only the classifier predicts, with nowhere to write to from the CLI; each model builds its own optimizer
     with pytest.raises(SystemExit):
         main(args)
     assert message in capsys.readouterr().err
