@@ -58,7 +58,7 @@ class WeightNormalization(Callback):
         exclude: layers to leave plain, in the same form.
         weight_norm: False leaves the layers plain and only runs the init (which then rescales weight rows).
         data_init: run the data-dependent init when fit starts (once per run, never on resume).
-        init_samples: training examples for the init, split across ranks (500 in the paper).
+        init_samples: training examples for the init (500 in the paper); each rank takes its share, rounded up.
         init_scale: the standard deviation each pre-activation starts with.
         input_key: the index or dict key of ``forward``'s input in a batch (default the batch, or its first element);
             a list (``["mel", "noise"]``) passes several as positional arguments. Or define ``data_init_inputs(batch)``
@@ -347,6 +347,9 @@ class WeightNormalization(Callback):
         wanted = math.ceil(self.init_samples / trainer.world_size)  # the first examples of this rank's shard
         batches = (read(_as_trained_on(trainer, pl_module, batch)) for batch in loader)
         inputs, count = first_examples(batches, wanted, where)
+        if count < wanted:
+            rank_zero_warn(f"WeightNormalization: the training dataloader holds {count} examples per rank, fewer than "
+                           f"`init_samples`={self.init_samples} asks for: the init runs on those.")
         if getattr(loader, "persistent_workers", False) and loader.num_workers > 0:
             iter(loader)  # rewinds the workers' one iterator, which the training loop holds too
             if isinstance(loader.dataset, torch.utils.data.IterableDataset):

@@ -56,6 +56,14 @@ def test_normalizes_before_optimizers_and_inits_on_training_examples():
     assert len(optimized) == 9  # g, v and bias of three layers
 
 
+def test_a_loader_shorter_than_init_samples_is_warned_about_and_read_whole():
+    seed_everything(0)
+    model, data = ConvClassifier(), RandomImages(size=40, batch_size=16)
+    with pytest.warns(UserWarning, match=r"holds 40 examples per rank, fewer than `init_samples`=500 asks for"):
+        trainer(max_steps=0, callbacks=[wn := WeightNormalization(init_samples=500)]).fit(model, data)
+    standardized(model, data.x, wn.normalized)
+
+
 def test_layers_built_in_configure_model_and_left_plain_are_refused_with_the_fix():
     with pytest.raises(RuntimeError, match=r"Layers `head` were built after .*call `lightning_wn.apply_weight_norm\(self, \['head'\]\)`"):
         trainer(max_steps=2, callbacks=[WeightNormalization(init_samples=64)]).fit(LazyHead(), RandomImages())
