@@ -98,8 +98,7 @@ class WeightNorm(nn.Module):
     def _key(self) -> tuple | None:
         """What a ``w`` reused inside :func:`lightning_wn.cached` must be computed from; None where none may be."""
         v, m = self.original1, self.magnitude_param
-        # _tracing() first: a compiled graph that read the cache's context variable would be guarded on it
-        if _tracing() or active_cache() is None or v.is_inference() or m.is_inference():
+        if v.is_inference() or m.is_inference():
             return None  # inference tensors (made in inference mode) keep no version counter to key on
         try:
             storage = v.data_ptr(), m.data_ptr()  # Module.to() swaps it under the same tensor and version
@@ -112,9 +111,10 @@ class WeightNorm(nn.Module):
 
     def forward(self) -> Tensor:
         """``w``: computed, or inside :func:`lightning_wn.cached` the one computed from these same ``g`` and ``v``."""
-        if (key := self._key()) is None:
+        # _tracing() first: a compiled graph that read the cache's context variable would be guarded on it; the cache
+        # read once: a thread running a context copied inside the block may see the block close between two reads
+        if _tracing() or (cache := active_cache()) is None or (key := self._key()) is None:
             return self.compute()
-        cache = active_cache()
         entry = cache.get(self)
         if entry is None or entry[0] != key:
             entry = cache[self] = key, self.compute(), (self.original1, self.magnitude_param)

@@ -6,6 +6,7 @@ import copy
 import io
 import pickle
 import re
+import threading
 
 import pytest
 import torch
@@ -329,6 +330,30 @@ def test_a_context_copied_inside_cached_computes_afresh_once_the_block_has_exite
     with torch.no_grad():
         layer.parametrizations.weight.original0.data.mul_(2.0)  # no version bump: only the block's end tells
     torch.testing.assert_close(copied.run(layer, x), layer(x))
+
+
+def test_a_thread_running_a_context_copied_inside_cached_goes_on_as_the_block_closes():
+    layer, x, errors = weight_norm(nn.Linear(4, 4)), torch.randn(2, 4), []
+
+    def forward_until(stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                layer(x)
+        except Exception as error:  # noqa: BLE001: a thread's errors are lost unless kept
+            errors.append(error)
+
+    for _ in range(30):  # the block closing between two reads of the cache was seen within the first few
+        stop = threading.Event()
+        with cached():
+            thread = threading.Thread(target=contextvars.copy_context().run, args=(forward_until, stop))
+            thread.start()
+            for _ in range(20):
+                layer(x)
+        for _ in range(20):
+            layer(x)
+        stop.set()
+        thread.join()
+    assert not errors
 
 
 def test_a_storage_swapped_inside_cached_is_seen_by_the_next_forward():
