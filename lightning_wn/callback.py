@@ -358,9 +358,14 @@ class WeightNormalization(Callback):
                                "`persistent_workers`). Set `persistent_workers=False` to train on it once.")
         with trainer.precision_plugin.train_step_context():
             report = data_dependent_init(pl_module, inputs, modules=targets, init_scale=self.init_scale)
-        # a weight-averaging callback copied the model in its setup, before this init: it copies it again, initialized
-        for averaging in (c for c in trainer.callbacks if isinstance(c, WeightAveraging)):
-            averaging.setup(trainer, pl_module, TrainerFn.FITTING)
+        # weight averaging copied the model in its setup, before this init, and holds that copy until its first update
+        if late := [type(c).__name__ for c in trainer.callbacks
+                    if isinstance(c, WeightAveraging) and not c.should_update(step_idx=0)]:
+            rank_zero_warn(f"WeightNormalization: {late[0]} copied the model in its `setup`, before the data-dependent "
+                           "init, and first updates its average after the first step: until then, validation "
+                           "evaluates (and a fit that ends puts back) the layers as they were before the init. Let it "
+                           "update from the first step, or normalize and initialize before `fit`: "
+                           f"{self._by_hand('model')}, then `lightning_wn.data_dependent_init(model, batch)`.")
         self.initialized = True
         rank_zero_info(f"WeightNormalization: data-dependent init on {count} examples per rank.\n{report}")
 
