@@ -73,25 +73,21 @@ def read_checkpoint(path: str | PathLike, *, weights_only: bool = True) -> dict[
 
 def load_from_checkpoint(model_class: type, path: str | PathLike, **kwargs: Any) -> Any:
     """``model_class.load_from_checkpoint(path)`` (a LightningModule class) of a weight-normalized checkpoint,
-    folded into plain weights, trained: a later fit's data-dependent init keeps them."""
+    folded into plain weights, trained: a later fit's data-dependent init keeps the layers it loaded."""
     checkpoint = read_checkpoint(path, weights_only=False)
     checkpoint["state_dict"] = fold_state_dict(checkpoint["state_dict"])
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     buffer.seek(0)
-    return _mark_trained(model_class.load_from_checkpoint(buffer, **kwargs))
-
-
-def _mark_trained(model: torch.nn.Module) -> torch.nn.Module:
-    for module in model.modules():  # the mark the data-dependent init skips a layer by
-        if isinstance(module, SUPPORTED_LAYERS):
+    model = model_class.load_from_checkpoint(buffer, **kwargs)
+    for name, module in model.named_modules():  # marked as the init marks them; not a new layer (`strict=False`)
+        if isinstance(module, SUPPORTED_LAYERS) and f"{name}.weight".lstrip(".") in checkpoint["state_dict"]:
             setattr(module, INITIALIZED, True)
     return model
 
 
 class FoldWeightNormOnLoad:
-    """LightningModule mixin: ``Model.load_from_checkpoint`` folds the ``g`` and ``v`` it lacks into plain weights,
-    trained: a later fit's data-dependent init keeps them.
+    """LightningModule mixin: ``Model.load_from_checkpoint`` folds the ``g`` and ``v`` it lacks into plain weights.
 
     Put it first in the bases: ``class Model(FoldWeightNormOnLoad, LightningModule)``.
     """
@@ -101,8 +97,3 @@ class FoldWeightNormOnLoad:
         if "state_dict" in checkpoint:  # absent when ModelParallelStrategy loaded the weights into the model itself
             own = self.state_dict().keys()  # type: ignore[attr-defined]
             checkpoint["state_dict"] = fold_state_dict(checkpoint["state_dict"], keep=own)
-
-    @classmethod
-    def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> Any:
-        # marked here, not in on_load_checkpoint, which also restores a fit (a resume, a tuner's trial)
-        return _mark_trained(super().load_from_checkpoint(*args, **kwargs))  # type: ignore[misc]

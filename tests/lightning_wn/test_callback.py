@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import LearningRateFinder, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -513,16 +514,26 @@ def test_checkpoint_loads_into_the_plain_model_without_the_callback(tmp_path):
             assert torch.equal(loaded.eval()(data.x), expected)
 
 
-def test_fitting_a_model_loaded_from_a_checkpoint_keeps_its_trained_weights(tmp_path):
+def test_fitting_a_model_from_load_from_checkpoint_keeps_the_trained_layers_and_initializes_new_ones(tmp_path):
+    class NewHead(ConvClassifier):  # fine-tuning: a layer the checkpoint does not hold (`strict=False`)
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.head = nn.Linear(5, 5)
+
+        def forward(self, x):
+            return self.head(super().forward(x))
+
     seed_everything(0)
     t = trainer(max_steps=5, callbacks=[WeightNormalization(init_samples=64)])
-    t.fit(ConvClassifier(), RandomImages())
+    t.fit(ConvClassifier(), data := RandomImages())
     t.save_checkpoint(path := tmp_path / "wn.ckpt")
-    for loaded in (ConvClassifier.load_from_checkpoint(path), lightning_wn.load_from_checkpoint(ConvClassifier, path)):
-        trained, record = copy.deepcopy(loaded.state_dict()), StateAtTrainStart()
-        trainer(max_steps=1, callbacks=[WeightNormalization(init_samples=64), record]).fit(loaded, RandomImages())
-        for name, value in trained.items():  # the loaded weights, not ones initialized again
+    loaded = lightning_wn.load_from_checkpoint(NewHead, path, strict=False)
+    trained, record = copy.deepcopy(loaded.state_dict()), StateAtTrainStart()
+    trainer(max_steps=1, callbacks=[wn := WeightNormalization(init_samples=64), record]).fit(loaded, data)
+    for name, value in trained.items():  # the loaded weights, not ones initialized again
+        if not name.startswith("head."):
             torch.testing.assert_close(lightning_wn.fold_state_dict(record.state)[name], value, msg=name)
+    assert "head" in wn.normalized and not torch.equal(record.state["head.bias"], trained["head.bias"])
 
 
 class StateAtTrainStart(Callback):
