@@ -111,3 +111,10 @@ def test_a_failed_download_says_so_and_how_to_get_the_data(tmp_path, monkeypatch
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
     with pytest.raises(ConnectionError, match="Downloading CIFAR-10 into `data_dir`=.* failed .*no network"):
         CIFAR10Data(data_dir=str(tmp_path), download=True).prepare_data()
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", unwritable)
+    with pytest.raises(PermissionError):  # a local fault as it is, not a failed download
+        CIFAR10Data(data_dir=str(tmp_path), download=True).prepare_data()

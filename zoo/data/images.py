@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import struct
+from urllib.error import URLError
 from pathlib import Path
 from typing import Literal
 
@@ -315,8 +316,9 @@ def _torchvision(dataset_class, root: Path, train: bool, download: bool, name: s
                 f"{name} in `data_dir`={str(root)!r} has damaged files: {', '.join(map(str, damaged))}. "
                 "Delete them, then let `download: true` fetch them again or copy the originals there." + hint
             ) from error
-        # torchvision's MNIST raises RuntimeError after trying every mirror; CIFAR's download lets URLError through
-        if not isinstance(error, (RuntimeError, OSError)):
+        # torchvision's MNIST raises RuntimeError after trying every mirror; CIFAR's download lets the network's
+        # own errors through (a local one, such as a data_dir that cannot be written, is no failed download)
+        if not isinstance(error, (RuntimeError, URLError, ConnectionError, TimeoutError)):
             raise
         if download:
             reason = str(error).strip().splitlines()[-1]
