@@ -94,10 +94,10 @@ def data_dependent_init(model: nn.Module, inputs: object, modules: Sequence[str]
             raise ValueError(f"`inputs` is an empty batch (a tensor of shape {tuple(x.shape)}).")
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise ValueError("`inputs` contains NaN or infinite values; the init statistics would be NaN.")
-    if any(map(nn.parameter.is_lazy, (*model.parameters(), *model.buffers()))):
-        raise ValueError("`model` has lazy modules (`nn.LazyLinear`, ...) whose weights have no shape yet: run one "
-                         "forward pass first, then the data-dependent init.")
     targets, report = _targets(model, modules)
+    if lazy := [name for name, m in targets.items() if any(map(nn.parameter.is_lazy, m.parameters()))]:
+        raise ValueError(f"{_shown(lazy)} are lazy (`nn.LazyLinear`, ...): their weights have no shape yet. Run one "
+                         "forward pass first, then the data-dependent init.")
     if again := [name for name, m in targets.items() if getattr(m, INITIALIZED, False)]:
         warnings.warn(f"data_dependent_init: {_shown(again)} were initialized by an earlier call; this one rescales "
                       "them again. Call it once per model (not again after resuming), or pass `modules` to pick the "
@@ -109,7 +109,8 @@ def data_dependent_init(model: nn.Module, inputs: object, modules: Sequence[str]
     writes: list[tuple[nn.Module, Tensor, Tensor]] = []  # (module, scale, shift) of each rescaling
     hook = functools.partial(_init_module, report, writes, init_scale, min_std)
     # prepended: the layer's own hooks (an attached mean-only batch norm) see the normalized output, as later layers do
-    before = {id(t): (t, t.clone()) for t in (*(p for m in targets.values() for p in m.parameters()), *model.buffers())}
+    buffers = [b for b in model.buffers() if not nn.parameter.is_lazy(b)]  # a lazy batch norm's: the pass sets them
+    before = {id(t): (t, t.clone()) for t in (*(p for m in targets.values() for p in m.parameters()), *buffers)}
     handles = [m.register_forward_hook(functools.partial(hook, name), prepend=True) for name, m in targets.items()]
     positional = isinstance(inputs, (tuple, list))
     try:

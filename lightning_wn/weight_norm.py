@@ -274,6 +274,7 @@ def checked_targets(module: nn.Module, name: str | Sequence[str] | None = None,
     kind = type(module).__name__
     if dim is not None and (isinstance(dim, bool) or not isinstance(dim, numbers.Integral)):
         raise TypeError(f"`dim` must be an axis (an int) or None, got {dim!r} ({type(dim).__name__}).")
+    dim = None if dim is None else int(dim)  # numpy's integers too
     if dim == -1:
         raise ValueError("`dim`=-1 is ambiguous: torch reads it as the whole tensor, Python as the last axis. "
                          "Pass `dim=None` for the whole tensor, or the last axis's positive index.")

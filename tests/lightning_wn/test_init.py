@@ -330,10 +330,15 @@ def test_a_forward_that_fails_halfway_leaves_the_model_as_it_was():
 
 def test_a_lazy_module_is_refused_and_left_without_hooks():
     model = nn.Sequential(nn.LazyLinear(3))
-    with pytest.raises(ValueError, match=r"lazy modules .* run one forward pass first"):
+    with pytest.raises(ValueError, match=r"`0` are lazy .* Run one forward pass first"):
         data_dependent_init(model, torch.randn(100, 4))
     model(torch.randn(100, 4))
     assert not model[0]._forward_hooks  # a hook left behind would rescale the layer at some later forward
+    before = nn.Sequential(nn.LazyLinear(8), nn.LazyBatchNorm1d(), nn.Linear(8, 4))  # lazy, but no target
+    data_dependent_init(before, x := torch.randn(200, 3) * 3, modules=["2"])
+    with torch.no_grad():
+        mean, std = unit_moments(before(x).double(), -1)
+    assert mean.abs().max() < 1e-4 and (std - 1).abs().max() < 1e-4
 
 
 def test_bad_input_raises_clear_errors():

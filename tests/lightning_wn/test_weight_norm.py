@@ -8,6 +8,7 @@ import pickle
 import re
 import threading
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -752,7 +753,7 @@ def test_bad_input_raises_clear_errors():
     for dim in ("0", 0.0, True):  # 0.0 failed only at the first forward; True was taken for axis 1
         with pytest.raises(TypeError, match=r"`dim` must be an axis \(an int\) or None, got"):
             weight_norm(nn.Linear(2, 2), dim=dim)
-    embedding = weight_norm(nn.Embedding(4, 3), dim=0)  # any layer works once `dim` is given
+    embedding = weight_norm(nn.Embedding(4, 3), dim=np.int64(0))  # any layer works once `dim` is given
     torch.testing.assert_close(embedding.weight.norm(dim=1), embedding.parametrizations.weight.original0.flatten())
 
 
