@@ -80,10 +80,17 @@ def load_from_checkpoint(model_class: type, path: str | PathLike, **kwargs: Any)
     torch.save(checkpoint, buffer)
     buffer.seek(0)
     model = model_class.load_from_checkpoint(buffer, **kwargs)
-    for name, module in model.named_modules():  # marked as the init marks them; not a new layer (`strict=False`)
-        if isinstance(module, SUPPORTED_LAYERS) and f"{name}.weight".lstrip(".") in checkpoint["state_dict"]:
+    for name, module in model.named_modules():  # marked as the init marks them: the layers that hold what was saved
+        saved = checkpoint["state_dict"].get(f"{name}.weight".lstrip("."))  # not a new head (`strict=False`)
+        if isinstance(module, SUPPORTED_LAYERS) and _holds(module.weight, saved):
             setattr(module, INITIALIZED, True)
     return model
+
+
+@torch.no_grad()
+def _holds(weight: torch.Tensor, saved: torch.Tensor | None) -> bool:
+    # a weight split into g and v on loading computes the saved one back to rounding
+    return saved is not None and weight.shape == saved.shape and torch.allclose(weight, saved.to(weight), atol=1e-6)
 
 
 class FoldWeightNormOnLoad:

@@ -515,13 +515,17 @@ def test_checkpoint_loads_into_the_plain_model_without_the_callback(tmp_path):
 
 
 def test_fitting_a_model_from_load_from_checkpoint_keeps_the_trained_layers_and_initializes_new_ones(tmp_path):
-    class NewHead(ConvClassifier):  # fine-tuning: a layer the checkpoint does not hold (`strict=False`)
+    class NewHead(ConvClassifier):  # fine-tuning: layers the checkpoint does not hold (`strict=False`)
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
             self.head = nn.Linear(5, 5)
 
         def forward(self, x):
             return self.head(super().forward(x))
+
+        def on_load_checkpoint(self, checkpoint):  # and one it holds, but which is dropped to be trained anew
+            super().on_load_checkpoint(checkpoint)
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("net.6.")}
 
     seed_everything(0)
     t = trainer(max_steps=5, callbacks=[WeightNormalization(init_samples=64)])
@@ -531,9 +535,10 @@ def test_fitting_a_model_from_load_from_checkpoint_keeps_the_trained_layers_and_
     trained, record = copy.deepcopy(loaded.state_dict()), StateAtTrainStart()
     trainer(max_steps=1, callbacks=[wn := WeightNormalization(init_samples=64), record]).fit(loaded, data)
     for name, value in trained.items():  # the loaded weights, not ones initialized again
-        if not name.startswith("head."):
+        if not name.startswith(("head.", "net.6.")):
             torch.testing.assert_close(lightning_wn.fold_state_dict(record.state)[name], value, msg=name)
-    assert "head" in wn.normalized and not torch.equal(record.state["head.bias"], trained["head.bias"])
+    for new in ("head", "net.6"):
+        assert new in wn.normalized and not torch.equal(record.state[f"{new}.bias"], trained[f"{new}.bias"]), new
 
 
 class StateAtTrainStart(Callback):
