@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
-from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
@@ -37,6 +36,7 @@ def cached() -> Iterator[None]:
 
     Example:
         >>> import torch
+        >>> from torch import nn
         >>> from lightning_wn import weight_norm
         >>> cell = weight_norm(nn.LSTMCell(4, 8))
         >>> x, h = torch.randn(2, 4), (torch.zeros(2, 8), torch.zeros(2, 8))

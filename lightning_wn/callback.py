@@ -362,9 +362,9 @@ class WeightNormalization(Callback):
         if late := [type(c).__name__ for c in trainer.callbacks
                     if isinstance(c, WeightAveraging) and not c.should_update(step_idx=0)]:
             rank_zero_warn(f"WeightNormalization: {late[0]} copied the model in its `setup`, before the data-dependent "
-                           "init, and first updates its average after the first step: until then, validation "
-                           "evaluates (and a fit that ends puts back) the layers as they were before the init. Let it "
-                           "update from the first step, or normalize and initialize before `fit`: "
+                           "init, and does not update its average at the first step: until its first update, a "
+                           "validation evaluates (and a fit that ends puts back) the layers as they were before the "
+                           "init. Where that matters, normalize and initialize before `fit`: "
                            f"{self._by_hand('model')}, then `lightning_wn.data_dependent_init(model, batch)`.")
         self.initialized = True
         rank_zero_info(f"WeightNormalization: data-dependent init on {count} examples per rank.\n{report}")

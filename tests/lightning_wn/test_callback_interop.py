@@ -93,12 +93,11 @@ def test_an_average_that_starts_after_the_first_step_is_warned_to_hold_the_layer
         warnings.simplefilter("always")
         trainer(max_steps=2, callbacks=[WeightNormalization(init_samples=32), ema]).fit(ConvClassifier(), RandomImages())
     warned = [str(w.message) for w in caught if "copied the model in its `setup`" in str(w.message)]
-    assert warned == ([] if start is None else [
+    assert warned == ([] if start is None else [(
         "WeightNormalization: EMAWeightAveraging copied the model in its `setup`, before the data-dependent init, and "
-        "first updates its average after the first step: until then, validation evaluates (and a fit that ends puts "
-        "back) the layers as they were before the init. Let it update from the first step, or normalize and "
-        "initialize before `fit`: `lightning_wn.apply_weight_norm(model, [...])`, then "
-        "`lightning_wn.data_dependent_init(model, batch)`."])
+        "does not update its average at the first step: until its first update, a validation evaluates (and a fit that "
+        "ends puts back) the layers as they were before the init. Where that matters, normalize and initialize before "
+        "`fit`: `lightning_wn.apply_weight_norm(model, [...])`, then `lightning_wn.data_dependent_init(model, batch)`.")])
 
 
 class DrawsAfterValidation(ConvClassifier):

@@ -312,6 +312,6 @@ def test_remove_weight_norm_folds_a_frozen_layer_into_a_frozen_parameter(form):
 def test_remove_weight_norm_folds_a_layer_training_g_or_v_alone_into_a_trainable_weight(form, trained):
     layer = weight_norm(nn.Linear(3, 4)) if form == "ours" else torch_weight_norm(form, nn.Linear(3, 4))
     for name, param in layer.named_parameters():  # training g alone: DoRA-style fine-tuning of the magnitudes
-        param.requires_grad_(name.endswith(trained) or name.endswith("_g" if trained == "original0" else "_v"))
+        param.requires_grad_(name.endswith((trained, "_g" if trained == "original0" else "_v")))
     remove_weight_norm(layer)
     assert layer.weight.requires_grad

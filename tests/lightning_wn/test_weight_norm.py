@@ -340,7 +340,7 @@ def test_a_thread_running_a_context_copied_inside_cached_goes_on_as_the_block_cl
         try:
             while not stop.is_set():
                 layer(x)
-        except Exception as error:  # noqa: BLE001: a thread's errors are lost unless kept
+        except Exception as error:  # noqa: BLE001 (a thread's errors are lost unless kept)
             errors.append(error)
 
     for _ in range(30):  # the block closing between two reads of the cache was seen within the first few

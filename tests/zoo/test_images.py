@@ -1,5 +1,6 @@
 """Image DataModules: real offline data, ZCA whitening, and the promised errors."""
 
+import ssl
 from urllib.error import URLError
 
 import pytest
@@ -110,6 +111,13 @@ def test_a_failed_download_says_so_and_how_to_get_the_data(tmp_path, monkeypatch
     # CIFAR's download, unlike MNIST's, lets the URLError itself through
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
     with pytest.raises(ConnectionError, match="Downloading CIFAR-10 into `data_dir`=.* failed .*no network"):
+        CIFAR10Data(data_dir=str(tmp_path), download=True).prepare_data()
+
+    def dropped(*args, **kwargs):  # a TLS connection cut while the body is read: not wrapped in a URLError
+        raise ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", dropped)
+    with pytest.raises(ConnectionError, match="Downloading CIFAR-10 into `data_dir`=.* failed .*EOF occurred"):
         CIFAR10Data(data_dir=str(tmp_path), download=True).prepare_data()
 
     def unwritable(*args, **kwargs):

@@ -21,9 +21,11 @@ import math
 import os
 import shutil
 import struct
-from urllib.error import URLError
+from http.client import HTTPException
 from pathlib import Path
+from ssl import SSLError
 from typing import Literal
+from urllib.error import URLError
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -318,7 +320,7 @@ def _torchvision(dataset_class, root: Path, train: bool, download: bool, name: s
             ) from error
         # torchvision's MNIST raises RuntimeError after trying every mirror; CIFAR's download lets the network's
         # own errors through (a local one, such as a data_dir that cannot be written, is no failed download)
-        if not isinstance(error, (RuntimeError, URLError, ConnectionError, TimeoutError)):
+        if not isinstance(error, (RuntimeError, URLError, ConnectionError, TimeoutError, SSLError, HTTPException)):
             raise
         if download:
             reason = str(error).strip().splitlines()[-1]
