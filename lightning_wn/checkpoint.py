@@ -89,8 +89,8 @@ def load_from_checkpoint(model_class: type, path: str | PathLike, **kwargs: Any)
 
 @torch.no_grad()
 def _holds(weight: torch.Tensor, saved: torch.Tensor | None) -> bool:
-    # a weight split into g and v on loading computes the saved one back to rounding
-    return saved is not None and weight.shape == saved.shape and torch.allclose(weight, saved.to(weight), atol=1e-6)
+    # a weight split into g and v on loading computes the saved one back to rounding (bfloat16's, for a cast model)
+    return saved is not None and weight.shape == saved.shape and torch.allclose(weight, saved.to(weight), 1e-2, 1e-6)
 
 
 class FoldWeightNormOnLoad:
