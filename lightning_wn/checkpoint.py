@@ -82,15 +82,15 @@ def load_from_checkpoint(model_class: type, path: str | PathLike, **kwargs: Any)
     model = model_class.load_from_checkpoint(buffer, **kwargs)
     for name, module in model.named_modules():  # marked as the init marks them: the layers that hold what was saved
         saved = checkpoint["state_dict"].get(f"{name}.weight".lstrip("."))  # not a new head (`strict=False`)
-        if isinstance(module, SUPPORTED_LAYERS) and _holds(module.weight, saved):
-            setattr(module, INITIALIZED, True)
+        if saved is not None and isinstance(module, SUPPORTED_LAYERS) and _holds(module.weight, saved):
+            setattr(module, INITIALIZED, True)  # recurrent layers have no `weight`, and the init skips them
     return model
 
 
 @torch.no_grad()
-def _holds(weight: torch.Tensor, saved: torch.Tensor | None) -> bool:
+def _holds(weight: torch.Tensor, saved: torch.Tensor) -> bool:
     # a weight split into g and v on loading computes the saved one back to rounding (bfloat16's, for a cast model)
-    return saved is not None and weight.shape == saved.shape and torch.allclose(weight, saved.to(weight), 1e-2, 1e-6)
+    return weight.shape == saved.shape and torch.allclose(weight, saved.to(weight), 1e-2, 1e-6)
 
 
 class FoldWeightNormOnLoad:

@@ -5,10 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
+from torch import nn
 
 import lightning_wn
 from lightning_wn import read_checkpoint
+from lightning_wn.init import INITIALIZED
 
 sys.path.insert(0, str(Path(__file__).parent))
 from lit_models import ConvClassifier  # noqa: E402
@@ -62,3 +64,21 @@ def test_a_missing_file_or_a_folder_is_named(tmp_path):
         read_checkpoint(tmp_path / "nothing.ckpt")
     with pytest.raises(FileNotFoundError, match="is a folder"):
         read_checkpoint(tmp_path)
+
+
+class Recurrent(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.cell, self.head = nn.LSTM(3, 4), nn.GRUCell(4, 4), nn.Linear(4, 2)
+
+
+def test_load_from_checkpoint_marks_the_layers_it_loaded_beside_recurrent_ones(tmp_path):
+    # recurrent layers have no `weight` (and the init skips them): only the layers with one are marked
+    trained = Recurrent()
+    lightning_wn.apply_weight_norm(trained, include=["rnn", "cell", "head"])
+    torch.save({"state_dict": trained.state_dict(), "pytorch-lightning_version": "2.6.6"}, path := tmp_path / "r.ckpt")
+    loaded = lightning_wn.load_from_checkpoint(Recurrent, path)
+    marks = {name: getattr(m, INITIALIZED, False) for name, m in loaded.named_children()}
+    assert marks == {"rnn": False, "cell": False, "head": True}
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(loaded.head(x), trained.head(x))
