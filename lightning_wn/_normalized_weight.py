@@ -19,6 +19,8 @@ def norm_axes(v: Tensor, dim: int) -> list[int]:
 class NormalizedWeight(torch.autograd.Function):
     r"""``w = g * v / ||v||`` with the norm over every axis of ``v`` but ``dim`` (``-1``: one norm).
 
+    ``magnitude`` is ``g``, or ``s`` with :math:`g = e^{c s}` where ``log_scale_factor`` ``c`` is given.
+
     Forward and backward take ATen's fused kernels, the ones torch's own weight norm uses, where they
     apply (the norm over every axis but the first or the last of a contiguous ``v``). Elsewhere
     :math:`\nabla_g = \langle \nabla_w, v \rangle / \lVert v \rVert` and
@@ -31,10 +33,13 @@ class NormalizedWeight(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, v: Tensor, g: Tensor, dim: int) -> Tensor:
+    def forward(ctx, v: Tensor, magnitude: Tensor, dim: int, log_scale_factor: float | None = None) -> Tensor:
         # kept, not saved: a w reused inside lightning_wn.cached() may serve several forward passes whose losses are
-        # backpropagated separately (loss_a.backward(); loss_b.backward()); versions are checked as autograd would
-        ctx.v, ctx.g, ctx.dim, ctx.versions = v, g, dim, (v._version, g._version)
+        # backpropagated separately (loss_a.backward(); loss_b.backward()); versions are checked as autograd would.
+        # g = exp(c * s) is taken here too: an exp node of its own would free its saved output at the first backward
+        ctx.v, ctx.magnitude, ctx.dim, ctx.c = v, magnitude, dim, log_scale_factor
+        ctx.versions = v._version, magnitude._version
+        g = _magnitude_to_g(magnitude, log_scale_factor)
         ctx.fused = v.dim() > 1 and dim in (0, v.dim() - 1) and v.dtype == g.dtype  # the norm in float32 or wider
         ctx.fused = ctx.fused and v.is_contiguous() and g.is_contiguous()  # ATen's kernels misread channels_last
         if ctx.fused:
@@ -45,21 +50,29 @@ class NormalizedWeight(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_w: Tensor):
-        v, g, norm, axes = ctx.v, ctx.g, ctx.norm, norm_axes(ctx.v, ctx.dim)
-        if (v._version, g._version) != ctx.versions:
+        v, magnitude, c, norm, axes = ctx.v, ctx.magnitude, ctx.c, ctx.norm, norm_axes(ctx.v, ctx.dim)
+        if (v._version, magnitude._version) != ctx.versions:
             raise RuntimeError("g or v of a weight-normalized layer was modified in place (an optimizer step?) between "
                                "the forward pass and its backward. Call backward before stepping, or redo the forward.")
+        g = _magnitude_to_g(magnitude, c)  # under create_graph, part of the graph
         if torch.is_grad_enabled():
             # create_graph (gradient penalties): ctx.norm was computed outside the graph, and ATen's differentiable
             # backward drops the gradient sent to the norm it saves, so the part through ||v|| would be lost
             norm = torch.linalg.vector_norm(v, dim=axes, keepdim=True)
         elif ctx.fused:
             fused_backward = torch.ops.aten._weight_norm_interface_backward.default
-            return *fused_backward(grad_w.contiguous(), v, g, norm, ctx.dim), None
+            grad_v, grad_g = fused_backward(grad_w.contiguous(), v, g, norm, ctx.dim)
+            return grad_v, grad_g if c is None else grad_g * (c * g), None, None
         wide = torch.promote_types(v.dtype, torch.float32)  # float16's grad_w * v over- and underflows
         grad_w, v, g, norm = (t.to(wide) for t in (grad_w, v, g, norm))  # no copies in float32 and float64
         grad_g = (grad_w * v).sum(dim=axes, keepdim=True) / norm
         # the component of grad_w along v does not reach v: w does not depend on ||v||. Divided by ||v|| twice, not
         # by ||v||^3, which overflows (or underflows) in float32
         grad_v = torch.addcmul(grad_w, v, grad_g / norm, value=-1).mul_(g / norm)
-        return grad_v.to(ctx.v.dtype), grad_g.reshape(g.shape).to(ctx.g.dtype), None
+        grad_g = grad_g.reshape(g.shape)
+        grad_magnitude = grad_g if c is None else grad_g * (c * g)  # d exp(c s) / ds = c g
+        return grad_v.to(ctx.v.dtype), grad_magnitude.to(magnitude.dtype), None, None
+
+
+def _magnitude_to_g(magnitude: Tensor, log_scale_factor: float | None) -> Tensor:
+    return magnitude if log_scale_factor is None else torch.exp(log_scale_factor * magnitude)

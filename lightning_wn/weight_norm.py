@@ -140,17 +140,17 @@ class WeightNorm(nn.Module):
         return F.linear(x, self(), bias)
 
     def compute(self) -> Tensor:
-        v, g = self.original1, self.g()
+        v = self.original1
         if not _tracing():
             if not torch.is_grad_enabled():  # no graph to build: ATen's op as it is (its dim -1 is the whole tensor)
-                return torch._weight_norm(v, g, self.dim if v.dim() > 1 else WHOLE_TENSOR)
+                return torch._weight_norm(v, self.g(), self.dim if v.dim() > 1 else WHOLE_TENSOR)
             try:
-                return NormalizedWeight.apply(v, g, self.dim)
+                return NormalizedWeight.apply(v, self.magnitude_param, self.dim, self.log_scale_factor)
             except RuntimeError as error:
                 _raise_unless_refused_by_torch_func(error)
         # plain ops: traced and compiled graphs keep their second derivatives, the fusion is the compiler's, and
         # torch.func transforms differentiate and batch them on their own
-        return v * (g / torch.linalg.vector_norm(v, dim=norm_axes(v, self.dim), keepdim=True))
+        return v * (self.g() / torch.linalg.vector_norm(v, dim=norm_axes(v, self.dim), keepdim=True))
 
     def extra_repr(self) -> str:
         extra = f", g=exp({self.log_scale_factor} * s)" if self.log_scale_factor else ""

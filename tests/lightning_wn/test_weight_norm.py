@@ -166,6 +166,30 @@ def test_separate_backward_passes_through_one_cached_weight():
         torch.testing.assert_close(p.grad, ref[name].grad)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_cached_weight_that_learns_g_as_exp_serves_separate_backward_passes_and_checkpointing(reentrant):
+    # g = exp(c * s) as an autograd node of its own freed its saved output at the first backward through a reused w
+    torch.manual_seed(0)
+    layer, x = weight_norm(nn.Linear(4, 4), log_scale_factor=3.0), torch.randn(8, 4, requires_grad=True)
+
+    def grads(scope, run) -> list[torch.Tensor]:
+        layer.zero_grad()
+        with scope:
+            run()
+        return [p.grad.clone() for p in layer.parameters()]
+
+    def separate():
+        for half in x.chunk(2):
+            layer(half).square().sum().backward()
+
+    def checkpointed():
+        torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=reentrant).square().sum().backward()
+
+    for run in (separate, checkpointed):
+        for got, expected in zip(grads(cached(), run), grads(contextlib.nullcontext(), run)):
+            torch.testing.assert_close(got, expected)
+
+
 @pytest.mark.parametrize("scoped", [True, False], ids=["cached", "uncached"])
 def test_a_module_called_many_times_computes_its_weight_once_per_step_inside_cached(monkeypatch, scoped):
     calls = []
