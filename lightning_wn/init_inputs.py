@@ -45,7 +45,7 @@ def first_examples(batches: Iterable[Any], wanted: int, where: str) -> tuple[Inp
         >>> inputs["x"].shape, inputs["context"][0].shape, count
         (torch.Size([10, 2]), torch.Size([10]), 10)
     """
-    chunks, count = [], 0
+    chunks, count, shapes = [], 0, None
     for inputs in batches:
         entries = dict(named_leaves(inputs))
         for name, value in entries.items():
@@ -58,6 +58,14 @@ def first_examples(batches: Iterable[Any], wanted: int, where: str) -> tuple[Inp
         if len(set(sizes.values())) != 1:
             raise ValueError(f"{where} gave tensors with different batch sizes {sizes}, or none; every model input "
                              "must hold the same examples along its first axis.")
+        batch_shapes = {name: tuple(value.shape[1:]) for name, value in entries.items()}
+        shapes = batch_shapes if shapes is None else shapes
+        if changed := [(name, shape) for name, shape in batch_shapes.items() if shapes.get(name) != shape]:
+            (name, shape), entry = changed[0], "" if changed[0][0] is None else f"entry {changed[0][0]!r}: "
+            raise ValueError(f"{where} gave batches whose tensors differ beyond the batch axis ({entry}"
+                             f"{shapes.get(name)}, then {shape}; padded per batch?), so the data-dependent init "
+                             f"cannot join them into {wanted} examples. Set `init_samples` to at most one batch's "
+                             "size, or pad every batch to one length.")
         chunks.append(inputs)
         count += next(iter(sizes.values()))
         if count >= wanted:

@@ -65,6 +65,17 @@ def test_a_loader_shorter_than_init_samples_is_warned_about_and_read_whole():
     standardized(model, data.x, wn.normalized)
 
 
+def test_batches_the_init_cannot_join_are_refused_with_the_fix_and_one_batch_initializes():
+    batches = [(torch.randn(16, 3, size, size), torch.randint(0, 5, (16,))) for size in (8, 10)]  # sized per batch
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    with pytest.raises(ValueError, match=r"differ beyond the batch axis \(\(3, 8, 8\), then \(3, 10, 10\);.*cannot join "
+                       r"them into 32 examples. Set `init_samples` to at most one batch's size"):
+        trainer(max_steps=1, callbacks=[WeightNormalization(init_samples=32)]).fit(ConvClassifier(), loader)
+    model = ConvClassifier()
+    trainer(max_steps=0, callbacks=[wn := WeightNormalization(init_samples=16)]).fit(model, loader)
+    standardized(model, batches[0][0], wn.normalized)
+
+
 def test_layers_built_in_configure_model_and_left_plain_are_refused_with_the_fix():
     with pytest.raises(RuntimeError, match=r"Layers `head` were built after .*call `lightning_wn.apply_weight_norm\(self, \['head'\]\)`"):
         trainer(max_steps=2, callbacks=[WeightNormalization(init_samples=64)]).fit(LazyHead(), RandomImages())
