@@ -126,11 +126,13 @@ class WeightNorm(nn.Module):
         Chosen at every call, cached or not: a forward recomputed by activation checkpointing takes the first's path.
         """
         v, device = self.original1, x.device.type
-        pays = v.numel() >= 1 << 18 and self.dim == 0 and x.dim() > 0 and x.numel() < x.shape[-1] ** 2
+        large = not _tracing() and v.numel() >= 1 << 18 and self.dim == 0  # traced: shapes are no Python numbers
+        pays = large and x.dim() > 0 and x.numel() < x.shape[-1] ** 2
         autocast = pays and torch.is_autocast_enabled(device) and torch.float64 not in (x.dtype, v.dtype)  # as F.linear
         dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-        # x @ v.T takes ||v|| into its range, which float16 may not hold (float32's range: bfloat16's too)
-        if not pays or dtype == torch.float16 or _tracing() or v.is_inference():
+        # x @ v.T takes ||v|| into its range, which float16 may not hold (float32's range: bfloat16's too). Outside
+        # autocast, an x of another dtype than v's is F.linear's to refuse, as for a plain layer
+        if not pays or dtype == torch.float16 or v.is_inference() or not (autocast or x.dtype == v.dtype):
             return F.linear(x, self(), bias)
         with torch.autocast(device, enabled=False):  # its dtypes are ScaledLinear's own: the matmul's, the norm's
             try:

@@ -235,6 +235,14 @@ def test_a_linear_scales_its_output_only_where_that_is_cheaper(monkeypatch, feat
         torch.testing.assert_close(out, nn.functional.linear(x, w, layer.bias))
 
 
+@pytest.mark.parametrize("rows", [4, 2000], ids=["output_scaling", "built_w"])
+def test_an_input_of_another_dtype_is_refused_as_by_a_plain_linear(rows):
+    x = torch.randn(rows, 1024, dtype=torch.bfloat16)
+    for layer in (nn.Linear(1024, 256), weight_norm(nn.Linear(1024, 256))):
+        with pytest.raises(RuntimeError, match="dtype"):
+            layer(x)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("calls", [1, 2])
 def test_activation_checkpointing_inside_cached_recomputes_what_the_forward_computed(reentrant, calls):
