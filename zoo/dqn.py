@@ -109,7 +109,7 @@ class DQN(LightningModule):
         super().__init__()
         _check_arguments(locals())
         self.save_hyperparameters()
-        probe = make_vector_env(env_id, 1)
+        probe = make_vector_env(env_id, 1, sticky_actions=sticky_actions, max_episode_frames=max_episode_frames)
         obs_space, num_actions = probe.single_observation_space, int(probe.single_action_space.n)
         probe.close()
         if len(obs_space.shape) == 3:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import lightning_wn
 from lightning_wn import WeightNormalization
 from zoo.cli import main
 
@@ -114,9 +115,12 @@ def test_model_options_a_checkpoint_overrides_are_named(tmp_path, data_dir):
     # Lightning rebuilds the model with the checkpoint's hyperparameters, over the config and the command line
     args = ["--config", str(FASHION_MNIST), *small(tmp_path, data_dir), "--trainer.max_epochs=1"]
     main(["fit", *args])
-    with pytest.warns(UserWarning, match=r"checkpoint was trained with, not the config's: lr=0.001 \(asked: 0.05\)"):
+    with pytest.warns(UserWarning, match=r"checkpoint was trained with, not the config's: lr=0.001 \(asked: 0.05\)\. "
+                      r".*in Python: `lightning_wn.load_from_checkpoint\(Model, path, option=value\)`"):
         resumed = main(["fit", *args, "--trainer.max_epochs=2", "--ckpt_path", "last", "--model.init_args.lr=0.05"])
     assert resumed.model.hparams.lr == 0.001
+    loaded = lightning_wn.load_from_checkpoint(type(resumed.model), tmp_path / "checkpoints/last.ckpt", lr=0.05)
+    assert loaded.hparams.lr == 0.05  # the call the warning names loads the weight-normalized checkpoint
     with pytest.warns(UserWarning, match=r"data options differ .*: train_size=300 \(trained: 400\), so the resumed"):
         main(["fit", *args, "--trainer.max_epochs=3", "--ckpt_path", "last", "--data.init_args.train_size=300"])
     with warnings.catch_warnings():

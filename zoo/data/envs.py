@@ -59,6 +59,9 @@ def make_vector_env(
     if game is None:
         if env_id not in gym.registry:
             raise ValueError(f"Unknown environment {env_id!r}: use an Atari id like 'ALE/SpaceInvaders-v5' or a gymnasium id like 'CartPole-v1'.")
+        if sticky_actions or max_episode_frames != 108_000:
+            raise ValueError(f"`sticky_actions` and `max_episode_frames` act on Atari games only, not on {env_id!r}: "
+                             "leave them out (the environment's own time limit ends its episodes).")
         return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync")
     from ale_py.vector_env import AtariVectorEnv
 
