@@ -150,8 +150,8 @@ class WeightNormalization(Callback):
         if self.input_key is not None and callable(getattr(pl_module, "data_init_inputs", None)):
             raise ValueError(f"`input_key`={self.input_key!r} and `{type(pl_module).__name__}.data_init_inputs` both "
                              "say what the data-dependent init passes to `forward`: keep one.")
-        # what configure_model builds does not exist yet: patterns for it match nothing (on_fit_start selects again)
-        later = is_overridden("configure_model", pl_module)
+        # what the module's setup and configure_model build does not exist yet: patterns for it match nothing
+        later = _builds_layers_later(pl_module)  # (on_fit_start selects again)
         with warnings.catch_warnings():
             if later and stage == TrainerFn.FITTING:  # about layers under torch's norms: on_fit_start sees them all
                 warnings.simplefilter("ignore")
@@ -188,7 +188,10 @@ class WeightNormalization(Callback):
                                "`ddp_spawn`, `ddp_fork` or `ddp_notebook`), whose main process gets g and v back, not "
                                "plain weights. Leave it out and fold after `fit`: `lightning_wn.remove_weight_norm("
                                "model)`; or use `strategy='ddp'`.")
-        _refuse_sharded_plain_layers(modules, plain)
+        if sharded := [name for name in plain if any(map(_is_sharded, modules[name].parameters()))]:
+            raise RuntimeError(f"Layers {', '.join(f'`{name}`' for name in sharded)} were sharded (`fully_shard`) "
+                               "before weight norm, which needs the whole weight. Build them in `__init__`, or call "
+                               "`lightning_wn.apply_weight_norm(self, ...)` in `configure_model` before `fully_shard`.")
         if not fitting and self.fold_on_fit_end:  # normalized so that a checkpoint of g and v loads: plain again
             self._plain_to_evaluate = {name: dict(modules[name].named_parameters(recurse=False)) for name in plain}
         # the paper's draw of v is for a fit's layers never initialized, plain or not; trained ones keep theirs
@@ -206,20 +209,19 @@ class WeightNormalization(Callback):
         if plain or attached:
             kept = f" ({len(selected) - len(plain)} of them already were)" if len(plain) < len(selected) else ""
             extra = f", {len(attached)} with mean-only batch norm" if attached else ""
-            names = ", ".join(selected)
-            rank_zero_info(f"WeightNormalization: normalized {len(selected)} layers{kept}{extra}: {names}")
+            rank_zero_info(f"WeightNormalization: normalized {len(selected)} layers{kept}{extra}: {', '.join(selected)}")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # configure_model has run since setup: the layers it built exist only now
         with warnings.catch_warnings():
-            if not is_overridden("configure_model", pl_module):
+            if not _builds_layers_later(pl_module):
                 warnings.simplefilter("ignore")  # about layers under torch's norms: setup warned already
             selected = select_layers(pl_module, self.include, self.exclude)
         if plain := [n for n in selected if self.weight_norm and not is_weight_normalized(pl_module.get_submodule(n))]:
             raise RuntimeError(f"Layers {', '.join(f'`{name}`' for name in plain)} were built after "
-                               "WeightNormalization's `setup` (in `configure_model`) and are left plain: call "
-                               f"{self._by_hand('self', plain)} at the end of `configure_model` (before "
+                               "WeightNormalization's `setup` (in the module's `setup` or `configure_model`) and are "
+                               f"left plain: call {self._by_hand('self', plain)} at the end of that hook (before "
                                "`fully_shard`).")
         self._refuse_missing_options(pl_module, [name for name in selected if name not in self.normalized])
         self.normalized = selected  # the init's targets, with the layers configure_model built
@@ -443,8 +445,5 @@ def _as_trained_on(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: An
     return trainer.strategy.batch_to_device(owner.on_before_batch_transfer(batch, 0))
 
 
-def _refuse_sharded_plain_layers(modules: dict[str, torch.nn.Module], plain: list[str]) -> None:
-    if sharded := [name for name in plain if any(map(_is_sharded, modules[name].parameters()))]:
-        raise RuntimeError(f"Layers {', '.join(f'`{name}`' for name in sharded)} were sharded (`fully_shard`) before "
-                           "weight norm, which needs the whole weight. Build them in `__init__`, or call "
-                           "`lightning_wn.apply_weight_norm(self, ...)` in `configure_model` before `fully_shard`.")
+def _builds_layers_later(pl_module: pl.LightningModule) -> bool:
+    return is_overridden("configure_model", pl_module) or is_overridden("setup", pl_module)

@@ -106,6 +106,30 @@ class AllInConfigureModel(ConvClassifier):
             apply_weight_norm(self, include=self.include, **self.options)
 
 
+class AllInSetup(ConvClassifier):
+    """Every layer built in the LightningModule's ``setup``, which runs after the callback's."""
+
+    def __init__(self, normalize: bool):
+        super().__init__()
+        self.net, self.normalize = None, normalize
+
+    def setup(self, stage):
+        if self.net is None:
+            self.net = ConvClassifier().net
+            if self.normalize:
+                apply_weight_norm(self)
+
+
+def test_layers_built_in_the_modules_setup_are_refused_with_the_fix_or_normalized_there_and_initialized():
+    with pytest.raises(RuntimeError, match=r"Layers `net.0`, `net.2`, `net.6` were built after WeightNormalization's "
+                       r"`setup` \(in the module's `setup` or `configure_model`\) and are left plain: call "
+                       r"`lightning_wn.apply_weight_norm\(self, \['net.0', 'net.2', 'net.6'\]\)` at the end of that"):
+        trainer(max_steps=1, callbacks=[WeightNormalization(init_samples=64)]).fit(AllInSetup(False), RandomImages())
+    model, data = AllInSetup(True), RandomImages()
+    trainer(max_steps=0, callbacks=[wn := WeightNormalization(init_samples=64)]).fit(model, data)
+    standardized(model, data.x[:64], wn.normalized)
+
+
 def test_a_model_built_wholly_in_configure_model_is_normalized_there_and_initialized():
     model, data = AllInConfigureModel(), RandomImages()
     wn = WeightNormalization(init_samples=64)
