@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from torch.nn.utils.weight_norm import WeightNorm as LegacyWeightNorm
 
 from lightning_wn import torch_norms
-from lightning_wn.models import _remove_own_weight_norm, refuse_wrapped, weight_normalized_modules
+from lightning_wn.models import _remove_own_weight_norm, weight_normalized_modules
 from lightning_wn.state_dict import WHOLE_TENSOR
-from lightning_wn.weight_norm import refuse_shared_columns, weight_norm, weight_norms
+from lightning_wn.weight_norm import refuse_shared_columns, refuse_wrapped, weight_norm, weight_norms
 
 
 def from_torch(model: nn.Module) -> list[str]:

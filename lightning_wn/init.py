@@ -285,7 +285,8 @@ def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str
             axis = "one g for the whole tensor (dim=None)" if dims[0] == WHOLE_TENSOR else f"dim={dims[0]}"
             raise ValueError(f"Module `{name}` is weight-normalized with {axis}, but data-dependent init sets one g "
                              f"per output unit (dim={default_dim(module)} for {type(module)._wn_base.__name__}). "
-                             f"Normalize it with `dim` left out, or {leave_out}")
+                             f"Normalize it with `dim` left out, or {leave_out} (A layer `from_torch` converted keeps "
+                             "torch's axis: to keep its trained g, skip the init, the callback's `data_init=False`.)")
         else:
             targets[name] = module
     if not targets:

@@ -19,6 +19,7 @@ from lightning_wn.weight_norm import (
     checked_targets,
     is_weight_normalized,
     positive_number,
+    refuse_wrapped,
     weight_norm,
     weight_norms,
 )
@@ -196,13 +197,6 @@ def parameter_owners(modules: dict[str, nn.Module]) -> dict[int, list[str]]:
     return owners
 
 
-def refuse_wrapped(model: nn.Module) -> None:
-    """A ``ValueError`` for a model in DistributedDataParallel, whose reducer keeps the parameters it was built on."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        raise ValueError("`model` is wrapped in DistributedDataParallel, which would go on all-reducing the parameters "
-                         "it was built on, not the ones that replace them: pass `model.module`, then wrap it again.")
-
-
 def _entries(selection: Selection) -> list:
     return [selection] if isinstance(selection, (str, type)) else list(selection)
 
@@ -222,7 +216,10 @@ def _select(modules: dict[str, nn.Module], selection: Selection, argument: str, 
         if not isinstance(entry, str):
             raise TypeError(f"`{argument}` entries must be layer types or name patterns, got {entry!r}.")
         if not (matched := [name for name in modules if fnmatch.fnmatchcase(name, entry)]) and not missing_ok:
-            raise ValueError(f"`{argument}` pattern {entry!r} matches no module. Module names: {_preview(modules)}.")
+            meant = [n for n in dir(nn) if n.lower() == entry.rpartition(".")[2].lower()]  # "conv2d", "nn.Conv2d"
+            hint = f" A layer type is named as in `torch.nn`: {meant[0]!r}." if meant else ""
+            raise ValueError(f"`{argument}` pattern {entry!r} matches no module.{hint} Module names: "
+                             f"{_preview(modules)}.")
         for root in matched:  # a pattern selects the supported layers inside the modules it matches
             inside = {name for name in supported if not root or f"{name}.".startswith(f"{root}.")}
             if argument == "include" and not inside:

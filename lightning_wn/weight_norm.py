@@ -245,6 +245,7 @@ def weight_norm(module: nn.Module, name: str | Sequence[str] | None = None, dim:
         >>> weight_norm(nn.Linear(20, 40), dim=None).parametrizations.weight.original0.shape  # as torch's
         torch.Size([])
     """
+    refuse_wrapped(module)
     names, dim = checked_targets(module, name, dim)
     if log_scale_factor is not None:
         log_scale_factor = positive_number("log_scale_factor", log_scale_factor)
@@ -319,6 +320,13 @@ def refuse_shared_columns(module: nn.Module, dim: int | None) -> None:
     if isinstance(module, _ConvTranspose) and module.groups > 1 and dim is not None and dim % module.weight.dim() == 1:
         raise ValueError(f"`{type(module).__name__}` with groups={module.groups} shares each weight column between "
                          "groups, so a per-output-channel `g` does not exist. Use groups=1.")
+
+
+def refuse_wrapped(model: nn.Module) -> None:
+    """A ``ValueError`` for a model in DistributedDataParallel, whose reducer keeps the parameters it was built on."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError("`model` is wrapped in DistributedDataParallel, which would go on all-reducing the parameters "
+                         "it was built on, not the ones that replace them: pass `model.module`, then wrap it again.")
 
 
 def positive_number(argument: str, value: object) -> float:

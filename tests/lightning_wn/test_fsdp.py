@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 
 from lightning_wn import WeightNormalization, apply_weight_norm, data_dependent_init, from_torch, load_from_checkpoint
-from lightning_wn import remove_weight_norm, to_torch
+from lightning_wn import is_weight_normalized, remove_weight_norm, to_torch, weight_norm
 from lit_models import ConvClassifier, RandomImages
 
 HERE = Path(__file__).parent
@@ -206,15 +206,14 @@ def one_process_group():
 def test_a_layer_sharded_before_weight_norm_is_refused_naming_the_fix(one_process_group):
     from torch.distributed.fsdp import fully_shard
 
-    import lightning_wn.callback as callback
-
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
     fully_shard(model[1], mesh=one_process_group)  # sharded first: its weight is a DTensor shard now
     wn = WeightNormalization()
     with pytest.raises(RuntimeError, match=r"`1` were sharded \(`fully_shard`\) before weight norm.*before `fully_shard`"):
         wn._normalize_layers(None, model, ["0", "1"], fitting=True)
     assert not any(type(m).__name__.startswith("WeightNormed") for m in model)  # refused before changing anything
-    callback._refuse_sharded_plain_layers(dict(model.named_modules()), ["0"])  # plain tensors: nothing to refuse
+    wn._normalize_layers(None, model, ["0"], fitting=True)  # plain tensors: nothing to refuse
+    assert is_weight_normalized(model[0])
 
 
 def test_data_dependent_init_refuses_tensor_parallel_layers(one_process_group):
@@ -229,7 +228,7 @@ def test_functions_that_replace_parameters_refuse_a_model_wrapped_in_ddp(one_pro
     # DDP's reducer would go on all-reducing the tensors it was built on, not the new g and v (or folded weights)
     model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 3)), nn.Linear(3, 2))
     wrapped = nn.parallel.DistributedDataParallel(model)
-    for replace in (from_torch, to_torch, apply_weight_norm, remove_weight_norm):
+    for replace in (from_torch, to_torch, apply_weight_norm, remove_weight_norm, weight_norm):
         with pytest.raises(ValueError, match=r"wrapped in DistributedDataParallel.*pass `model.module`"):
             replace(wrapped)
     assert from_torch(wrapped.module) == ["0"]  # the fix: unwrapped, converted, to be wrapped again
