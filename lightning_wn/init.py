@@ -116,9 +116,12 @@ def data_dependent_init(model: nn.Module, inputs: object, modules: Sequence[str]
     try:
         with torch.compiler.set_stance("force_eager"):  # a graph compiled before would run without the hooks
             model(**inputs) if isinstance(inputs, dict) else model(*inputs) if positional else model(inputs)
-    except BaseException:  # put back what the hooks rescaled, and the running statistics the pass moved
+    except BaseException as error:  # put back what the hooks rescaled, and the running statistics the pass moved
         for tensor, saved in before.values():
             tensor.copy_(saved)
+        if positional and isinstance(error, TypeError):  # a whole (x, y) batch passed as `inputs`?
+            raise TypeError(f"{error} (`inputs`, a {type(inputs).__name__}, was passed as `model(*inputs)`: for a "
+                            "batch `(x, y)`, pass its model inputs alone, `batch[0]`)") from error
         raise
     finally:
         torch.clear_autocast_cache()  # its low-precision copies of the parameters the hooks rescaled in place

@@ -353,6 +353,9 @@ def test_bad_input_raises_clear_errors():
             data_dependent_init(model, torch.randn(4, 2), modules=modules)
     with pytest.raises(ValueError, match="`min_std` must be a positive number, got -1"):
         data_dependent_init(model, torch.randn(4, 2), min_std=-1)
+    with pytest.raises(TypeError, match=r"takes 2 positional arguments but 3 were given \(`inputs`, a tuple, was passed "
+                       r"as `model\(\*inputs\)`: for a batch `\(x, y\)`, pass its model inputs alone, `batch\[0\]`\)"):
+        data_dependent_init(model, (torch.randn(4, 2), torch.randn(4)))  # a whole batch
     data_dependent_init(model, torch.randn(4, 2), init_scale=torch.tensor(2.0))  # a 0-d tensor is a number
 
 
