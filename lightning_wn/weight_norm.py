@@ -104,8 +104,9 @@ class WeightNorm(nn.Module):
             storage = v.data_ptr(), m.data_ptr()  # Module.to() swaps it under the same tensor and version
         except RuntimeError:  # no storage of their own: torch.func's wrappers, a DTensor
             return None
-        # these very g and v (functional_call, load_state_dict(assign=True) swap them; entries hold them, so the ids
-        # stay theirs) at their versions, in this mode: w built without grad (or from frozen g and v) has no graph
+        # these very g and v (functional_call, load_state_dict(assign=True) swap them) at their versions, in this
+        # mode: w built without grad (or from frozen g and v) has no graph. Entries hold the tensors and views of their
+        # storage, so that no other tensor or storage takes the ids or addresses (`.half()`, then `.float()`)
         return (id(v), id(m), *storage, v._version, m._version,
                 v.requires_grad, m.requires_grad, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
 
@@ -117,7 +118,8 @@ class WeightNorm(nn.Module):
             return self.compute()
         entry = cache.get(self)
         if entry is None or entry[0] != key:
-            entry = cache[self] = key, self.compute(), (self.original1, self.magnitude_param)
+            v, m = self.original1, self.magnitude_param
+            entry = cache[self] = key, self.compute(), (v, m, v.detach(), m.detach())
         return entry[1]
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
