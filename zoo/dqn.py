@@ -68,6 +68,10 @@ class DQN(LightningModule):
             fall from its ``learn_start``; 0 counts it from the first step, as CleanRL and SB3 do).
         clip_rewards: learn from the sign of each reward (the logged returns stay the game's score).
         life_loss_terminal: a lost life ends the bootstrapping (not the logged episode).
+        sticky_actions: the probability that an Atari game repeats the previous action (other
+            environments refuse any but 0).
+        max_episode_frames: Atari games are cut after this many emulator frames (other environments keep
+            their own time limit).
         updates_per_epoch: training batches per epoch; validation runs after each epoch.
         eval_episodes: games played with ``eval_epsilon`` per validation, per process.
         seed: of the environments and exploration; each process, and each of its uses (training, every

@@ -89,9 +89,8 @@ def test_bad_arguments_are_refused_with_the_fix():
         DQN(**cartpole, target_tau=0)
     with pytest.raises(ValueError, match=r"`lr_end_factor` must be in \[0, 1\], got 2"):
         DQN(**cartpole, lr_end_factor=2)
-    for option in ({"sticky_actions": 0.25}, {"max_episode_frames": 20}):
-        with pytest.raises(ValueError, match="act on Atari games only, not on 'CartPole-v1': leave them out"):
-            DQN(**cartpole, **option)
+    with pytest.raises(ValueError, match="`sticky_actions`=0.25 acts on Atari games only, not on 'CartPole-v1'"):
+        DQN(**cartpole, sticky_actions=0.25)
     with pytest.raises(ValueError, match="Unknown environment 'CartPol-v1'"):
         DQN(env_id="CartPol-v1", learning_starts=64)
     with pytest.raises(ValueError, match="no Atari ROM named 'space_invader'"):

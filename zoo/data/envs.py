@@ -53,15 +53,16 @@ def make_vector_env(
     Args:
         sticky_actions: the probability that an Atari game repeats the previous action (ALE v5
             recommends 0.25; the DQN papers used 0).
-        max_episode_frames: Atari episodes are truncated after this many emulator frames (30 minutes).
+        max_episode_frames: Atari episodes are truncated after this many emulator frames (30 minutes);
+            other environments keep their own time limit.
     """
     game = _atari_game(env_id)
     if game is None:
         if env_id not in gym.registry:
             raise ValueError(f"Unknown environment {env_id!r}: use an Atari id like 'ALE/SpaceInvaders-v5' or a gymnasium id like 'CartPole-v1'.")
-        if sticky_actions or max_episode_frames != 108_000:
-            raise ValueError(f"`sticky_actions` and `max_episode_frames` act on Atari games only, not on {env_id!r}: "
-                             "leave them out (the environment's own time limit ends its episodes).")
+        if sticky_actions:
+            raise ValueError(f"`sticky_actions`={sticky_actions} acts on Atari games only, not on {env_id!r}: leave "
+                             "it at 0.")
         return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync")
     from ale_py.vector_env import AtariVectorEnv
 
