@@ -31,8 +31,9 @@ def cached() -> Iterator[None]:
 
     An entry serves only while made from the very same ``g`` and ``v`` tensors and storage, at the same
     versions and in the same grad mode, and until an optimizer steps (fused optimizers bump no version);
-    it dies with the block, and nested blocks share the outer one. A write through ``.data`` is seen by
-    none of these: make it outside the block. ``WeightNormalization`` enters it around every step.
+    it dies with the block, and nested blocks share the outer one. A write through ``.data``, or a
+    collective into a parameter (``dist.broadcast``), is seen by none of these: make it outside the block.
+    ``WeightNormalization`` enters it around every step.
 
     Example:
         >>> import torch
