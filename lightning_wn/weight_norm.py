@@ -65,7 +65,7 @@ class WeightNorm(nn.Module):
         else:
             self.s = nn.Parameter(magnitude)
             self.register_buffer("c", torch.tensor(float(log_scale_factor)))  # lets a state dict be folded alone
-        self.original1 = nn.Parameter(v)
+        self.original1 = nn.Parameter(v.clone())  # not the weight's storage, which a tied layer may share
 
     def split(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         """``v`` and the magnitude parameter (``g``, or ``s``) that give ``weight``."""
@@ -235,6 +235,9 @@ def weight_norm(module: nn.Module, name: str | Sequence[str] | None = None, dim:
         log_scale_factor: ``c`` in the paper's :math:`g = e^{c s}`; ``s`` is learned instead of ``g``.
         paper_init: re-draw ``v`` from N(0, 0.05) as in the paper, with ``g = ||v||`` (the function then
             changes); meant to be followed by :func:`~lightning_wn.data_dependent_init`.
+
+    A weight tied to another module's is untied: this layer gets a ``g`` and ``v`` of its own
+    (:func:`~lightning_wn.apply_weight_norm` refuses tied weights instead).
 
     Example:
         >>> layer, x = nn.Linear(20, 40), torch.randn(8, 20)
