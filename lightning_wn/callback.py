@@ -25,7 +25,6 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_wn.cache import cached
-from lightning_wn.checkpoint import refuse_other_layouts
 from lightning_wn.init import INITIALIZED, _is_sharded, _shown, data_dependent_init
 from lightning_wn.init_inputs import first_examples, model_inputs
 from lightning_wn.mean_only_bn import attach_mean_only_bn
@@ -125,7 +124,6 @@ class WeightNormalization(Callback):
         self._plain_to_evaluate: dict[str, dict[str, torch.nn.Parameter]] = {}  # by layer: its weights, as they came
         self._cache = ExitStack()  # the open cached() scope of the current step, if any
         self._pid = os.getpid()  # the process that built the callback: a launcher hands the fitted weights back to it
-        self._layout_check = ExitStack()  # the model's load_state_dict hook, from setup to teardown
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -167,8 +165,6 @@ class WeightNormalization(Callback):
                                "and v). Fit with `WeightNormalization(fold_on_fit_end=True)`, then prune the plain "
                                "layers in a run of their own.")
         self._normalize_layers(trainer, pl_module, selected, fitting=stage == TrainerFn.FITTING)
-        # Lightning loads a checkpoint's weights before any callback hook, so a layout it cannot load is named there
-        self._layout_check.enter_context(pl_module.register_load_state_dict_pre_hook(refuse_other_layouts))
 
     def _normalize_layers(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, selected: list[str], fitting: bool
@@ -302,7 +298,6 @@ class WeightNormalization(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close_cache()  # a LightningModule's on_train_batch_start returning -1 skips the batch-end hooks
-        self._layout_check.close()
         # fold_on_fit_end: layers normalized to evaluate go plain again (the checkpoint's weights folded, or their own)
         plain, self._plain_to_evaluate = self._plain_to_evaluate, {}
         for name, params in plain.items():

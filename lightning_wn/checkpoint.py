@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from lightning_wn.init import INITIALIZED, _shown
+from lightning_wn.init import INITIALIZED
 from lightning_wn.state_dict import fold_state_dict
-from lightning_wn.weight_norm import SUPPORTED_LAYERS, default_names
+from lightning_wn.weight_norm import SUPPORTED_LAYERS
 
 
 def read_checkpoint(path: str | PathLike, *, weights_only: bool = True) -> dict[str, Any]:
@@ -91,29 +91,6 @@ def load_from_checkpoint(model_class: type, path: str | PathLike, **kwargs: Any)
 def _holds(weight: torch.Tensor, saved: torch.Tensor) -> bool:
     # a weight split into g and v on loading computes the saved one back to rounding (bfloat16's, for a cast model)
     return weight.shape == saved.shape and torch.allclose(weight, saved.to(weight), 1e-2, 1e-6)
-
-
-def refuse_other_layouts(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
-                         *args: Any) -> None:  # fmt: skip
-    """A strict load of a state dict saved with other callback options (weight norm, mean-only batch norm) than the
-    model now has: one error naming the layers and the fix, not ``load_state_dict``'s list of keys."""
-    changed: dict[str, list[str]] = {}
-    for name, layer in module.named_modules() if strict else ():
-        key = f"{prefix}{name}." if name else prefix
-        names = default_names(layer) if isinstance(layer, SUPPORTED_LAYERS) else ()
-        normalized = [n for n in names if f"{key}parametrizations.{n}.original1" in state_dict]
-        if any(n in layer._parameters for n in normalized):  # a plain parameter here
-            changed.setdefault("weight-normalized, plain here", []).append(name)
-        attached = "mean_only_bn" in layer._modules
-        if (normalized or [n for n in names if f"{key}{n}" in state_dict]) and attached != (
-            f"{key}mean_only_bn.running_mean" in state_dict
-        ):
-            changed.setdefault(f"{'without' if attached else 'with'} mean-only batch norm", []).append(name)
-    if changed:
-        layers = "; ".join(f"{_shown(names)} saved {how}" for how, names in changed.items())
-        raise RuntimeError(f"The checkpoint was saved with other WeightNormalization options than this run has: "
-                           f"{layers}. Give the callback the options it was trained with (`include`, `exclude`, "
-                           "`weight_norm`, `mean_only_bn`).")
 
 
 class FoldWeightNormOnLoad:

@@ -144,14 +144,11 @@ class ZooCLI(LightningCLI):
             except RuntimeError as error:  # a checkpoint of another form of the model: other layers, or weight norm
                 frames = traceback.extract_tb(error.__traceback__)
                 restoring = any(frame.filename.endswith("checkpoint_connector.py") for frame in frames)
-                # torch's key lists, or WeightNormalization's naming of the layers saved in another form
-                known = ("Error(s) in loading state_dict", "The checkpoint was saved with other WeightNormalization")
-                if not (restoring and str(error).startswith(known)):
+                if not (restoring and str(error).startswith("Error(s) in loading state_dict")):
                     raise
-                lines = str(error).splitlines()
-                why = " ".join(line.strip() for line in (lines[1:] if len(lines) > 1 else lines))
+                keys = " ".join(line.strip() for line in str(error).splitlines()[1:])
                 self._stop(UserError(f"`--ckpt_path`: the checkpoint's weights do not fit the model this config builds "
-                                     f"({why[:400]}{'...' if len(why) > 400 else ''}). Pass the config it was trained "
+                                     f"({keys[:300]}{'...' if len(keys) > 300 else ''}). Pass the config it was trained "
                                      "with, callbacks included (its run folder keeps a copy, config.yaml)."))
 
     def _stop(self, error: UserError) -> NoReturn:

@@ -804,26 +804,6 @@ def test_a_run_trained_without_weight_norm_resumes_with_it(tmp_path, monkeypatch
     assert not torch.equal(resumed.net[0].weight, plain.net[0].weight)  # and it trained on, two steps
 
 
-@pytest.mark.parametrize(("saved", "resumed", "layers"), [
-    ({"mean_only_bn": True}, {}, r"`net.0`, `net.2`, `net.6` saved with mean-only batch norm"),
-    ({}, {"mean_only_bn": True}, r"`net.0`, `net.2`, `net.6` saved without mean-only batch norm"),
-    ({}, {"exclude": ["net.6"]}, r"`net.6` saved weight-normalized, plain here"),
-])  # fmt: skip
-def test_a_resume_with_other_options_than_the_checkpoints_names_the_layers_and_the_fix(tmp_path, saved, resumed, layers):
-    class WithoutFolding(ConvClassifier):  # FoldWeightNormOnLoad would fold g and v into the layer left plain
-        def on_load_checkpoint(self, checkpoint):
-            pass
-
-    data = RandomImages(size=32, batch_size=16)
-    first = trainer(max_steps=1, callbacks=[WeightNormalization(init_samples=32, **saved)])
-    first.fit(WithoutFolding(), data)
-    first.save_checkpoint(tmp_path / "run.ckpt")
-    resume = trainer(max_steps=2, callbacks=[WeightNormalization(init_samples=32, **resumed)])
-    with pytest.raises(RuntimeError, match=rf"other WeightNormalization options than this run has: {layers}\. Give the "
-                       r"callback the options it was trained with \(`include`, `exclude`, `weight_norm`, `mean_only_bn`\)"):
-        resume.fit(WithoutFolding(), data, ckpt_path=tmp_path / "run.ckpt")
-
-
 @pytest.mark.parametrize(("saved_c", "resumed_c"), [(None, 3.0), (2.0, None), (2.0, 5.0)])
 def test_a_run_resumed_with_another_log_scale_factor_restarts_the_optimizer_state(tmp_path, saved_c, resumed_c):
     # Adam's moments of g (or of s under another c) are not moments of this run's parameter

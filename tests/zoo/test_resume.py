@@ -174,7 +174,7 @@ def test_a_checkpoint_of_another_form_of_the_model_is_one_error_line_naming_the_
     error = capsys.readouterr().err
     assert stop.value.code == 2 and "Traceback" not in error
     assert "error: `--ckpt_path`: the checkpoint's weights do not fit the model this config builds (" in error
-    assert "saved weight-normalized, plain here" in error and "its run folder keeps a copy, config.yaml" in error
+    assert "key(s) in state_dict: " in error and "its run folder keeps a copy, config.yaml" in error
 
 
 @needs_fashion_mnist
