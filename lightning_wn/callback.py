@@ -148,12 +148,19 @@ class WeightNormalization(Callback):
         if self.input_key is not None and callable(getattr(pl_module, "data_init_inputs", None)):
             raise ValueError(f"`input_key`={self.input_key!r} and `{type(pl_module).__name__}.data_init_inputs` both "
                              "say what the data-dependent init passes to `forward`: keep one.")
-        # what the module's setup and configure_model build does not exist yet: patterns for it match nothing
-        later = _builds_layers_later(pl_module)  # (on_fit_start selects again)
+        # what configure_model builds does not exist yet: patterns for it match nothing (on_fit_start selects again)
+        later = is_overridden("configure_model", pl_module)
         with warnings.catch_warnings():
             if later and stage == TrainerFn.FITTING:  # about layers under torch's norms: on_fit_start sees them all
                 warnings.simplefilter("ignore")
-            selected = select_layers(pl_module, self.include, self.exclude, missing_ok=later)
+            try:
+                selected = select_layers(pl_module, self.include, self.exclude, missing_ok=later)
+            except ValueError as error:
+                if not is_overridden("setup", pl_module):
+                    raise
+                raise ValueError(f"{error} (The LightningModule's own `setup` runs after this callback's: layers it "
+                                 "builds do not exist yet. Build them in `__init__`, or build and normalize them in "
+                                 "`configure_model`.)") from error
         callbacks = list(trainer.callbacks)
         averaging = (StochasticWeightAveraging, WeightAveraging)  # each copies the model in its own setup
         if first := [c for c in callbacks[: callbacks.index(self)] if isinstance(c, averaging)]:
@@ -211,7 +218,7 @@ class WeightNormalization(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # configure_model has run since setup: the layers it built exist only now
         with warnings.catch_warnings():
-            if not _builds_layers_later(pl_module):
+            if not is_overridden("configure_model", pl_module):
                 warnings.simplefilter("ignore")  # about layers under torch's norms: setup warned already
             selected = select_layers(pl_module, self.include, self.exclude)
         if plain := [n for n in selected if self.weight_norm and not is_weight_normalized(pl_module.get_submodule(n))]:
@@ -438,7 +445,3 @@ def _as_trained_on(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: An
     batch = trainer.precision_plugin.convert_input(batch)
     owner = trainer.datamodule if is_overridden("on_before_batch_transfer", trainer.datamodule) else pl_module
     return trainer.strategy.batch_to_device(owner.on_before_batch_transfer(batch, 0))
-
-
-def _builds_layers_later(pl_module: pl.LightningModule) -> bool:
-    return is_overridden("configure_model", pl_module) or is_overridden("setup", pl_module)

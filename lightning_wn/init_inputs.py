@@ -60,12 +60,12 @@ def first_examples(batches: Iterable[Any], wanted: int, where: str) -> tuple[Inp
                              "must hold the same examples along its first axis.")
         batch_shapes = {name: tuple(value.shape[1:]) for name, value in entries.items()}
         shapes = batch_shapes if shapes is None else shapes
-        if changed := [(name, shape) for name, shape in batch_shapes.items() if shapes.get(name) != shape]:
+        if changed := [(name, shape) for name, shape in batch_shapes.items() if shapes.get(name, shape) != shape]:
             (name, shape), entry = changed[0], "" if changed[0][0] is None else f"entry {changed[0][0]!r}: "
             raise ValueError(f"{where} gave batches whose tensors differ beyond the batch axis ({entry}"
                              f"{shapes.get(name)}, then {shape}; padded per batch?), so the data-dependent init "
-                             f"cannot join them into {wanted} examples. Set `init_samples` to at most one batch's "
-                             "size, or pad every batch to one length.")
+                             f"cannot join them into {wanted} examples (per process). Set `init_samples` to at most "
+                             "one batch's size, or pad every batch to one length.")
         chunks.append(inputs)
         count += next(iter(sizes.values()))
         if count >= wanted:

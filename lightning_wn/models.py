@@ -216,8 +216,9 @@ def _select(modules: dict[str, nn.Module], selection: Selection, argument: str, 
         if not isinstance(entry, str):
             raise TypeError(f"`{argument}` entries must be layer types or name patterns, got {entry!r}.")
         if not (matched := [name for name in modules if fnmatch.fnmatchcase(name, entry)]) and not missing_ok:
-            meant = [n for n in dir(nn) if n.lower() == entry.rpartition(".")[2].lower()]  # "conv2d", "nn.Conv2d"
-            hint = f" A layer type is named as in `torch.nn`: {meant[0]!r}." if meant else ""
+            typed = entry.removeprefix("torch.").removeprefix("nn.")  # "conv2d", "nn.Conv2d" (not "decoder.linear")
+            meant = [n for n in dir(nn) if n.lower() == typed.lower() and isinstance(getattr(nn, n), type)]
+            hint = f" A layer type is named as in `torch.nn`: {meant[0]!r}." if meant and "." not in typed else ""
             raise ValueError(f"`{argument}` pattern {entry!r} matches no module.{hint} Module names: "
                              f"{_preview(modules)}.")
         for root in matched:  # a pattern selects the supported layers inside the modules it matches

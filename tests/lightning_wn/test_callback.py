@@ -69,7 +69,7 @@ def test_batches_the_init_cannot_join_are_refused_with_the_fix_and_one_batch_ini
     batches = [(torch.randn(16, 3, size, size), torch.randint(0, 5, (16,))) for size in (8, 10)]  # sized per batch
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     with pytest.raises(ValueError, match=r"differ beyond the batch axis \(\(3, 8, 8\), then \(3, 10, 10\);.*cannot join "
-                       r"them into 32 examples. Set `init_samples` to at most one batch's size"):
+                       r"them into 32 examples \(per process\)\. Set `init_samples` to at most one batch's size"):
         trainer(max_steps=1, callbacks=[WeightNormalization(init_samples=32)]).fit(ConvClassifier(), loader)
     model = ConvClassifier()
     trainer(max_steps=0, callbacks=[wn := WeightNormalization(init_samples=16)]).fit(model, loader)
@@ -106,27 +106,35 @@ class AllInConfigureModel(ConvClassifier):
             apply_weight_norm(self, include=self.include, **self.options)
 
 
-class AllInSetup(ConvClassifier):
-    """Every layer built in the LightningModule's ``setup``, which runs after the callback's."""
+class HeadInSetup(ConvClassifier):
+    """A head built in the LightningModule's own ``setup``, which runs after the callback's."""
 
-    def __init__(self, normalize: bool):
+    def __init__(self, normalize: bool = False):
         super().__init__()
-        self.net, self.normalize = None, normalize
+        self.head, self.normalize = None, normalize
 
     def setup(self, stage):
-        if self.net is None:
-            self.net = ConvClassifier().net
+        if self.head is None:
+            self.head = nn.Linear(5, 5)
             if self.normalize:
-                apply_weight_norm(self)
+                apply_weight_norm(self, ["head"])
+
+    def forward(self, x):
+        return self.head(self.net(x))
 
 
 def test_layers_built_in_the_modules_setup_are_refused_with_the_fix_or_normalized_there_and_initialized():
-    with pytest.raises(RuntimeError, match=r"Layers `net.0`, `net.2`, `net.6` were built after WeightNormalization's "
-                       r"`setup` \(in the module's `setup` or `configure_model`\) and are left plain: call "
-                       r"`lightning_wn.apply_weight_norm\(self, \['net.0', 'net.2', 'net.6'\]\)` at the end of that"):
-        trainer(max_steps=1, callbacks=[WeightNormalization(init_samples=64)]).fit(AllInSetup(False), RandomImages())
-    model, data = AllInSetup(True), RandomImages()
+    with pytest.raises(ValueError, match=r"`include` pattern 'head' matches no module\..*\(The LightningModule's own "
+                       r"`setup` runs after this callback's: .*Build them in `__init__`, or build and normalize them in "
+                       r"`configure_model`\.\)"):
+        trainer(max_steps=1, callbacks=[WeightNormalization(include=["head"])]).fit(HeadInSetup(), RandomImages())
+    with pytest.raises(RuntimeError, match=r"Layers `head` were built after WeightNormalization's `setup` \(in the "
+                       r"module's `setup` or `configure_model`\) and are left plain: call "
+                       r"`lightning_wn.apply_weight_norm\(self, \['head'\]\)` at the end of that hook"):
+        trainer(max_steps=1, callbacks=[WeightNormalization(init_samples=64)]).fit(HeadInSetup(), RandomImages())
+    model, data = HeadInSetup(normalize=True), RandomImages()
     trainer(max_steps=0, callbacks=[wn := WeightNormalization(init_samples=64)]).fit(model, data)
+    assert wn.normalized == ["net.0", "net.2", "net.6", "head"]
     standardized(model, data.x[:64], wn.normalized)
 
 

@@ -284,6 +284,9 @@ def test_joined_init_inputs_keep_their_containers():
     assert pair.x.shape == (10, 2) and pair.context[1].shape == (10, 3) and extra["y"].shape == (10,)
     (joined, _) = first_examples([defaultdict(list, x=torch.ones(4, 2))] * 3, 10, "the loader")
     assert type(joined) is defaultdict and joined.default_factory is list and joined["x"].shape == (10, 2)
+    first, later = {"x": torch.ones(4, 2)}, {"x": torch.ones(4, 2), "mask": torch.ones(4, 7)}
+    (joined, _) = first_examples([first, later, later], 10, "the loader")  # the first batch's entries are joined
+    assert list(joined) == ["x"] and joined["x"].shape == (10, 2)
 
 
 def test_bad_model_inputs_are_clear_errors():

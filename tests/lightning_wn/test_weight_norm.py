@@ -762,6 +762,9 @@ def test_apply_weight_norm_selects_by_type_and_pattern():
         with pytest.raises(ValueError, match=rf"pattern '{near_miss}' matches no module\. A layer type is named as in "
                            r"`torch.nn`: 'Conv2d'\. Module names: 'encoder', "):
             apply_weight_norm(make(), include=[near_miss])
+    for no_type in ("encoder.init", "head.linear", "functional"):  # a module path, or no layer type of torch.nn
+        with pytest.raises(ValueError, match=rf"pattern '{no_type}' matches no module\. Module names: 'encoder', "):
+            apply_weight_norm(make(), include=[no_type])
 
 
 @pytest.mark.parametrize(("last", "options", "why"), [
