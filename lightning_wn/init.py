@@ -263,6 +263,10 @@ def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str
                 raise ValueError(f"`modules` pattern {pattern!r} matches no module of {type(model).__name__}.")
             chosen.update(dict.fromkeys(matched))
     targets, owners = {}, parameter_owners(named)
+    layers_of_g: dict[int, list[str]] = {}  # by id of each g (or s) the init would rescale: several layers if shared
+    for name, module in named.items():
+        for wn in weight_norms(module).values():
+            layers_of_g.setdefault(id(wn.magnitude_param), []).append(name)
     leave_out = "leave it out of `modules` (the callback's `exclude`)."
     for name in chosen:
         module = named[name]
@@ -284,6 +288,9 @@ def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str
         elif len(normalized) > 1:
             raise ValueError(f"Module `{name}` normalizes {sorted(normalized)}, but data-dependent init needs one "
                              f"normalized weight per layer: normalize only `weight`, or {leave_out}")
+        elif normalized and len(tied := layers_of_g[id(next(iter(normalized.values())).magnitude_param)]) > 1:
+            raise ValueError(f"Modules {' and '.join(f'`{t}`' for t in tied)} share one g, which the init would "
+                             f"rescale once for each: {leave_out}")
         elif dims := [wn.dim for wn in normalized.values() if wn.dim != default_dim(module)]:
             axis = "one g for the whole tensor (dim=None)" if dims[0] == WHOLE_TENSOR else f"dim={dims[0]}"
             raise ValueError(f"Module `{name}` is weight-normalized with {axis}, but data-dependent init sets one g "

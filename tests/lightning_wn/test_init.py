@@ -274,6 +274,20 @@ def test_a_plain_layer_with_a_tied_weight_is_refused():
     assert torch.equal(model.embed.weight, before)
 
 
+@pytest.mark.parametrize("shared", ["parametrization", "g"])
+def test_weight_normalized_layers_that_share_g_are_refused(shared):
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    apply_weight_norm(model)
+    if shared == "parametrization":
+        model[4].parametrizations.weight = model[2].parametrizations.weight
+    else:
+        model[4].parametrizations.weight.original0 = model[2].parametrizations.weight.original0
+    g = model[2].parametrizations.weight.original0.detach().clone()
+    with pytest.raises(ValueError, match=r"Modules `2` and `4` share one g, which the init would rescale once for each"):
+        data_dependent_init(model, torch.randn(256, 6) * 3 + 2)
+    assert torch.equal(model[2].parametrizations.weight.original0, g)
+
+
 def test_modules_leaves_the_mean_only_batch_norms_of_other_layers_alone():
     model = nn.Sequential(weight_norm(nn.Linear(4, 8)), nn.ReLU(), weight_norm(nn.Linear(8, 3)))
     attach_mean_only_bn(model[0])
