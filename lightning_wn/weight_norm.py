@@ -23,7 +23,7 @@ from lightning_wn._normalized_weight import NormalizedWeight, norm_axes
 from lightning_wn._scaled_linear import ScaledLinear
 from lightning_wn.cache import active_cache, cached
 from lightning_wn.state_dict import WHOLE_TENSOR, adopt_other_spellings
-from lightning_wn.torch_norms import TORCH_FIX, torch_reparametrizations
+from lightning_wn.torch_norms import TORCH_FIX, has_torch_weight_norm, torch_reparametrizations
 
 _ConvTranspose = nn.modules.conv._ConvTransposeNd
 RECURRENT_LAYERS: tuple[type[nn.Module], ...] = (nn.RNNBase, nn.RNNCellBase)
@@ -287,8 +287,11 @@ def checked_targets(module: nn.Module, name: str | Sequence[str] | None = None,
         raise ValueError("`dim`=-1 is ambiguous: torch reads it as the whole tensor, Python as the last axis. "
                          "Pass `dim=None` for the whole tensor, or the last axis's positive index.")
     if reparametrized := torch_reparametrizations(module):
-        raise ValueError(f"This {kind} is already reparametrized by torch ({', '.join(reparametrized)}); weight "
-                         f"norm on top would stack two reparametrizations. {TORCH_FIX}")
+        fix = TORCH_FIX if has_torch_weight_norm(module) else ("Remove them first (`torch.nn.utils.parametrize."
+                                                               "remove_parametrizations`; a legacy spectral norm: "
+                                                               "`remove_spectral_norm`), or leave the layer out.")
+        raise ValueError(f"This {kind} is already reparametrized by torch ({', '.join(reparametrized)}), which this "
+                         f"library's weight norm cannot share a layer with. {fix}")
     refuse_shared_columns(module, dim)
     for tensor_name in names:
         param = module._parameters.get(tensor_name)

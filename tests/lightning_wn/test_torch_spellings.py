@@ -311,6 +311,16 @@ def test_naming_a_layer_torch_reparametrizes_is_an_error():
         weight_norm(model[2])
     with pytest.raises(ValueError, match=r"ParametrizedConv1d is already reparametrized by torch"):
         weight_norm(model[1], dim=None)
+
+    class Positive(nn.Module):
+        def forward(self, bias):
+            return bias.abs()
+
+    biased = nn.utils.parametrize.register_parametrization(nn.Linear(2, 3), "bias", Positive())
+    with pytest.raises(ValueError, match=r"already reparametrized by torch \(bias: Positive\), which this library's "
+                                         r"weight norm cannot share a layer with\. Remove them first \(`torch.nn.utils."
+                                         r"parametrize.remove_parametrizations`"):  # not the advice for torch's weight norm
+        weight_norm(biased)
     with pytest.raises(ValueError, match=r"No module of Sequential is selected .* 3 selected are under torch's norms: "
                                          r"Convert torch's weight norm with `lightning_wn.from_torch\(model\)`"):
         apply_weight_norm(model, include=[nn.Conv1d], exclude=["0", "2", "5"])
