@@ -65,7 +65,7 @@ class WeightNorm(nn.Module):
         else:
             self.s = nn.Parameter(magnitude)
             self.register_buffer("c", torch.tensor(float(log_scale_factor)))  # lets a state dict be folded alone
-        self.original1 = nn.Parameter(v.clone())  # not the weight's storage, which a tied layer may share
+        self.original1 = nn.Parameter(v)
 
     def split(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         """``v`` and the magnitude parameter (``g``, or ``s``) that give ``weight``."""
@@ -236,8 +236,8 @@ def weight_norm(module: nn.Module, name: str | Sequence[str] | None = None, dim:
         paper_init: re-draw ``v`` from N(0, 0.05) as in the paper, with ``g = ||v||`` (the function then
             changes); meant to be followed by :func:`~lightning_wn.data_dependent_init`.
 
-    A weight tied to another module's is untied: this layer gets a ``g`` and ``v`` of its own
-    (:func:`~lightning_wn.apply_weight_norm` refuses tied weights instead).
+    ``v`` keeps the weight's storage (no copy): layers with tied weights, normalized one by one, keep their
+    ``v`` on one storage; :func:`~lightning_wn.apply_weight_norm` refuses tied weights.
 
     Example:
         >>> layer, x = nn.Linear(20, 40), torch.randn(8, 20)

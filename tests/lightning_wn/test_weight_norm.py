@@ -730,18 +730,6 @@ def test_limit_direction_norm_keeps_the_function():
         limit_direction_norm(model, 0)
 
 
-def test_weight_norm_unties_a_tied_weight_into_copies_that_train_apart():
-    a, b = nn.Linear(8, 8), nn.Linear(8, 8)
-    b.weight = a.weight  # apply_weight_norm refuses tied layers; weight_norm, one layer at a time, unties them
-    weight_norm(a), weight_norm(b)
-    x = torch.randn(4, 8)
-    before = b(x).detach()
-    optimizer = torch.optim.SGD(a.parameters(), lr=0.5)
-    a(x).square().sum().backward()
-    optimizer.step()
-    torch.testing.assert_close(b(x), before)  # a's step wrote into no tensor of b's
-
-
 def test_apply_weight_norm_selects_by_type_and_pattern():
     def make():
         return nn.ModuleDict(
