@@ -155,9 +155,13 @@ class WeightNormalization(Callback):
                 warnings.simplefilter("ignore")
             try:
                 selected = select_layers(pl_module, self.include, self.exclude, missing_ok=later)
-            except ValueError as error:
+            except ValueError as error:  # names that may yet exist: the module's own setup runs after this one
                 if not is_overridden("setup", pl_module):
                     raise
+                try:
+                    select_layers(pl_module, self.include, self.exclude, missing_ok=True)
+                except ValueError:  # a fault that no layer built later mends
+                    raise error from None
                 raise ValueError(f"{error} (The LightningModule's own `setup` runs after this callback's: layers it "
                                  "builds do not exist yet. Build them in `__init__`, or build and normalize them in "
                                  "`configure_model`.)") from error
@@ -173,9 +177,8 @@ class WeightNormalization(Callback):
                                "layers in a run of their own.")
         self._normalize_layers(trainer, pl_module, selected, fitting=stage == TrainerFn.FITTING)
 
-    def _normalize_layers(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, selected: list[str], fitting: bool
-    ) -> None:
+    def _normalize_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, selected: list[str],
+                          fitting: bool) -> None:
         self.normalized = selected
         if not self.weight_norm:
             return  # only initialized

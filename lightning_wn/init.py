@@ -289,8 +289,9 @@ def _targets(model: nn.Module, patterns: Sequence[str] | None) -> tuple[dict[str
             raise ValueError(f"Module `{name}` normalizes {sorted(normalized)}, but data-dependent init needs one "
                              f"normalized weight per layer: normalize only `weight`, or {leave_out}")
         elif normalized and len(tied := layers_of_g[id(next(iter(normalized.values())).magnitude_param)]) > 1:
-            raise ValueError(f"Modules {' and '.join(f'`{t}`' for t in tied)} share one g, which the init would "
-                             f"rescale once for each: {leave_out}")
+            raise ValueError(f"Modules {' and '.join(f'`{t}`' for t in tied)} share one g: the init of one would "
+                             "rescale the others' outputs too. Leave them all out of `modules` (the callback's "
+                             "`exclude`).")
         elif dims := [wn.dim for wn in normalized.values() if wn.dim != default_dim(module)]:
             axis = "one g for the whole tensor (dim=None)" if dims[0] == WHOLE_TENSOR else f"dim={dims[0]}"
             raise ValueError(f"Module `{name}` is weight-normalized with {axis}, but data-dependent init sets one g "

@@ -60,6 +60,9 @@ def first_examples(batches: Iterable[Any], wanted: int, where: str) -> tuple[Inp
                              "must hold the same examples along its first axis.")
         batch_shapes = {name: tuple(value.shape[1:]) for name, value in entries.items()}
         shapes = batch_shapes if shapes is None else shapes
+        if missing := [name for name in shapes if name not in batch_shapes]:
+            raise ValueError(f"{where} gave a batch without entry {missing[0]!r}, which the first batch had; the "
+                             "data-dependent init joins batches of one form.")
         if changed := [(name, shape) for name, shape in batch_shapes.items() if shapes.get(name, shape) != shape]:
             (name, shape), entry = changed[0], "" if changed[0][0] is None else f"entry {changed[0][0]!r}: "
             raise ValueError(f"{where} gave batches whose tensors differ beyond the batch axis ({entry}"

@@ -221,12 +221,13 @@ def _select(modules: dict[str, nn.Module], selection: Selection, argument: str, 
             hint = f" A layer type is named as in `torch.nn`: {meant[0]!r}." if meant and "." not in typed else ""
             raise ValueError(f"`{argument}` pattern {entry!r} matches no module.{hint} Module names: "
                              f"{_preview(modules)}.")
-        for root in matched:  # a pattern selects the supported layers inside the modules it matches
-            inside = {name for name in supported if not root or f"{name}.".startswith(f"{root}.")}
-            if argument == "include" and not inside:
-                raise ValueError(f"`include` pattern {entry!r} matches `{root}` ({type(modules[root]).__name__}), "
-                                 f"which is not a supported layer and holds none: {_names(SUPPORTED_LAYERS)}.")
-            chosen |= inside
+        # a pattern selects the supported layers inside the modules it matches ("decoder.*": its ReLUs hold none)
+        inside = {name for name in supported for root in matched if not root or f"{name}.".startswith(f"{root}.")}
+        if argument == "include" and matched and not inside:
+            root = matched[0]
+            raise ValueError(f"`include` pattern {entry!r} matches `{root}` ({type(modules[root]).__name__}), "
+                             f"which is not a supported layer and holds none: {_names(SUPPORTED_LAYERS)}.")
+        chosen |= inside
     return chosen
 
 

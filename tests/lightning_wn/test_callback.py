@@ -128,6 +128,9 @@ def test_layers_built_in_the_modules_setup_are_refused_with_the_fix_or_normalize
                        r"`setup` runs after this callback's: .*Build them in `__init__`, or build and normalize them in "
                        r"`configure_model`\.\)"):
         trainer(max_steps=1, callbacks=[WeightNormalization(include=["head"])]).fit(HeadInSetup(), RandomImages())
+    with pytest.raises(ValueError, match=r"matches `net.1` \(ReLU\), which is not a supported layer") as refused:
+        trainer(max_steps=1, callbacks=[WeightNormalization(include=["net.1"])]).fit(HeadInSetup(), RandomImages())
+    assert "`setup` runs after" not in str(refused.value)  # a fault no layer built later mends
     with pytest.raises(RuntimeError, match=r"Layers `head` were built after WeightNormalization's `setup` \(in the "
                        r"module's `setup` or `configure_model`\) and are left plain: call "
                        r"`lightning_wn.apply_weight_norm\(self, \['head'\]\)` at the end of that hook"):

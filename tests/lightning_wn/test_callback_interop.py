@@ -287,6 +287,8 @@ def test_joined_init_inputs_keep_their_containers():
     first, later = {"x": torch.ones(4, 2)}, {"x": torch.ones(4, 2), "mask": torch.ones(4, 7)}
     (joined, _) = first_examples([first, later, later], 10, "the loader")  # the first batch's entries are joined
     assert list(joined) == ["x"] and joined["x"].shape == (10, 2)
+    with pytest.raises(ValueError, match="the loader gave a batch without entry 'mask', which the first batch had"):
+        first_examples([later, first], 10, "the loader")
 
 
 def test_bad_model_inputs_are_clear_errors():

@@ -283,8 +283,10 @@ def test_weight_normalized_layers_that_share_g_are_refused(shared):
     else:
         model[4].parametrizations.weight.original0 = model[2].parametrizations.weight.original0
     g = model[2].parametrizations.weight.original0.detach().clone()
-    with pytest.raises(ValueError, match=r"Modules `2` and `4` share one g, which the init would rescale once for each"):
-        data_dependent_init(model, torch.randn(256, 6) * 3 + 2)
+    for modules in (None, ["0", "2"]):  # rescaling the g of `2` alone rescales `4` too
+        with pytest.raises(ValueError, match=r"Modules `2` and `4` share one g: the init of one would rescale the "
+                           r"others' outputs too\. Leave them all out of `modules`"):
+            data_dependent_init(model, torch.randn(256, 6) * 3 + 2, modules=modules)
     assert torch.equal(model[2].parametrizations.weight.original0, g)
 
 

@@ -746,6 +746,7 @@ def test_apply_weight_norm_selects_by_type_and_pattern():
     assert apply_weight_norm(make(), include=["LSTMCell", "Conv2d"], exclude=["encoder.2"]) == ["encoder.0", "rnn"]
     assert apply_weight_norm(make(), exclude=["encoder.*"]) == ["head"]
     assert apply_weight_norm(make(), include="enc*.2") == ["encoder.2"]
+    assert apply_weight_norm(make(), include=["encoder.*"]) == ["encoder.0", "encoder.2"]  # encoder.1 is a ReLU
     for near_miss in ("conv2d", "nn.Conv2d", "torch.nn.Conv2d"):  # as a YAML file may write a type
         with pytest.raises(ValueError, match=rf"pattern '{near_miss}' matches no module\. A layer type is named as in "
                            r"`torch.nn`: 'Conv2d'\. Module names: 'encoder', "):
