@@ -39,7 +39,7 @@ class NormalizedWeight(torch.autograd.Function):
         # g = exp(c * s) is taken here too: an exp node of its own would free its saved output at the first backward
         ctx.v, ctx.magnitude, ctx.dim, ctx.c = v, magnitude, dim, log_scale_factor
         ctx.versions = v._version, magnitude._version
-        g = _magnitude_to_g(magnitude, log_scale_factor)
+        g = g_from(magnitude, log_scale_factor)
         ctx.fused = v.dim() > 1 and dim in (0, v.dim() - 1) and v.dtype == g.dtype  # the norm in float32 or wider
         ctx.fused = ctx.fused and v.is_contiguous() and g.is_contiguous()  # ATen's kernels misread channels_last
         if ctx.fused:
@@ -54,7 +54,7 @@ class NormalizedWeight(torch.autograd.Function):
         if (v._version, magnitude._version) != ctx.versions:
             raise RuntimeError("g or v of a weight-normalized layer was modified in place (an optimizer step?) between "
                                "the forward pass and its backward. Call backward before stepping, or redo the forward.")
-        g = _magnitude_to_g(magnitude, c)  # under create_graph, part of the graph
+        g = g_from(magnitude, c)  # under create_graph, part of the graph
         if torch.is_grad_enabled():
             # create_graph (gradient penalties): ctx.norm was computed outside the graph, and ATen's differentiable
             # backward drops the gradient sent to the norm it saves, so the part through ||v|| would be lost
@@ -74,5 +74,6 @@ class NormalizedWeight(torch.autograd.Function):
         return grad_v.to(ctx.v.dtype), grad_magnitude.to(magnitude.dtype), None, None
 
 
-def _magnitude_to_g(magnitude: Tensor, log_scale_factor: float | None) -> Tensor:
+def g_from(magnitude: Tensor, log_scale_factor: float | None) -> Tensor:
+    """``g`` from the learned magnitude: ``g`` itself, or ``exp(c * s)`` with ``c = log_scale_factor``."""
     return magnitude if log_scale_factor is None else torch.exp(log_scale_factor * magnitude)

@@ -213,9 +213,9 @@ class WeightNormalization(Callback):
         if fitting:  # here, not at fit start: tuners (LearningRateFinder) train before that
             self._refuse_missing_options(pl_module, [name for name in selected if name not in plain])
         if plain or attached:
-            kept = f" ({len(selected) - len(plain)} of them already were)" if len(plain) < len(selected) else ""
-            extra = f", {len(attached)} with mean-only batch norm" if attached else ""
-            rank_zero_info(f"WeightNormalization: normalized {len(selected)} layers{kept}{extra}: {', '.join(selected)}")
+            notes = f" ({len(selected) - len(plain)} of them already were)" if len(plain) < len(selected) else ""
+            notes += f", {len(attached)} with mean-only batch norm" if attached else ""
+            rank_zero_info(f"WeightNormalization: normalized {len(selected)} layers{notes}: {', '.join(selected)}")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -336,8 +336,8 @@ class WeightNormalization(Callback):
         if not self.data_init or not targets:
             if self.data_init and self.normalized and not resumed:
                 rank_zero_info("WeightNormalization: every layer was data-initialized before (an earlier fit, "
-                               "`data_dependent_init`, or `load_from_checkpoint`), so its weights are kept and the init "
-                               "does not run.")
+                               "`data_dependent_init`, or `load_from_checkpoint`), so its weights are kept and the "
+                               "init does not run.")
             self.initialized = True  # past the init, run or not: a checkpoint of this run resumes without one
             return
         if trainer.limit_train_batches == 0:  # Lightning then builds no training dataloader

@@ -63,12 +63,13 @@ def first_examples(batches: Iterable[Any], wanted: int, where: str) -> tuple[Inp
         if missing := [name for name in shapes if name not in batch_shapes]:
             raise ValueError(f"{where} gave a batch without entry {missing[0]!r}, which the first batch had; the "
                              "data-dependent init joins batches of one form.")
-        if changed := [(name, shape) for name, shape in batch_shapes.items() if shapes.get(name, shape) != shape]:
-            (name, shape), entry = changed[0], "" if changed[0][0] is None else f"entry {changed[0][0]!r}: "
+        if changed := [name for name, shape in batch_shapes.items() if shapes.get(name, shape) != shape]:
+            name = changed[0]
+            entry = "" if name is None else f"entry {name!r}: "
             raise ValueError(f"{where} gave batches whose tensors differ beyond the batch axis ({entry}"
-                             f"{shapes.get(name)}, then {shape}; padded per batch?), so the data-dependent init "
-                             f"cannot join them into {wanted} examples (per process). Set `init_samples` to at most "
-                             "one batch's size, or pad every batch to one length.")
+                             f"{shapes[name]}, then {batch_shapes[name]}; padded per batch?), so the data-dependent "
+                             f"init cannot join them into {wanted} examples (per process). Set `init_samples` to at "
+                             "most one batch's size, or pad every batch to one length.")
         chunks.append(inputs)
         count += next(iter(sizes.values()))
         if count >= wanted:

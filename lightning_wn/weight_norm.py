@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_wn._computed_weight import ComputedWeight
-from lightning_wn._normalized_weight import NormalizedWeight, norm_axes
+from lightning_wn._normalized_weight import NormalizedWeight, g_from, norm_axes
 from lightning_wn._scaled_linear import ScaledLinear
 from lightning_wn.cache import active_cache, cached
 from lightning_wn.state_dict import WHOLE_TENSOR, adopt_other_spellings
@@ -93,7 +93,7 @@ class WeightNorm(nn.Module):
     magnitude_param = property(lambda self: self.original0 if self.log_scale_factor is None else self.s)
 
     def g(self) -> Tensor:
-        return self.original0 if self.log_scale_factor is None else torch.exp(self.log_scale_factor * self.s)
+        return g_from(self.magnitude_param, self.log_scale_factor)
 
     def _key(self) -> tuple | None:
         """What a ``w`` reused inside :func:`lightning_wn.cached` must be computed from; None where none may be."""
