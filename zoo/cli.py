@@ -87,7 +87,8 @@ class ZooCLI(LightningCLI):
             shown = ", ".join(f"{key}={used[key]!r} (asked: {value!r})" for key, value in changed.items())
             rank_zero_warn(f"`--ckpt_path`: the model is rebuilt with the options its checkpoint was trained with, "
                            f"not the config's: {shown}. Train a new run to change them; one that only changes "
-                           "evaluation can be given in Python: `lightning_wn.load_from_checkpoint(Model, path, option=value)`.")
+                           "evaluation can be given in Python: "
+                           "`lightning_wn.load_from_checkpoint(Model, path, option=value)`.")
 
     def _last_checkpoint(self, folder: Path, subcommand: str) -> str | None:
         found = last_checkpoint(folder)
